@@ -1,0 +1,53 @@
+"""rowsft: row-based sparse fine-tuning (and SPEFT element masks) for transformer models.
+
+The verbs, in the order a fine-tune uses them::
+
+    model, tokenizer = rowsft.load_model("smollm2-135m")
+    data = rowsft.load_dataset("boolq")
+    batches = rowsft.batches(data["train"], tokenizer, batch_size=8, max_length=256)
+    scores = rowsft.score(model, batches, metric="taylor", unit="row")
+    selection = rowsft.select(scores, budget=64)
+    rowsft.apply(model, selection)
+    history = rowsft.train(model, batches, steps=200, lr=1e-4)
+    rowsft.merge(model)
+
+Submodules are imported lazily so that ``import rowsft`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_VERBS = {
+    # zoo
+    "load_model": "zoo", "load_dataset": "zoo", "batches": "zoo", "tiny_model": "zoo",
+    # scoring / selection
+    "score": "scoring", "Scores": "scoring",
+    "select": "selection", "lora_parity": "selection", "Selection": "selection_types",
+    # engine
+    "apply": "tuner", "merge": "tuner", "unmerge": "tuner", "unload": "tuner", "merge_and_unload": "tuner",
+    "save_adapter": "tuner", "load_adapter": "tuner", "trainable_parameters": "tuner",
+    "print_trainable_parameters": "tuner",
+    "train": "training", "evaluate": "training", "History": "training", "TrainConfig": "training",
+    "Callback": "training",
+}
+_SUBMODULES = ("targets", "scoring", "selection", "layers", "tuner", "training", "memory", "baselines", "zoo")
+
+__all__ = sorted(_VERBS) + list(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _VERBS:
+        value = getattr(importlib.import_module(f".{_VERBS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'rowsft' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,225 @@
+"""Finding the linear-like modules that rowsft can tune, and the neurons that couple them.
+
+A *target* is a module computing ``y = W x (+ b)``: ``torch.nn.Linear`` (weight ``d_out × d_in``)
+or transformers' GPT-2 ``Conv1D`` (weight stored transposed, ``d_in × d_out``). Everything in
+rowsft talks about weights in the ``(d_out, d_in)`` orientation; :func:`weight_out_in` gives that
+view without copying.
+
+A *neuron group* couples rows and columns across layers, as structural pruning does: an MLP neuron
+``j`` is row ``j`` of the up/gate projections and column ``j`` of the down projection; an attention
+head is a block of rows of q/k/v and the matching block of columns of the output projection
+(grouped-query attention: one group per key/value head, carrying all query heads that share it).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+try:  # transformers' GPT-2 style layer: y = x @ W + b with W of shape (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a core dependency
+    Conv1D = ()
+
+# Output heads and embeddings projections that "all-linear" leaves alone (as PEFT does).
+OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "score", "classifier", "qa_outputs", "pooler.dense", "cls.predictions")
+
+UNITS = ("row", "column", "element", "group")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and HF ``Conv1D`` (and rowsft's own wrappers of them)."""
+    base = getattr(module, "base_layer", None)
+    if base is not None and is_linear_like(base):
+        return True
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True when the stored weight is ``(d_in, d_out)`` (HF Conv1D)."""
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a linear-like module."""
+    module = getattr(module, "base_layer", module)
+    if not is_linear_like(module):
+        raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_transposed(module) else (w.shape[0], w.shape[1])
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as a ``(d_out, d_in)`` tensor (a view for Conv1D, no copy)."""
+    module = getattr(module, "base_layer", module)
+    return module.weight.t() if is_transposed(module) else module.weight
+
+
+def is_output_head(name: str) -> bool:
+    return any(name == h or name.endswith("." + h) or name.startswith(h + ".") or ("." + h + ".") in ("." + name + ".")
+               for h in OUTPUT_HEAD_NAMES)
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block index in a module name (``model.layers.3.mlp.up_proj`` → 3)."""
+    m = _LAYER_INDEX.search("." + name + ".")
+    return int(m.group(1)) if m else None
+
+
+def module_type(name: str) -> str:
+    """The last component of a module name (``up_proj``, ``query``, ``c_fc``, ...); for ``*.dense`` the
+    parent is kept (``attention.output.dense`` → ``attention.output.dense``) so BERT's layers stay apart."""
+    parts = name.split(".")
+    if parts[-1] == "dense" and len(parts) >= 3:
+        return ".".join(p for p in parts[-3:] if not p.isdigit())
+    return parts[-1]
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear-like module, by name, in model order (wrappers count once, not their inner base)."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in found):
+            continue
+        if is_linear_like(module):
+            found[name] = module
+    return found
+
+
+def find_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear",
+                 layers: Iterable[int] | None = None, include_heads: bool = False) -> dict[str, nn.Module]:
+    """Select target modules.
+
+    ``targets``: ``"all-linear"`` (every linear layer but output heads), ``"attention"``, ``"mlp"``, a
+    list of module types or exact names (``["q_proj", "v_proj"]``), or a regular expression string
+    (``r".*\\.mlp\\..*"``). ``layers``: keep only these block indices.
+    """
+    candidates = linear_modules(model)
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no linear layers (nn.Linear or transformers Conv1D) to tune")
+    if isinstance(targets, str) and targets in ("all-linear", "attention", "mlp"):
+        chosen = {n: m for n, m in candidates.items() if include_heads or not is_output_head(n)}
+        if targets != "all-linear":
+            groups = neuron_groups(model)
+            family = {mem.module for g in groups if g.kind == targets for mem in g.members}
+            chosen = {n: m for n, m in chosen.items() if n in family}
+    elif isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"targets={targets!r} is neither 'all-linear', 'attention', 'mlp' nor a valid regex: {e}") from None
+        chosen = {n: m for n, m in candidates.items() if pattern.fullmatch(n) or module_type(n) == targets}
+    else:
+        wanted = list(targets)
+        chosen = {n: m for n, m in candidates.items() if n in wanted or module_type(n) in wanted}
+        missing = [w for w in wanted if not any(n == w or module_type(n) == w for n in chosen)]
+        if missing:
+            raise ValueError(f"no linear module matches {missing}; module types here: {sorted(set(map(module_type, candidates)))}")
+    if layers is not None:
+        keep = set(layers)
+        chosen = {n: m for n, m in chosen.items() if layer_index(n) in keep}
+    if not chosen:
+        raise ValueError(f"targets={targets!r} with layers={layers!r} matches no linear layer; "
+                         f"module types here: {sorted(set(map(module_type, candidates)))}")
+    return chosen
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name``, with an error that lists close names when it does not exist."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        close = [n for n in linear_modules(model) if module_type(n) == module_type(name)][:5]
+        raise KeyError(f"the model has no module {name!r}" + (f"; similar: {close}" if close else "")) from None
+
+
+# ---------------------------------------------------------------- coupled neuron groups
+@dataclass(frozen=True)
+class GroupMember:
+    """One module's share of a neuron group: neuron ``j`` owns, for each offset ``o``, the indices
+    ``o + j*block … o + (j+1)*block - 1`` along ``unit`` (rows or columns of the weight)."""
+    module: str
+    unit: str          # "row" or "column"
+    block: int = 1
+    offsets: tuple[int, ...] = (0,)
+
+    def indices(self, neurons: torch.Tensor) -> torch.Tensor:
+        """Row/column indices of this member for the given neuron ids (sorted)."""
+        neurons = torch.as_tensor(neurons, dtype=torch.long).reshape(-1, 1)
+        within = torch.arange(self.block).reshape(1, -1)
+        parts = [(o + neurons * self.block + within).reshape(-1) for o in self.offsets]
+        return torch.sort(torch.cat(parts)).values
+
+
+@dataclass(frozen=True)
+class NeuronGroup:
+    """A family of coupled neurons in one block: ``size`` neurons, each spanning all ``members``."""
+    name: str                  # e.g. "model.layers.3.mlp"
+    kind: str                  # "mlp" or "attention"
+    size: int                  # number of neurons (MLP width, or key/value heads)
+    members: tuple[GroupMember, ...] = field(default_factory=tuple)
+
+
+def _cfg(model, *names, default=None):
+    cfg = getattr(model, "config", None)
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def neuron_groups(model: nn.Module) -> list[NeuronGroup]:
+    """Coupled neuron groups of Llama/Mistral/Qwen-style, BERT and GPT-2 blocks (empty if unknown)."""
+    mods = linear_modules(model)
+    heads = _cfg(model, "num_attention_heads", "n_head")
+    kv_heads = _cfg(model, "num_key_value_heads", default=heads)
+    groups: list[NeuronGroup] = []
+    prefixes = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in mods if "." in n))  # parents, in model order
+    for p in prefixes:
+        has = lambda t: f"{p}.{t}" in mods  # noqa: E731
+        # Llama-style MLP: gate/up rows + down column
+        if has("up_proj") and has("down_proj"):
+            width = linear_shape(mods[f"{p}.up_proj"])[0]
+            members = [GroupMember(f"{p}.{t}", "row") for t in ("gate_proj", "up_proj") if has(t)]
+            members.append(GroupMember(f"{p}.down_proj", "column"))
+            groups.append(NeuronGroup(p, "mlp", width, tuple(members)))
+        # Llama-style attention (grouped-query aware): one group per key/value head
+        if has("q_proj") and has("o_proj") and heads:
+            d_q = linear_shape(mods[f"{p}.q_proj"])[0]
+            head_dim = d_q // heads
+            per_kv = heads // kv_heads
+            members = [GroupMember(f"{p}.q_proj", "row", head_dim * per_kv)]
+            members += [GroupMember(f"{p}.{t}", "row", head_dim) for t in ("k_proj", "v_proj") if has(t)]
+            members.append(GroupMember(f"{p}.o_proj", "column", head_dim * per_kv))
+            groups.append(NeuronGroup(p, "attention", kv_heads, tuple(members)))
+        # GPT-2: fused c_attn (q|k|v rows) + c_proj columns; c_fc rows + c_proj columns
+        if has("c_attn") and has("c_proj") and heads:
+            d = linear_shape(mods[f"{p}.c_attn"])[1]
+            hd = d // heads
+            groups.append(NeuronGroup(p, "attention", heads, (
+                GroupMember(f"{p}.c_attn", "row", hd, (0, d, 2 * d)), GroupMember(f"{p}.c_proj", "column", hd))))
+        if has("c_fc") and has("c_proj"):
+            width = linear_shape(mods[f"{p}.c_fc"])[0]
+            groups.append(NeuronGroup(p, "mlp", width, (GroupMember(f"{p}.c_fc", "row"), GroupMember(f"{p}.c_proj", "column"))))
+        # BERT: attention.self.{query,key,value} rows + attention.output.dense columns
+        if p.endswith("attention.self") and has("query") and heads:
+            base = p[: -len(".self")]
+            if f"{base}.output.dense" in mods:
+                hd = linear_shape(mods[f"{p}.query"])[0] // heads
+                members = tuple(GroupMember(f"{p}.{t}", "row", hd) for t in ("query", "key", "value") if has(t))
+                groups.append(NeuronGroup(base, "attention", heads, members + (GroupMember(f"{base}.output.dense", "column", hd),)))
+        # BERT MLP: intermediate.dense rows + output.dense columns (sibling prefixes)
+        if p.endswith(".intermediate") and has("dense"):
+            block = p[: -len(".intermediate")]
+            if f"{block}.output.dense" in mods:
+                width = linear_shape(mods[f"{p}.dense"])[0]
+                groups.append(NeuronGroup(block + ".mlp", "mlp", width, (
+                    GroupMember(f"{p}.dense", "row"), GroupMember(f"{block}.output.dense", "column"))))
+    return groups
