@@ -1,0 +1,213 @@
+"""Autograd functions for a frozen linear layer plus a sparse trainable update.
+
+One function per unit computes ``y = x Wᵀ + b`` (``W`` frozen, ``(d_out, d_in)``) and adds the update
+into ``y`` in place, so no second output-sized buffer exists; it decides itself what it keeps for
+backward:
+
+- rows (``delta (k, d_in)``): ``y[..., idx] += x deltaᵀ``; keeps ``x`` (usually shared with other
+  consumers of the same input); ``grad delta = g[..., idx]ᵀ x`` = rows ``idx`` of the dense weight gradient.
+- columns (``delta (d_out, k)``): ``y += x[..., idx] deltaᵀ``; keeps only the ``k`` selected input
+  columns; ``grad x`` gets ``g delta`` added into columns ``idx``.
+- elements (``values (k,)`` at flat positions ``r * d_in + c``): keeps ``x``, ``values`` and the
+  indices; the update restricted to its touched rows, ``(n_rows, d_in)``, is rebuilt in forward and
+  again in backward and never kept alive between them.
+
+Fast path (``weight`` given): the frozen matmul runs inside the function and its input gradient
+``g W`` is computed in backward, with the update's share accumulated into it in place. Fallback
+(``out`` given): the caller ran the base layer itself (hooked or subclassed layers) and the function
+adds the update into that output in place (``ctx.mark_dirty``); if it is a view, autograd copies.
+
+Compute dtype of the update: the autocast dtype when autocast is on for the input's device, else
+the update's dtype (an fp32 update over a bf16 layer is computed in fp32 and cast back). Gradients
+come back in the dtype of the tensor they belong to.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
+    """The autocast dtype if autocast is on for ``x``'s device (and ``x`` is a float type it
+    casts), else ``fallback``."""
+    device = x.device.type
+    if x.dtype in _AUTOCASTABLE and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return fallback
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``(..., d)`` → ``(N, d)``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``target += a @ b`` in place (``a (..., m)``, ``b (m, n)``, ``target (..., n)``), fused when it can."""
+    if target.dtype == a.dtype == b.dtype and target.is_contiguous():
+        _flat(target).addmm_(_flat(a), b)
+    else:
+        target.add_((a @ b.to(a.dtype)).to(target.dtype))
+    return target
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool = False) -> torch.Tensor:
+    """``x Wᵀ + b`` with the same kernels (hence bits) as ``nn.Linear`` / HF ``Conv1D``, written into a
+    fresh (non-view) ``(..., d_out)`` tensor so that later in-place ops on it stay cheap and legal."""
+    dt = compute_dtype(x, weight.dtype)
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=dt, device=x.device)   # (..., d_out)
+    x, w = x.to(dt), weight.to(dt)
+    if conv1d or x.dim() <= 2 or x.is_contiguous():   # one (add)mm over the flattened tokens
+        if bias is None:
+            torch.mm(_flat(x), w.T, out=_flat(out))
+        else:
+            torch.addmm(bias.to(dt), _flat(x), w.T, out=_flat(out))
+    else:                                             # strided input: torch.linear's matmul, then the bias
+        torch.matmul(x, w.T, out=out)
+        if bias is not None:
+            out.add_(bias.to(dt))
+    return out
+
+
+def element_rows(index: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For sorted flat indices ``r * d_in + c``: the touched rows (sorted unique), each index's
+    position among them, and each index's column."""
+    index = index.long()
+    rows = torch.div(index, d_in, rounding_mode="floor")                    # (k,)
+    cols = index - rows * d_in                                              # (k,)
+    touched, position = torch.unique_consecutive(rows, return_inverse=True)  # (n_rows,), (k,)
+    return touched, position, cols
+
+
+def element_block(values: torch.Tensor, position: torch.Tensor, cols: torch.Tensor, n_rows: int,
+                  d_in: int, dtype: torch.dtype) -> torch.Tensor:
+    """The element update restricted to its touched rows, dense ``(n_rows, d_in)``."""
+    block = torch.zeros(n_rows, d_in, dtype=dtype, device=values.device)
+    block[position, cols] = values.to(dtype)
+    return block
+
+
+class _SparseUpdate(torch.autograd.Function):
+    """Shared forward/backward skeleton; subclasses supply ``_add`` and ``_grads``.
+
+    Inputs: ``out`` (base output to modify, or None), ``x (..., d_in)``, ``weight`` (frozen
+    ``(d_out, d_in)`` for the fast path, or None), ``bias``, ``update``, ``index``, ``d_in``.
+    """
+
+    @classmethod
+    def forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
+        ctx.fallback = out is not None
+        if out is None:
+            out = frozen_linear(x, weight, bias, conv1d)    # (..., d_out), frozen base
+        else:
+            ctx.mark_dirty(out)
+        dt = compute_dtype(x, update.dtype)
+        keep = cls._add(ctx, out, x, update, index, d_in, dt)   # what the update needs for backward
+        need_x, need_update = ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+        ctx.dt, ctx.d_in, ctx.x_dtype, ctx.x_shape, ctx.update_dtype = dt, d_in, x.dtype, x.shape, update.dtype
+        ctx.base_dt = compute_dtype(x, weight.dtype) if weight is not None else None
+        ctx.save_for_backward(keep if need_update else None, update if need_x else None,
+                              index, weight if need_x else None)
+        return out
+
+    @classmethod
+    def backward(cls, ctx, grad_out):
+        kept, update, index, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            if weight is not None:                               # the frozen base's share: g W
+                grad_x = (grad_out.to(ctx.base_dt) @ weight.to(ctx.base_dt)).to(ctx.x_dtype)  # (..., d_in)
+        grad_x, grad_update = cls._grads(ctx, grad_out, grad_x, kept, update, index)
+        return grad_out if ctx.fallback else None, grad_x, None, None, grad_update, None, None, None
+
+
+class RowUpdate(_SparseUpdate):
+    """``y[..., index] += x deltaᵀ`` with ``delta (k, d_in)``."""
+
+    @staticmethod
+    def _add(ctx, out, x, delta, index, d_in, dt):
+        contribution = F.linear(x.to(dt), delta.to(dt))                       # (..., k)
+        out.index_add_(-1, index, contribution.to(out.dtype))
+        return x
+
+    @staticmethod
+    def _grads(ctx, grad_out, grad_x, x, delta, index):
+        grad_rows = grad_out.index_select(-1, index).to(ctx.dt)              # (..., k)
+        grad_delta = None
+        if ctx.needs_input_grad[1]:
+            if grad_x is None:
+                grad_x = (grad_rows @ delta.to(ctx.dt)).to(ctx.x_dtype)
+            else:
+                _add_product(grad_x, grad_rows, delta.to(ctx.dt))
+        if ctx.needs_input_grad[4]:
+            grad_delta = (_flat(grad_rows).T @ _flat(x).to(ctx.dt)).to(ctx.update_dtype)  # (k, d_in)
+        return grad_x, grad_delta
+
+
+class ColumnUpdate(_SparseUpdate):
+    """``y += x[..., index] deltaᵀ`` with ``delta (d_out, k)``; keeps only ``x[..., index]``."""
+
+    @staticmethod
+    def _add(ctx, out, x, delta, index, d_in, dt):
+        x_cols = x.index_select(-1, index)                                    # (..., k)
+        _add_product(out, x_cols.to(dt), delta.to(dt).T)
+        return x_cols
+
+    @staticmethod
+    def _grads(ctx, grad_out, grad_x, x_cols, delta, index):
+        g = grad_out.to(ctx.dt)                                               # (..., d_out)
+        grad_delta = None
+        if ctx.needs_input_grad[1]:
+            share = (g @ delta.to(ctx.dt)).to(ctx.x_dtype)                    # (..., k)
+            if grad_x is None:
+                grad_x = grad_out.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
+            grad_x.index_add_(-1, index, share)
+        if ctx.needs_input_grad[4]:
+            grad_delta = (_flat(g).T @ _flat(x_cols).to(ctx.dt)).to(ctx.update_dtype)  # (d_out, k)
+        return grad_x, grad_delta
+
+
+class ElementUpdate(_SparseUpdate):
+    """``y += x Dᵀ`` for the sparse ``D`` with ``values (k,)`` at flat ``index``; ``D`` (its touched
+    rows) is rebuilt in forward and in backward, never kept."""
+
+    @staticmethod
+    def _add(ctx, out, x, values, index, d_in, dt):
+        touched, position, cols = element_rows(index, d_in)
+        block = element_block(values, position, cols, touched.numel(), d_in, dt)  # (n_rows, d_in)
+        out.index_add_(-1, touched, F.linear(x.to(dt), block).to(out.dtype))
+        return x
+
+    @staticmethod
+    def _grads(ctx, grad_out, grad_x, x, values, index):
+        touched, position, cols = element_rows(index, ctx.d_in)
+        grad_rows = grad_out.index_select(-1, touched).to(ctx.dt)            # (..., n_rows)
+        grad_values = None
+        if ctx.needs_input_grad[1]:
+            block = element_block(values, position, cols, touched.numel(), ctx.d_in, ctx.dt)
+            if grad_x is None:
+                grad_x = (grad_rows @ block).to(ctx.x_dtype)
+            else:
+                _add_product(grad_x, grad_rows, block)
+            del block
+        if ctx.needs_input_grad[4]:
+            dense_rows = _flat(grad_rows).T @ _flat(x).to(ctx.dt)             # (n_rows, d_in), transient
+            grad_values = dense_rows[position, cols].to(ctx.update_dtype)      # (k,)
+        return grad_x, grad_values
+
+
+FUNCTIONS = {"row": RowUpdate, "column": ColumnUpdate, "element": ElementUpdate}
+
+
+def sparse_linear(unit: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  update: torch.Tensor, index: torch.Tensor, conv1d: bool = False) -> torch.Tensor:
+    """Fast path: ``x Wᵀ + b`` plus the sparse update, ``weight`` frozen ``(d_out, d_in)`` → ``(..., d_out)``.
+    ``conv1d``: compute the frozen part as HF ``Conv1D`` does (always one ``addmm``)."""
+    return FUNCTIONS[unit].apply(None, x, weight, bias, update, index, weight.shape[1], conv1d)
+
+
+def add_sparse_update(unit: str, out: torch.Tensor, x: torch.Tensor, update: torch.Tensor,
+                      index: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Fallback: add the sparse update into a base output ``out (..., d_out)`` in place; returns ``out``."""
+    return FUNCTIONS[unit].apply(out, x, None, None, update, index, d_in)
