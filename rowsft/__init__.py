@@ -28,11 +28,12 @@ _VERBS = {
     # engine
     "apply": "tuner", "merge": "tuner", "unmerge": "tuner", "unload": "tuner", "merge_and_unload": "tuner",
     "save_adapter": "tuner", "load_adapter": "tuner", "trainable_parameters": "tuner",
-    "print_trainable_parameters": "tuner",
+    "print_trainable_parameters": "tuner", "sparse_layers": "tuner", "current_selection": "tuner",
     "train": "training", "evaluate": "training", "History": "training", "TrainConfig": "training",
     "Callback": "training",
 }
-_SUBMODULES = ("targets", "scoring", "selection", "layers", "tuner", "training", "memory", "baselines", "zoo")
+_SUBMODULES = ("targets", "scoring", "selection", "layers", "tuner", "training", "memory", "baselines", "zoo",
+               "distributed", "integrations", "pipeline", "evaluation", "viz", "notebook")
 
 __all__ = sorted(_VERBS) + list(_SUBMODULES)
 

@@ -22,7 +22,7 @@ class JobConfig:
     task: str = field(default="boolq", metadata={"help": "boolq, piqa, siqa, openbookqa, commonsenseqa, rotten_tomatoes"})
     method: str = field(default="rowsft", metadata={"help": f"one of {METHODS}"})
     metric: str = field(default="taylor", metadata={"help": "importance metric for rowsft/column/element selection"})
-    budget: str = field(default="64", metadata={"help": "rows per layer (64), ratio (0.02), 'lora:8' (parity with LoRA rank 8) or 'params:N'"})
+    budget: str = field(default="lora:8", metadata={"help": "rows per layer (64), ratio (0.02), 'lora:8' (parity with LoRA rank 8) or 'params:N'"})
     strategy: str = field(default="per-layer", metadata={"help": "per-layer or global"})
     targets: str = field(default="all-linear", metadata={"help": "all-linear, attention, mlp, or a regex"})
     lora_rank: int = field(default=8, metadata={"help": "rank for lora/dora"})
@@ -37,6 +37,7 @@ class JobConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order, random selection and init"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
     out: str | None = field(default=None, metadata={"help": "folder to save the adapter into (optional)"})
+    measure_peak: bool = field(default=False, metadata={"help": "also measure the peak bytes of one training step (slow on CPU)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def validate(self) -> "JobConfig":
@@ -152,8 +153,10 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
     first = next(iter(batches))
     first = {k: v.to(device) for k, v in first.items()}
     report = memory.breakdown(model, first)
-    result.memory = {k: int(v) for k, v in report.as_dict().items()}
+    result.memory = {k: int(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))}
     log(str(report))
+    if cfg.measure_peak:
+        result.memory["measured_peak"] = int(memory.measure_peak(model, first)["peak"])
 
     start = time.perf_counter()
     history = train(model, batches, steps=cfg.steps, lr=cfg.lr, callbacks=callbacks, seed=cfg.seed,

@@ -74,10 +74,13 @@ def layer_index(name: str) -> int | None:
 
 def module_type(name: str) -> str:
     """The last component of a module name (``up_proj``, ``query``, ``c_fc``, ...); for ``*.dense`` the
-    parent is kept (``attention.output.dense`` → ``attention.output.dense``) so BERT's layers stay apart."""
+    parent is kept (``attention.output.dense`` → ``attention.output.dense``) so BERT's layers stay apart,
+    and so for GPT-2's ``attn.c_proj`` / ``mlp.c_proj``."""
     parts = name.split(".")
     if parts[-1] == "dense" and len(parts) >= 3:
         return ".".join(p for p in parts[-3:] if not p.isdigit())
+    if parts[-1] == "c_proj" and len(parts) >= 2:  # GPT-2 has attn.c_proj and mlp.c_proj
+        return ".".join(parts[-2:])
     return parts[-1]
 
 
@@ -117,8 +120,10 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear",
         chosen = {n: m for n, m in candidates.items() if pattern.fullmatch(n) or module_type(n) == targets}
     else:
         wanted = list(targets)
-        chosen = {n: m for n, m in candidates.items() if n in wanted or module_type(n) in wanted}
-        missing = [w for w in wanted if not any(n == w or module_type(n) == w for n in chosen)]
+        def matches(n: str, w: str) -> bool:  # exact name, module type, or a dotted suffix ("c_proj", "mlp.c_proj")
+            return n == w or module_type(n) == w or n.endswith("." + w)
+        chosen = {n: m for n, m in candidates.items() if any(matches(n, w) for w in wanted)}
+        missing = [w for w in wanted if not any(matches(n, w) for n in chosen)]
         if missing:
             raise ValueError(f"no linear module matches {missing}; module types here: {sorted(set(map(module_type, candidates)))}")
     if layers is not None:

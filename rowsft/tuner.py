@@ -115,6 +115,8 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
     (default: each layer's weight dtype; e.g. ``torch.float32`` over a bf16 model).
     ``train_bias``: also train the bias entries of the selected neurons, where the layer has a bias.
     """
+    from .distributed import check_can_apply
+    check_can_apply(model)  # a DDP/FSDP-wrapped model: apply before wrapping (clear message)
     if getattr(model, _STATE, None) is not None or sparse_layers(model):
         raise RuntimeError("rowsft.apply was already called on this model; call rowsft.unload(model) "
                            "(or rowsft.merge_and_unload(model)) before applying another selection")
