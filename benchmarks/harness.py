@@ -73,7 +73,7 @@ def measure_method(name: str, build: Callable[[], torch.nn.Module], batch: dict,
     model.zero_grad(set_to_none=True)
     peak = memory.measure_peak(model, batch)
     report = memory.breakdown(model, batch)
-    result = MethodResult(name, trainable, int(peak["peak_bytes"] if isinstance(peak, dict) else peak),
+    result = MethodResult(name, trainable, int(peak["peak"]),
                           statistics.median(times), times, {k: int(v) for k, v in report.as_dict().items()},
                           extra or {})
     del model

@@ -24,13 +24,13 @@ _VERBS = {
     "load_model": "zoo", "load_dataset": "zoo", "batches": "zoo", "tiny_model": "zoo",
     # scoring / selection
     "score": "scoring", "Scores": "scoring",
-    "select": "selection", "lora_parity": "selection", "Selection": "selection_types",
+    "select": "selection", "lora_parity": "selection", "TotalParams": "selection", "ScoreConfig": "scoring", "Selection": "selection_types",
     # engine
     "apply": "tuner", "merge": "tuner", "unmerge": "tuner", "unload": "tuner", "merge_and_unload": "tuner",
     "save_adapter": "tuner", "load_adapter": "tuner", "trainable_parameters": "tuner",
     "print_trainable_parameters": "tuner", "sparse_layers": "tuner", "current_selection": "tuner",
-    "train": "training", "evaluate": "training", "History": "training", "TrainConfig": "training",
-    "Callback": "training",
+    "train": "training", "evaluate": "evaluation", "History": "training", "TrainConfig": "training",
+    "Callback": "training", "TrainState": "training", "MemoryReport": "memory", "full_finetune": "baselines",
 }
 _SUBMODULES = ("targets", "scoring", "selection", "layers", "tuner", "training", "memory", "baselines", "zoo",
                "distributed", "integrations", "pipeline", "evaluation", "viz", "notebook")

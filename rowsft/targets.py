@@ -87,11 +87,14 @@ def module_type(name: str) -> str:
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear-like module, by name, in model order (wrappers count once, not their inner base)."""
     found: dict[str, nn.Module] = {}
+    inside = None  # named_modules is depth-first: a wrapper's children follow it directly
     for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in found):
+        if inside is not None and name.startswith(inside):
             continue
+        inside = None
         if is_linear_like(module):
             found[name] = module
+            inside = name + "."
     return found
 
 

@@ -1,0 +1,28 @@
+# rowsft: the commands the README documents.
+#   make setup   create/update .venv (idempotent, quick when nothing changed)
+#   make test    run the test suite
+#   make run     the main job: the `rowsft` command (ARGS="..." passes arguments)
+#   make bench   the benchmarks (memory, time, accuracy against the peers)
+#   make clean   remove build and test leftovers (keeps .venv and the model cache)
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+ARGS   ?=
+
+.PHONY: setup test run bench clean
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+run: setup
+	$(VENV)/bin/rowsft $(ARGS)
+
+bench: setup
+	@if [ -f benchmarks/run.py ]; then $(PYTHON) benchmarks/run.py $(ARGS); \
+	else echo "bench: no benchmarks yet (benchmarks/run.py lands with the benchmark issue)"; fi
+
+clean:
+	rm -rf build dist .pytest_cache test-artifacts benchmarks/out *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

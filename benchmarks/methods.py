@@ -1,0 +1,160 @@
+"""Methods benchmark (issues 5 and 10): memory and step time of every method at LoRA-rank parity.
+
+For each (tokens per batch, LoRA-rank budget) point, on the bundled SmolLM2-135M, in one run:
+row-sparse, column-sparse, the lean unit choice (per module type the unit that saves fewer
+activations), SPEFT element masks (ours: recompute, no dense copy kept), the dense-scatter element
+reference (a dense weight copy per forward, as SPEFT's code does), LoRA through peft at that rank,
+and full fine-tuning. Selections use ``random`` scores: which rows are chosen changes neither memory
+nor time. Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>.fig.json``.
+
+    .venv/bin/python benchmarks/methods.py                      # the headline: batch 4 × 256, rank 8
+    .venv/bin/python benchmarks/methods.py --seqs 128 256 512 1024 --ranks 8 --name sweep_tokens
+    .venv/bin/python benchmarks/methods.py --seqs 256 --ranks 4 8 16 32 64 --name sweep_budget
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+ALL = ("row", "column", "lean", "element", "dense-scatter", "lora", "full")
+
+
+def build_methods(model_name: str, batch: dict, rank: int, methods):
+    import rowsft
+    from rowsft import baselines, scoring, selection as sel, tuner
+
+    def fresh():
+        return rowsft.load_model(model_name)[0]
+
+    probe = fresh()
+    score = {u: scoring.score(probe, [batch], metric="random", unit=u, num_batches=1)
+             for u in ("row", "column", "element") if any(m in methods for m in (u, "lean", "dense-scatter"))}
+    budget = sel.lora_parity(rank)
+    selections = {}
+    if "row" in methods:
+        selections["row"] = sel.select(score["row"], budget)
+    if "column" in methods:
+        selections["column"] = sel.select(score["column"], budget)
+    if "lean" in methods:
+        selections["lean"] = sel.select({"row": score["row"], "column": score["column"]}, budget, unit_policy="lean")
+    if "element" in methods or "dense-scatter" in methods:
+        selections["element"] = sel.select(score["element"], budget, strategy="global")
+    del probe
+
+    def sparse(kind):
+        def build():
+            m = fresh()
+            tuner.apply(m, selections[kind])
+            return m
+        return build
+
+    builders = {}
+    for m in methods:
+        if m in ("row", "column", "lean", "element"):
+            builders[m] = (f"{m}", sparse(m))
+        elif m == "dense-scatter":
+            builders[m] = ("element, dense scatter (SPEFT-style)",
+                           lambda: baselines.dense_scatter_reference(fresh(), selections["element"]))
+        elif m == "lora":
+            builders[m] = (f"LoRA r={rank} (peft)", lambda: baselines.lora(fresh(), rank=rank))
+        elif m == "full":
+            builders[m] = ("full fine-tuning", lambda: baselines.full_finetune(fresh()))
+    meta = {k: {"trainable": s.trainable_parameters, "unit_choice": s.meta.get("unit_choice")} for k, s in selections.items()}
+    return builders, meta
+
+
+def figure(points: list[dict], path: Path) -> None:
+    """Peak memory and step time against tokens per batch or trainable parameters."""
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError:  # the benchmark itself needs no plotly
+        return
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("peak step memory", "median step time"))
+    methods = sorted({p["method"] for p in points}, key=lambda m: ALL.index(m) if m in ALL else 99)
+    x_key = "tokens" if len({p["tokens"] for p in points}) > 1 else "trainable_parameters"
+    for m in methods:
+        pts = sorted((p for p in points if p["method"] == m), key=lambda p: p[x_key])
+        xs = [p[x_key] for p in pts]
+        fig.add_scatter(x=xs, y=[p["peak_bytes"] / 2**20 for p in pts], name=m, legendgroup=m, row=1, col=1)
+        fig.add_scatter(x=xs, y=[p["median_step_s"] for p in pts], name=m, legendgroup=m, showlegend=False, row=1, col=2)
+    fig.update_xaxes(title_text="tokens per batch" if x_key == "tokens" else "trainable parameters")
+    fig.update_yaxes(title_text="MiB", row=1, col=1)
+    fig.update_yaxes(title_text="seconds", row=1, col=2)
+    fig.write_json(path)  # plotly JSON (small); the tutorials load it with plotly.io.read_json
+
+
+def slopes(points: list[dict]) -> dict:
+    """Least-squares MiB per 1k tokens of each method's peak, over the token sweep."""
+    out = {}
+    for m in {p["method"] for p in points}:
+        pts = [(p["tokens"], p["peak_bytes"]) for p in points if p["method"] == m]
+        if len({t for t, _ in pts}) < 2:
+            continue
+        n = len(pts)
+        mx = sum(t for t, _ in pts) / n
+        my = sum(b for _, b in pts) / n
+        cov = sum((t - mx) * (b - my) for t, b in pts)
+        var = sum((t - mx) ** 2 for t, _ in pts)
+        out[m] = cov / var * 1000 / 2**20
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[256])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8])
+    ap.add_argument("--methods", nargs="+", default=list(ALL), choices=ALL)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--name", default="methods")
+    args = ap.parse_args(argv)
+
+    import rowsft
+    _, tokenizer = rowsft.load_model(args.model)
+    points = []
+    for seq in args.seqs:
+        batch = harness.real_batch(tokenizer, args.batch, seq)
+        for rank in args.ranks:
+            builders, meta = build_methods(args.model, batch, rank, args.methods)
+            results = [harness.measure_method(label, build, batch, args.steps, extra={"key": key})
+                       for key, (label, build) in builders.items()]
+            ref = next((r.method for r in results if r.extra["key"] == "lora"), None)
+            print(f"\n{args.model}: batch {args.batch} × {seq} tokens, LoRA-rank-{rank} parity")
+            print(harness.table(results, reference=ref))
+            for r in results:
+                points.append({"method": r.extra["key"], "label": r.method, "tokens": args.batch * seq, "seq": seq,
+                               "rank": rank, "trainable_parameters": r.trainable_parameters, "peak_bytes": r.peak_bytes,
+                               "median_step_s": r.median_step_s, "analytic": r.analytic,
+                               "unit_choice": meta.get(r.extra["key"], {}).get("unit_choice")})
+            by = {r.extra["key"]: r for r in results}
+            if {"lora", "full"} <= by.keys():
+                best = min((by[k] for k in ("row", "column", "lean") if k in by), key=lambda r: r.peak_bytes, default=None)
+                if best:
+                    lora, full = by["lora"], by["full"]
+                    print(f"\nbest rowsft form: {best.method}")
+                    for label, value, limit in (
+                            ("peak ≤ 0.90 × LoRA", best.peak_bytes / lora.peak_bytes, 0.90),
+                            ("step ≤ 0.80 × LoRA", best.median_step_s / lora.median_step_s, 0.80),
+                            ("step ≤ 0.65 × full", best.median_step_s / full.median_step_s, 0.65)):
+                        print(f"{'PASS' if value <= limit else 'MISS'}  {label}: {value:.3f}")
+            if {"element", "dense-scatter"} <= by.keys():
+                v = by["element"].peak_bytes / by["dense-scatter"].peak_bytes
+                print(f"{'PASS' if v <= 0.7 else 'MISS'}  element peak ≤ 0.7 × dense-scatter peak: {v:.3f}")
+    slope = slopes(points)
+    if slope:
+        print("\npeak memory growth, MiB per 1k tokens: " + ", ".join(f"{m} {s:.1f}" for m, s in sorted(slope.items())))
+    path = harness.write_results(args.name, {"args": vars(args), "points": points, "slopes_mib_per_1k_tokens": slope})
+    figure(points, path.with_suffix(".fig.json"))
+    print(f"\nwritten {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Scoring benchmark (issue 4): time and peak memory of computing row importance.
+
+On the bundled SmolLM2-135M over ``--batches`` calibration batches of BoolQ (batch × seq tokens):
+- streaming Taylor row scores (`rowsft.score`, hooks, no weight gradients),
+- the plain way: every weight requires grad, ``loss.backward()`` over the whole model per batch,
+  then ``Σ_j |W ⊙ G|`` from the accumulated ``.grad`` tensors,
+- zeroth-order Taylor (forward passes only),
+- inference alone (forward passes under ``no_grad``), the floor for zo-taylor.
+Peak = the model's weights + the peak bytes allocated above them during the region (CPU: the
+profiler's memory events; CUDA: ``max_memory_allocated``). Targets: streaming ≤ 0.6 × plain;
+zo-taylor ≤ inference + 10%.
+
+    .venv/bin/python benchmarks/scoring.py [--batches 8] [--batch 4] [--seq 256] [--perturbations 4]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--perturbations", type=int, default=4, help="SPSA perturbations per batch for zo-taylor")
+    args = ap.parse_args(argv)
+
+    import rowsft
+    from rowsft.memory_measure import region_peak, unique_storage_bytes
+    from rowsft.targets import find_targets, is_transposed
+
+    model, tokenizer = rowsft.load_model(args.model)
+    data = rowsft.load_dataset("boolq")
+    batches = list(rowsft.batches(data["train"], tokenizer, batch_size=args.batch, max_length=args.seq, seed=0))[: args.batches]
+    weights = unique_storage_bytes(list(model.parameters()) + list(model.buffers()))
+    device = next(model.parameters()).device
+
+    def plain_taylor():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+        for b in batches:
+            model(**b).loss.backward()
+        # Σ_j |W_ij G_ij| per output row; Conv1D stores (d_in, d_out), so its rows are summed over dim 0
+        out = {n: (m.weight * m.weight.grad).abs().sum(dim=0 if is_transposed(m) else 1)
+               for n, m in find_targets(model).items()}
+        for p in model.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+        return out
+
+    def inference():
+        model.eval()
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+
+    runs = {
+        "streaming taylor (rowsft)": lambda: rowsft.score(model, batches, metric="taylor", unit="row", num_batches=len(batches)),
+        "plain loss.backward() taylor": plain_taylor,
+        "zo-taylor (rowsft)": lambda: rowsft.score(model, batches, metric="zo-taylor", unit="row", num_batches=len(batches),
+                                                   num_perturbations=args.perturbations),
+        "inference only": inference,
+    }
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows = {}
+    for name, fn in runs.items():
+        t0 = time.perf_counter()
+        measured = region_peak(fn, device)
+        rows[name] = {"seconds": time.perf_counter() - t0, "peak_bytes": weights + measured["peak_delta"],
+                      "peak_above_weights": measured["peak_delta"]}
+    print(f"\n{args.model}: {len(batches)} calibration batches of {args.batch} × ≤{args.seq} tokens (BoolQ)")
+    print(f"{'':<32}{'seconds':>10}{'peak MiB':>11}{'above weights MiB':>19}")
+    for name, r in rows.items():
+        print(f"{name:<32}{r['seconds']:>10.1f}{r['peak_bytes'] / 2**20:>11.1f}{r['peak_above_weights'] / 2**20:>19.1f}")
+    stream, plain = rows["streaming taylor (rowsft)"], rows["plain loss.backward() taylor"]
+    zo, inf = rows["zo-taylor (rowsft)"], rows["inference only"]
+    checks = {"streaming peak ≤ 0.6 × plain peak": (stream["peak_bytes"] / plain["peak_bytes"], 0.6),
+              "zo-taylor peak ≤ 1.1 × inference peak": (zo["peak_bytes"] / inf["peak_bytes"], 1.1)}
+    print()
+    for label, (value, limit) in checks.items():
+        print(f"{'PASS' if value <= limit else 'MISS'}  {label}: {value:.3f} (target ≤ {limit})")
+    path = harness.write_results("scoring", {"args": vars(args), "results": rows,
+                                             "checks": {k: {"value": v, "target": t} for k, (v, t) in checks.items()}})
+    print(f"\nwritten {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The study (issue 8): accuracy, memory and time of every method on every task, resumable.
+
+Each run is one `rowsft.pipeline.run_job` (same code as the CLI and the tutorials): fine-tune under
+the same step budget, evaluate on the task's validation split, record accuracy, trainable
+parameters, analytic and measured peak training memory, median step time and wall time. One JSON
+line per run in ``benchmarks/results/study-<mode>.jsonl``; the file is rewritten atomically after
+every run, so an interrupted study resumes where it stopped and never leaves a half-written file.
+
+    .venv/bin/python benchmarks/study.py --mode reduced            # CPU, about an hour on 2 cores
+    .venv/bin/python benchmarks/study.py --mode full --device cuda # a GPU run: more steps, lr sweep
+    .venv/bin/python benchmarks/study.py --mode reduced --report   # only rebuild table and figures
+
+Methods: row-sparse with taylor / hessian / zo-taylor / magnitude / random selection, column-sparse
+with taylor, the SPEFT static gradient mask, LoRA and DoRA through peft at parameter parity
+(LoRA rank 8 ⇔ rows at ``lora:8``), full fine-tuning. Tasks: BoolQ, PIQA, SIQA, OpenBookQA,
+CommonsenseQA with SmolLM2-135M (choice log-likelihood); Rotten Tomatoes with all-MiniLM-L6-v2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+LM_TASKS = ("boolq", "piqa", "siqa", "openbookqa", "commonsenseqa")
+# (label, method, metric): the rows of the study
+METHODS = (
+    ("row taylor", "rowsft", "taylor"), ("row hessian", "rowsft", "hessian"), ("row zo-taylor", "rowsft", "zo-taylor"),
+    ("row magnitude", "rowsft", "magnitude"), ("row random", "rowsft", "random"), ("column taylor", "column", "taylor"),
+    ("SPEFT gradient (static)", "element", "gradient"), ("LoRA", "lora", "-"), ("DoRA", "dora", "-"),
+    ("full fine-tuning", "full", "-"),
+)
+MULTI_SEED = ("row taylor", "row random", "LoRA")
+
+
+@dataclass
+class Mode:
+    steps: int
+    seeds: int
+    lrs: dict            # method → list of learning rates swept
+    max_length: int
+    batch_size: int
+    eval_examples: int
+    max_train: int
+    calibration_batches: int
+
+
+MODES = {
+    "reduced": Mode(steps=24, seeds=3, max_length=128, batch_size=4, eval_examples=100, max_train=400,
+                    calibration_batches=2,
+                    lrs={"rowsft": [5e-4], "column": [5e-4], "element": [5e-4], "lora": [5e-4], "dora": [5e-4], "full": [2e-5]}),
+    "full": Mode(steps=500, seeds=3, max_length=256, batch_size=16, eval_examples=1000, max_train=None,
+                 calibration_batches=8,
+                 lrs={"rowsft": [1e-4, 3e-4, 1e-3], "column": [1e-4, 3e-4, 1e-3], "element": [1e-4, 3e-4, 1e-3],
+                      "lora": [1e-4, 3e-4, 1e-3], "dora": [1e-4, 3e-4, 1e-3], "full": [1e-5, 3e-5, 1e-4]}),
+}
+
+
+def plan(mode: Mode, tasks) -> list[dict]:
+    runs = []
+    for task in tasks:
+        model = "minilm-l6" if task == "rotten_tomatoes" else "smollm2-135m"
+        runs.append({"task": task, "label": "zero-shot", "method": "none", "metric": "-", "seed": 0, "lr": 0.0, "model": model})
+        for label, method, metric in METHODS:
+            seeds = range(mode.seeds if label in MULTI_SEED else 1)
+            for lr in mode.lrs[method]:
+                for seed in seeds:
+                    runs.append({"task": task, "label": label, "method": method, "metric": metric, "seed": seed, "lr": lr,
+                                 "model": model})
+    return runs
+
+
+def key(run: dict) -> str:
+    return f"{run['task']}|{run['label']}|{run['seed']}|{run['lr']}"
+
+
+def load_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_rows(path: Path, rows: list[dict]) -> None:
+    from rowsft.io_utils import atomic_write_text
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def execute(run: dict, mode: Mode, device: str | None) -> dict:
+    from rowsft import zoo
+    from rowsft.evaluation import evaluate
+    from rowsft.pipeline import JobConfig, run_job
+    t0 = time.perf_counter()
+    if run["method"] == "none":
+        model, tokenizer = zoo.load_model(run["model"])
+        data = zoo.load_dataset(run["task"], max_train=mode.max_train, seed=0)
+        acc = evaluate(model, tokenizer, data["validation"], max_length=mode.max_length, max_examples=mode.eval_examples,
+                       progress=False)["accuracy"]
+        return {**run, "accuracy": acc, "trainable_parameters": 0, "wall_s": time.perf_counter() - t0}
+    cfg = JobConfig(model=run["model"], task=run["task"], method=run["method"],
+                    metric=run["metric"] if run["metric"] != "-" else "taylor", budget="lora:8", lora_rank=8,
+                    steps=mode.steps, lr=run["lr"], batch_size=mode.batch_size, max_length=mode.max_length,
+                    calibration_batches=mode.calibration_batches, max_train=mode.max_train,
+                    eval_examples=mode.eval_examples, eval_before=False, seed=run["seed"], device=device,
+                    progress=False, measure_peak=run["seed"] == 0)
+    result = run_job(cfg, log=lambda *_: None)
+    return {**run, "accuracy": result.accuracy_after, "trainable_parameters": result.trainable_parameters,
+            "analytic_total_bytes": result.memory.get("total"), "measured_peak_bytes": result.memory.get("measured_peak"),
+            "median_step_s": result.median_step_seconds, "train_s": result.train_seconds, "final_loss": result.final_loss,
+            "wall_s": time.perf_counter() - t0}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (task, label): best lr by mean accuracy over seeds, with mean, spread and costs."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["label"], r["lr"]), []).append(r)
+    best: dict = {}
+    for (task, label, lr), rs in groups.items():
+        accs = [r["accuracy"] for r in rs]
+        entry = {"task": task, "label": label, "lr": lr, "n": len(rs), "mean": statistics.mean(accs),
+                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                 "trainable": rs[0]["trainable_parameters"],
+                 "peak": next((r.get("measured_peak_bytes") for r in rs if r.get("measured_peak_bytes")), None),
+                 "step_s": statistics.median([r["median_step_s"] for r in rs if r.get("median_step_s")] or [0.0])}
+        if (task, label) not in best or entry["mean"] > best[(task, label)]["mean"]:
+            best[(task, label)] = entry
+    return list(best.values())
+
+
+def markdown(agg: list[dict], tasks) -> str:
+    labels = ["zero-shot"] + [m[0] for m in METHODS]
+    by = {(a["task"], a["label"]): a for a in agg}
+    head = "| method | " + " | ".join(tasks) + " | LM-task mean | trainable | peak MiB (boolq) | step s (boolq) |"
+    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+    for label in labels:
+        cells, lm = [], []
+        for t in tasks:
+            a = by.get((t, label))
+            if a is None:
+                cells.append("–")
+                continue
+            cells.append(f"{100 * a['mean']:.1f}" + (f" ± {100 * a['std']:.1f}" if a["n"] > 1 else ""))
+            if t in LM_TASKS:
+                lm.append(a["mean"])
+        ref = by.get(("boolq", label)) or {}
+        peak = f"{ref['peak'] / 2**20:.0f}" if ref.get("peak") else "–"
+        step = f"{ref['step_s']:.2f}" if ref.get("step_s") else "–"
+        mean = f"{100 * statistics.mean(lm):.1f}" if lm else "–"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} | {ref.get('trainable', 0):,} | {peak} | {step} |")
+    return "\n".join(lines)
+
+
+def figures(agg: list[dict], out: Path) -> None:
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return
+    for x_key, title, fname in (("trainable", "trainable parameters", "acc_vs_params"), ("peak", "peak training memory (MiB)", "acc_vs_memory")):
+        fig = go.Figure()
+        for label in sorted({a["label"] for a in agg if a["label"] != "zero-shot"}):
+            pts = [a for a in agg if a["label"] == label and a["task"] in LM_TASKS and a.get(x_key)]
+            if not pts:
+                continue
+            x = statistics.mean(a[x_key] for a in pts) / (2**20 if x_key == "peak" else 1)
+            fig.add_scatter(x=[x], y=[100 * statistics.mean(a["mean"] for a in pts)], mode="markers+text", text=[label],
+                            textposition="top center", name=label)
+        fig.update_layout(title=f"mean accuracy over the LM tasks vs {title}", xaxis_title=title, yaxis_title="accuracy (%)",
+                          xaxis_type="log" if x_key == "trainable" else "linear", showlegend=False)
+        fig.write_json(out.parent / f"{out.stem}-{fname}.fig.json")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=tuple(MODES), default="reduced")
+    ap.add_argument("--tasks", nargs="+", default=[*LM_TASKS, "rotten_tomatoes"])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--report", action="store_true", help="only rebuild the table and figures from the results file")
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (resume later)")
+    args = ap.parse_args(argv)
+
+    import torch
+    from tqdm.auto import tqdm
+    mode = MODES[args.mode]
+    out = harness.RESULTS / f"study-{args.mode}.jsonl"
+    harness.RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(out)
+    done = {key(r) for r in rows}
+    todo = [r for r in plan(mode, args.tasks) if key(r) not in done]
+    if not args.report:
+        print(f"{len(done)} runs done, {len(todo)} to go → {out}")
+        for i, run in enumerate(tqdm(todo, desc="study", unit="run")):
+            if args.max_runs is not None and i >= args.max_runs:
+                break
+            torch.manual_seed(run["seed"])
+            rows.append(execute(run, mode, args.device))
+            save_rows(out, rows)
+    agg = aggregate(rows)
+    table = markdown(agg, args.tasks)
+    from rowsft.io_utils import atomic_write_text
+    atomic_write_text(out.with_suffix(".md"), f"Mode `{args.mode}` ({asdict(mode)}), machine {harness.machine()}\n\n{table}\n")
+    figures(agg, out)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

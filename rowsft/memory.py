@@ -1,0 +1,299 @@
+"""Where the memory of a fine-tuning step goes: an analytic breakdown, a fast prediction, a measurement.
+
+- `breakdown(model, batch)` → `MemoryReport`: weights, trainable, gradients, optimizer state,
+  activations (counted exactly: the bytes autograd saves for backward during one forward of
+  ``batch``, over unique storages, parameters and buffers excluded), the index buffers of rowsft's
+  sparse layers, and the largest transient (logits and their gradient).
+- `predict(model, selection_or_method, batch_size, seq_len)` → `MemoryReport` without any forward
+  pass (see `rowsft.memory_predict` for the activation formula).
+- `measure_peak(model, batch)` → the peak bytes of one real training step, from PyTorch's
+  allocation accounting (see `rowsft.memory_measure`).
+- `MemoryCallback`: records these figures during `rowsft.train` into ``state.memory``.
+
+The analytic total ``weights + gradients + optimizer + activations + indices + transient`` is an
+upper bound of the peak of a step: gradients and activations do not fully coexist (activations are
+freed while gradients appear during backward), which matters only when the trainable part is large.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .memory_measure import _storage_key, live_bytes, measure_peak, region_peak, unique_storage_bytes  # noqa: F401
+
+MiB = 1024 ** 2
+PARTS = ("weights", "gradients", "optimizer", "activations", "indices", "transient")
+
+
+@dataclass
+class MemoryReport:
+    """Bytes of each part of a training step's memory. ``trainable`` is part of ``weights`` (listed
+    for reference, not added twice); ``total`` adds the `PARTS`."""
+    weights: int = 0
+    trainable: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    indices: int = 0
+    transient: int = 0
+    method: str = ""
+    details: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return int(sum(getattr(self, p) for p in PARTS))
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "details"}
+        d["total"] = self.total
+        return d
+
+    def __str__(self) -> str:
+        rows = [("weights", self.weights), ("  of which trainable", self.trainable)] + \
+               [(p, getattr(self, p)) for p in PARTS[1:]] + [("total", self.total)]
+        width = max(len(r[0]) for r in rows)
+        title = f"memory ({self.method})" if self.method else "memory"
+        lines = [title] + [f"  {name:<{width}}  {value / MiB:10.2f} MiB" for name, value in rows]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- static parts
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def optimizer_bytes(trainable: list[torch.Tensor], optimizer="adamw") -> int:
+    """Optimizer state of ``trainable`` tensors: AdamW keeps 2 moments per weight (in the weight's dtype,
+    as ``torch.optim.AdamW`` does; fp32 for fp32 weights), SGD none, SGD with momentum one. An
+    optimizer object is priced by its actual state when it has one, else by its kind. The per-tensor
+    step counters (a 4-byte scalar each) are not counted."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if optimizer.state:
+            from .memory_measure import _state_tensors
+            return unique_storage_bytes(t for t in _state_tensors(optimizer.state) if t.dim() > 0)
+        name = type(optimizer).__name__.lower()
+        momentum = optimizer.defaults.get("momentum", 0.0)
+        optimizer = "adamw" if name.startswith("adam") else ("sgd-momentum" if momentum else "sgd")
+    per_weight = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
+    if optimizer not in per_weight:
+        raise ValueError(f"optimizer must be one of {sorted(per_weight)} or a torch.optim.Optimizer, got {optimizer!r}")
+    return per_weight[optimizer] * sum(t.numel() * t.element_size() for t in trainable)
+
+
+def index_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the index buffers of rowsft sparse layers (any module with ``indices`` and ``unit``)."""
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "unit") and torch.is_tensor(getattr(module, "indices", None)):
+            total += module.indices.numel() * module.indices.element_size()
+            extra = getattr(module, "bias_indices", None)
+            if torch.is_tensor(extra):
+                total += extra.numel() * extra.element_size()
+    return total
+
+
+def static_report(model: torch.nn.Module, optimizer="adamw", method: str | None = None) -> MemoryReport:
+    """Weights, trainable, gradients, optimizer and indices of ``model`` (no activations)."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    trainable_bytes = unique_storage_bytes(trainable)
+    idx = index_bytes(model)
+    return MemoryReport(weights=unique_storage_bytes(params), trainable=trainable_bytes, gradients=trainable_bytes,
+                        optimizer=optimizer_bytes(trainable, optimizer), indices=idx,
+                        method=method or describe_method(model))
+
+
+def describe_method(model: torch.nn.Module) -> str:
+    units = sorted({m.unit for m in model.modules() if hasattr(m, "unit") and torch.is_tensor(getattr(m, "indices", None))})
+    if units:
+        return "rowsft-" + "/".join(units)
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        return "lora"
+    params = list(model.parameters())
+    n_trainable = sum(p.numel() for p in params if p.requires_grad)
+    if n_trainable == sum(p.numel() for p in params):
+        return "full"
+    return "partial" if n_trainable else "frozen"
+
+
+# ---------------------------------------------------------------- activations
+class SavedTensorCounter:
+    """Counts the bytes autograd saves for backward inside the ``with`` block, over unique storages,
+    skipping the storages of ``exclude`` (parameters, buffers). ``hold=True`` keeps a reference to
+    each counted storage until exit so that no freed address is reused (exact; use it outside
+    training); ``hold=False`` keeps only addresses (no effect on the step's memory)."""
+
+    def __init__(self, exclude=(), hold: bool = True):
+        self.exclude = {_storage_key(t) for t in exclude}
+        self.hold = hold
+        self.seen: dict[tuple, int] = {}
+        self._held: list = []
+        self._hooks = None
+
+    @property
+    def bytes(self) -> int:
+        return int(sum(self.seen.values()))
+
+    def _pack(self, t: torch.Tensor):
+        if t.device.type != "meta":
+            key = _storage_key(t)
+            if key not in self.exclude and key not in self.seen:
+                storage = t.untyped_storage()
+                self.seen[key] = storage.nbytes()
+                if self.hold:
+                    self._held.append(storage)
+        return t
+
+    def __enter__(self) -> "SavedTensorCounter":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self._held.clear()
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return list(model.parameters()) + list(model.buffers())
+
+
+def _logits_bytes(output, batch: dict) -> int:
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if not torch.is_tensor(logits):
+        return 0
+    # backward of the loss makes the gradient of the fp32 log-probabilities and of the logits
+    return logits.numel() * (4 + logits.element_size())
+
+
+def activation_bytes(model: torch.nn.Module, batch: dict) -> tuple[int, int]:
+    """``(activations, transient)`` of one train-mode forward of ``batch``: bytes saved for backward
+    (parameters and buffers excluded), and the largest transient of backward (the logits' gradients)."""
+    from .train_parts import to_device
+    device = next(model.parameters()).device
+    batch = to_device(batch, device)
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
+                SavedTensorCounter(model_tensors(model), hold=True) as counter:
+            output = model(**batch)
+            transient = _logits_bytes(output, batch) if counter.bytes else 0
+            saved = counter.bytes
+            del output
+    finally:
+        model.train(was_training)
+    return saved, transient
+
+
+def breakdown(model: torch.nn.Module, batch: dict, optimizer="adamw") -> MemoryReport:
+    """The memory of one training step of ``model`` on ``batch`` (bytes), part by part.
+
+    ``weights``: every parameter once per storage (tied weights once, trainable included);
+    ``trainable`` / ``gradients``: the parameters that require grad; ``optimizer``: their optimizer
+    state (see `optimizer_bytes`); ``activations``: bytes autograd saves during one train-mode
+    forward of ``batch`` (with its labels, so the loss is included); ``indices``: rowsft index
+    buffers; ``transient``: the logits' gradients that exist at the start of backward.
+
+    With gradient checkpointing on, only what is saved outside the checkpointed blocks (and by the
+    checkpoints themselves) counts; the recomputation of one block during backward does not.
+    """
+    report = static_report(model, optimizer)
+    report.activations, report.transient = activation_bytes(model, batch)
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    if torch.is_tensor(ids):
+        report.details.update(batch_size=int(ids.shape[0]), seq_len=int(ids.shape[-1]))
+    return report
+
+
+from .memory_predict import predict  # noqa: E402
+
+
+# ---------------------------------------------------------------- during training
+class MemoryCallback:
+    """Fills ``state.memory`` (and the step's History record, as ``memory_<part>``) during `rowsft.train`.
+
+    Every step: the static parts (weights, gradients, optimizer, indices) and the activations saved
+    by that step's forward passes (with gradient accumulation, the distinct storages over its
+    micro-batches). The measured peak of the step (``peak_measured``: bytes live at its start plus
+    the largest allocation above that): on CUDA every step, from the allocator's counters (free);
+    on CPU every ``every`` steps through the profiler, which slows those steps down several times
+    (``measure_cpu=False`` turns it off).
+    """
+
+    def __init__(self, every: int = 1, measure_cpu: bool = True):
+        self.every = max(1, int(every))
+        self.measure_cpu = measure_cpu
+        self.static: MemoryReport | None = None
+        self._counter = None
+        self._profile = None
+        self._cuda_start = None
+        self.records: list[dict] = []
+
+    def on_train_begin(self, state) -> None:
+        self.static = static_report(state.model, state.optimizer or "adamw")
+        self._exclude = model_tensors(state.model)
+        device = next(state.model.parameters()).device
+        self._device = device
+        if device.type != "cuda" and self.measure_cpu:
+            warnings.warn("MemoryCallback measures CPU peaks with torch.profiler, which slows the measured steps "
+                          f"down; measuring every {self.every} step(s)", RuntimeWarning, stacklevel=2)
+
+    def _measure_now(self, step: int) -> bool:
+        if self._device.type == "cuda":
+            return True  # the allocator's counters cost nothing
+        return self.measure_cpu and step % self.every == 0
+
+    def on_step_begin(self, state) -> None:
+        self._counter = SavedTensorCounter(self._exclude, hold=False).__enter__()
+        self._baseline = live_bytes(state.model, state.optimizer)
+        if self._measure_now(state.step):
+            if self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)
+                self._cuda_start = torch.cuda.memory_allocated(self._device)
+                torch.cuda.reset_peak_memory_stats(self._device)
+            else:
+                from torch.profiler import ProfilerActivity, profile
+                self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                self._profile.__enter__()
+
+    def _stop_measuring(self) -> int | None:
+        peak = None
+        if self._cuda_start is not None:
+            torch.cuda.synchronize(self._device)
+            peak = torch.cuda.max_memory_allocated(self._device) - self._cuda_start
+            self._cuda_start = None
+        if self._profile is not None:
+            from .memory_measure import _memory_deltas
+            self._profile.__exit__(None, None, None)
+            running = peak = 0
+            for _, nbytes in _memory_deltas(self._profile):
+                running += nbytes
+                peak = max(peak, running)
+            self._profile = None
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+        return peak
+
+    def on_step_end(self, state) -> None:
+        peak_delta = self._stop_measuring()
+        counter, self._counter = self._counter, None
+        figures = self.static.as_dict()
+        figures.pop("method")
+        figures["activations"] = counter.bytes if counter is not None else 0
+        figures["total"] = sum(figures[p] for p in PARTS)
+        if peak_delta is not None:
+            figures["peak_measured"] = int(self._baseline + peak_delta)
+        state.memory = figures
+        if state.history is not None and state.history.steps and state.history.steps[-1]["step"] == state.step:
+            state.history.steps[-1].update({f"memory_{k}": v for k, v in figures.items()})
+        self.records.append({"step": state.step, **figures})
+
+    def on_train_end(self, state) -> None:
+        self._stop_measuring()
+        self._counter = None
+
+__all__ = ["MemoryReport", "breakdown", "predict", "measure_peak", "MemoryCallback", "SavedTensorCounter",
+           "static_report", "optimizer_bytes", "index_bytes", "activation_bytes", "PARTS"]

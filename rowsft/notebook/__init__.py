@@ -1,0 +1,34 @@
+"""ipywidgets controls for rowsft, built on the figures of ``rowsft.viz``.
+
+They hold no training logic: they call rowsft's verbs (score, select, memory.predict, apply,
+train) and render what the training callbacks report. Each piece works alone:
+
+- :class:`LayerPicker` — module types × blocks, with "all attention" / "all MLP" shortcuts;
+- :class:`BudgetControl` — rows per layer, ratio or LoRA-rank parity; trainable parameters,
+  predicted memory against LoRA and full fine-tuning, heatmap marks;
+- :class:`MetricChooser` — metric and unit, re-scored on a button press, with a progress bar;
+- :class:`LiveCurves` — loss and memory per step of several runs, throttled live updates;
+- :class:`TrainLauncher` — Launch / Stop around ``rowsft.train`` in a background thread;
+- :class:`Dashboard` — all of them composed for one model and data set.
+
+Bad input shows a red line in the control's status area, never a traceback. For notebooks,
+:func:`fast_mode` reads ``ROWSFT_FAST`` and :func:`settings` gives the model, steps and rows to use.
+
+Saved notebooks: plotly's ``FigureWidget`` (an anywidget) carries plotly.js (about 5 MB) in its
+widget state. JupyterLab does not save widget state unless asked to, but ``jupyter nbconvert
+--execute`` does; the dashboard uses three FigureWidgets (heatmap, predicted memory, live curves),
+so clear the widget state before committing an executed notebook. Static figures from
+``rowsft.viz`` carry only their data (float32, rounded).
+"""
+from ._widgets import StatusArea
+from .budget import BudgetControl
+from .dashboard import Dashboard, as_batches
+from .launcher import RunSummary, TrainLauncher
+from .layer_picker import LayerPicker
+from .live import CurveCallback, LiveCurves
+from .metric import CountingBatches, MetricChooser
+from .settings import FAST_SETTINGS, FULL_SETTINGS, NotebookSettings, fast_mode, settings
+
+__all__ = ["BudgetControl", "CountingBatches", "CurveCallback", "Dashboard", "FAST_SETTINGS", "FULL_SETTINGS",
+           "LayerPicker", "LiveCurves", "MetricChooser", "NotebookSettings", "RunSummary", "StatusArea",
+           "TrainLauncher", "as_batches", "fast_mode", "settings"]

@@ -1,0 +1,166 @@
+"""The dashboard: score → look → pick layers and budget → train, in one notebook cell.
+
+``Dashboard(model, data, tokenizer)`` composes the pieces of ``rowsft.notebook``, each of which
+can also be used alone: a :class:`MetricChooser` (re-scores on demand), the importance heatmap
+(``rowsft.viz.importance_heatmap`` as a live ``FigureWidget``), a :class:`LayerPicker` and a
+:class:`BudgetControl` (selection, trainable parameters, predicted memory, marks on the heatmap),
+and a :class:`TrainLauncher` drawing into :class:`LiveCurves`. It holds no training logic: Launch
+applies the current selection to the notebook's model with ``rowsft.apply`` (when the model
+already carries a different one, ``rowsft.merge_and_unload`` first keeps what was learnt) and
+calls ``rowsft.train``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+
+from .. import viz
+from ..viz._common import group_by_type, score_vectors
+from ._widgets import Displayable, StatusArea, refresh_figure, section
+from .budget import BudgetControl
+from .launcher import TrainLauncher
+from .live import LiveCurves
+from .metric import MetricChooser
+from .settings import NotebookSettings, settings as default_settings
+
+
+def as_batches(data, tokenizer, batch_size: int, max_length: int, batches_fn: Callable | None = None):
+    """Training batches from ``data``: a ``DatasetDict``/dict with a ``train`` split or a single split
+    (batched with ``rowsft.batches``, which needs ``tokenizer``), or already an iterable of batch dicts."""
+    split = data["train"] if isinstance(data, Mapping) and "train" in data else data
+    if hasattr(split, "column_names") or (isinstance(split, list) and split and "input_ids" not in split[0]):
+        if tokenizer is None:
+            raise ValueError("the data are raw examples: pass tokenizer= so they can be batched, "
+                             "or pass ready batches (rowsft.batches(...))")
+        if batches_fn is None:
+            from ..batching import batches as batches_fn
+        return batches_fn(split, tokenizer, batch_size=batch_size, max_length=max_length)
+    if isinstance(split, list) and not split:
+        raise ValueError("the data are empty: pass at least one batch or example")
+    return split
+
+
+def default_eval_fn(data, tokenizer, cfg: NotebookSettings) -> Callable | None:
+    """``model → accuracy`` on the validation split, when there is one and a tokenizer."""
+    if tokenizer is None or not isinstance(data, Mapping) or "validation" not in data:
+        return None
+    from ..evaluation import evaluate
+
+    def eval_fn(model):
+        return evaluate(model, tokenizer, data["validation"], batch_size=max(8, cfg.batch_size),
+                        max_length=cfg.max_length, max_examples=cfg.eval_examples, progress=False)
+    return eval_fn
+
+
+def _sequence_length(batches, fallback: int) -> int:
+    try:
+        return int(next(iter(batches))["input_ids"].shape[-1])
+    except Exception:  # noqa: BLE001 - only a default for memory estimates
+        return fallback
+
+
+class Dashboard(Displayable):
+    """Score, select and train ``model`` on ``data`` interactively (see the module help).
+
+    ``settings``: a ``NotebookSettings`` (default ``rowsft.notebook.settings()``, FAST-aware) for
+    batch size, length, steps, rows, LoRA rank, calibration batches and eval examples.
+    ``eval_fn(model)``: accuracy before/after each run (default: ``rowsft.evaluate`` on
+    ``data["validation"]`` when a tokenizer is given). ``score_fn``, ``select_fn``, ``predict_fn``,
+    ``lora_parity_fn``, ``train_fn``, ``prepare`` replace rowsft's verbs (teaching, tests).
+    """
+
+    def __init__(self, model, data, tokenizer=None, settings: NotebookSettings | None = None, metric: str = "magnitude",
+                 unit: str = "row", eval_fn: Callable | None = None, score_fn: Callable | None = None,
+                 select_fn: Callable | None = None, predict_fn: Callable | None = None,
+                 lora_parity_fn: Callable | None = None, train_fn: Callable | None = None,
+                 prepare: Callable | None = None, train_kwargs: dict | None = None, background: bool = True,
+                 max_columns: int = 256):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = cfg = settings or default_settings()
+        self.batches = as_batches(data, tokenizer, cfg.batch_size, cfg.max_length)
+        self.seq_len = _sequence_length(self.batches, cfg.max_length)
+        self.max_columns = max_columns
+        self.status = StatusArea()
+        self.chooser = MetricChooser(model, self.batches, metric=metric, unit=unit,
+                                     num_batches=cfg.calibration_batches, score_fn=score_fn)
+        self.heatmap_type = widgets.Dropdown(options=["all types"], value="all types", description="show")
+        self.heatmap_order = widgets.ToggleButtons(options=["original", "sorted"], value="original", description="order")
+        self.heatmap = go.FigureWidget()
+        self.curves = LiveCurves(("loss", "memory"))
+        self.launcher = TrainLauncher(model, self.batches, steps=cfg.steps, lr=cfg.lr, run_name="row-sparse",
+                                      curves=self.curves, eval_fn=eval_fn if eval_fn is not None else
+                                      default_eval_fn(data, tokenizer, cfg), prepare=prepare or self.prepare,
+                                      train_fn=train_fn, train_kwargs=train_kwargs, background=background)
+        self.budget: BudgetControl | None = None
+        self._budget_kwargs = dict(rows=cfg.rows, rank=cfg.lora_rank, batch_size=cfg.batch_size, seq_len=self.seq_len,
+                                   select_fn=select_fn, predict_fn=predict_fn, lora_parity_fn=lora_parity_fn)
+        self.budget_box = widgets.VBox([widgets.HTML("<i>score the model first</i>")])
+        self.chooser.observe(self._scored)
+        self._muted = False
+        self.heatmap_type.observe(lambda _c: self._muted or self.redraw_heatmap(), names="value")
+        self.heatmap_order.observe(lambda _c: self.redraw_heatmap(), names="value")
+        self.widget = widgets.VBox([
+            section("1 · Importance"), self.chooser.widget, widgets.HBox([self.heatmap_type, self.heatmap_order]),
+            self.heatmap, section("2 · Layers and budget"), self.budget_box,
+            section("3 · Train"), self.launcher.widget, self.curves.widget, self.status])
+        self.chooser.run()
+
+    # ------------------------------------------------------------------ reactions
+    @property
+    def scores(self):
+        return self.chooser.scores
+
+    @property
+    def selection(self):
+        return None if self.budget is None else self.budget.selection
+
+    def _scored(self, scores) -> None:
+        types = ["all types", *group_by_type(score_vectors(scores)[0])]
+        keep = self.heatmap_type.value if self.heatmap_type.value in types else "all types"
+        self._muted = True
+        try:
+            self.heatmap_type.options, self.heatmap_type.value = types, keep
+        finally:
+            self._muted = False
+        self.redraw_heatmap(mark=False)
+        if self.budget is None:
+            self.budget = BudgetControl(self.model, scores, heatmap=self.heatmap, **self._budget_kwargs)
+            self.budget_box.children = [self.budget.widget]
+        else:
+            self.budget.set_scores(scores, heatmap=self.heatmap)
+
+    def redraw_heatmap(self, mark: bool = True) -> None:
+        """Draw the heatmap of the current scores with the chosen type and order (and marks)."""
+        if self.scores is None:
+            return
+        shown = None if self.heatmap_type.value == "all types" else self.heatmap_type.value
+
+        @self.status.guard("Could not draw the heatmap")
+        def draw():
+            fig = viz.importance_heatmap(self.scores, module_type=shown, order=self.heatmap_order.value,
+                                         max_columns=self.max_columns)
+            refresh_figure(self.heatmap, fig)
+            if mark and self.selection is not None:
+                viz.mark_selection(self.heatmap, self.scores, self.selection)
+        draw()
+
+    def prepare(self, model) -> None:
+        """Before a run: put the current selection on the model (rowsft.apply), keeping earlier training."""
+        selection = self.selection
+        if selection is None:
+            message = self.budget.status.message if self.budget is not None else ""
+            raise ValueError(message or "no valid selection yet: score the model, pick layers and a budget")
+        from .. import tuner
+        if tuner.sparse_layers(model):
+            current = tuner.current_selection(model)
+            if set(current) == set(selection) and all(current[n].equal(selection[n]) for n in selection):
+                self.launcher.status.info("continuing with the selection already on the model")
+                return
+            tuner.merge_and_unload(model)
+        tuner.apply(model, selection)
+
+    def wait(self, timeout: float | None = None):
+        """Block until the current training run ends; its History."""
+        return self.launcher.wait(timeout)

