@@ -9,17 +9,13 @@ import rowsft
 from rowsft import baselines
 from rowsft.selection_types import LayerChoice, Selection
 from rowsft.targets import find_targets, is_transposed, linear_shape, weight_out_in
+from rowsft.zoo import random_batches
 
 VOCAB = 128
 
 
 def token_batches(n=2, b=2, t=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (b, t), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
+    return random_batches(n, b, t, VOCAB, seed)
 
 
 def test_full_finetune_trains_everything():

@@ -26,6 +26,7 @@ from rowsft.distributed import (
 )
 from rowsft.targets import weight_out_in
 from rowsft.zoo import tiny_model
+from rowsft.zoo import random_batches
 
 VOCAB, B, T = 128, 2, 12
 WORLD, STEPS, LR, BUDGET = 2, 3, 0.5, 4
@@ -33,12 +34,7 @@ WORLD, STEPS, LR, BUDGET = 2, 3, 0.5, 4
 
 def local_batches(count: int, seed: int) -> list[dict]:
     """Full-length batches (every label token counts), so a mean over ranks is the global mean."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(3, VOCAB, (B, T), generator=gen)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
+    return random_batches(count, B, T, VOCAB, seed)
 
 
 CALIBRATION = local_batches(WORLD, seed=11)        # rank r scores on CALIBRATION[r]

@@ -20,6 +20,7 @@ import torch
 from rowsft.scores import Scores
 from rowsft.selection_types import LayerChoice, Selection
 from rowsft.targets import find_targets, layer_index, linear_shape, module_type, weight_out_in
+from rowsft.zoo import random_batches as zoo_random_batches
 
 VOCAB = 128
 
@@ -31,12 +32,7 @@ def tiny_llama(seed: int = 0):
 
 def random_batches(n: int = 4, batch_size: int = 2, seq_len: int = 12, seed: int = 0) -> list[dict]:
     """Causal-LM batches of random tokens (labels = inputs)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
+    return zoo_random_batches(n, batch_size, seq_len, VOCAB, seed)
 
 
 # ------------------------------------------------------------------ scoring

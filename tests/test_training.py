@@ -12,18 +12,14 @@ import torch
 import rowsft
 from rowsft.history import History
 from rowsft.training import NonFiniteLossError, TrainConfig, lr_at, train
+from rowsft.zoo import random_batches
 
 VOCAB = 128
 
 
 def token_batches(n: int = 4, batch_size: int = 4, seq_len: int = 16, seed: int = 0) -> list[dict]:
     """Random full-length causal-LM batches (every position carries a label)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
+    return random_batches(n, batch_size, seq_len, VOCAB, seed)
 
 
 def llama(dtype=torch.float32, seed: int = 0):

@@ -12,6 +12,7 @@ import rowsft
 from rowsft import tuner
 from rowsft.layers import ColumnSparseLinear, ElementSparseLinear, RowSparseLinear, SparseLinear
 from rowsft.selection_types import LayerChoice, Selection
+from rowsft.zoo import random_batches
 
 VOCAB = 128
 
@@ -50,12 +51,7 @@ def mixed_selection(model, names_units, seed=0):
 
 
 def lm_batches(n, seed=0, batch=2, seq=8):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
+    return random_batches(n, batch, seq, VOCAB, seed)
 
 
 LLAMA_UNITS = {"model.layers.0.self_attn.q_proj": "row", "model.layers.0.self_attn.o_proj": "column",
