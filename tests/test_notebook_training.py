@@ -226,3 +226,18 @@ def test_real_train_launch_and_stop_on_tiny_llama():
     pressed_at, history, snapshots, launcher = _stop_within_one_step(training.train, model)
     check_consistent_after_stop(model, history, pressed_at, snapshots, launcher)
     assert history.stop_reason == "stop_event"
+
+
+def test_second_launch_starts_its_progress_at_zero():
+    """A caller polling ``progress.value`` right after Launch must not see the previous run's last step."""
+    seen = []
+
+    def recording_train(model, batches, steps=None, **kwargs):
+        seen.append((launcher.progress.value, launcher.progress.max))
+        return fake_train(model, batches, steps=steps, **kwargs)
+
+    launcher = nb.TrainLauncher(sparse_model(), random_batches(2), steps=3, train_fn=recording_train, background=False)
+    assert launcher.launch() and launcher.progress.value == 3
+    launcher.steps.value = 5
+    assert launcher.launch()
+    assert seen == [(0, 3), (0, 5)] and launcher.progress.value == 5

@@ -69,14 +69,17 @@ class BudgetControl(Displayable):
         ranks = sorted(set(ranks) | {rank})
         self.mode = widgets.ToggleButtons(options=MODES, value="rows", description="budget")
         self.rows = widgets.IntSlider(value=rows, min=1, max=max(rows, 1), description="rows", continuous_update=False)
+        self.rows.add_class("rowsft-budget-rows")  # stable hooks for styling and the browser test
         self.ratio = widgets.FloatSlider(value=ratio, min=0.001, max=1.0, step=0.001, readout_format=".3f",
                                          description="ratio", continuous_update=False)
         self.rank = widgets.Dropdown(options=ranks, value=rank, description="LoRA rank")
         self.strategy = widgets.Dropdown(options=["per-layer", "global"], value=strategy, description="strategy")
         self.figures = widgets.HTML("")
+        self.figures.add_class("rowsft-trainable")
         self.memory_figure = go.FigureWidget(viz.memory_breakdown({"row-sparse": {c: 0 for c in viz.COMPONENTS}},
                                                                   title="Predicted training memory"))
         self.memory_figure.layout.height = 320
+        self.memory_figure.add_class("rowsft-memory")
         self.status = StatusArea()
         for w in (self.mode, self.rows, self.ratio, self.rank, self.strategy):
             w.observe(lambda _change: self.update(), names="value")

@@ -88,6 +88,7 @@ class Dashboard(Displayable):
         self.heatmap_type = widgets.Dropdown(options=["all types"], value="all types", description="show")
         self.heatmap_order = widgets.ToggleButtons(options=["original", "sorted"], value="original", description="order")
         self.heatmap = go.FigureWidget()
+        self.heatmap.add_class("rowsft-heatmap")
         self.curves = LiveCurves(("loss", "memory"))
         self.launcher = TrainLauncher(model, self.batches, steps=cfg.steps, lr=cfg.lr, run_name="row-sparse",
                                       curves=self.curves, eval_fn=eval_fn if eval_fn is not None else

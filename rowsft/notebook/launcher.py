@@ -116,10 +116,12 @@ class TrainLauncher(Displayable):
         self.lr = widgets.FloatText(value=lr, description="lr", layout=widgets.Layout(width="170px"))
         self.run_name = widgets.Text(value=run_name, description="run", layout=widgets.Layout(width="220px"))
         self.launch_button = widgets.Button(description="Launch", button_style="success", icon="play")
+        self.launch_button.add_class("rowsft-launch")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.progress = widgets.IntProgress(value=0, min=0, max=steps, layout=widgets.Layout(width="240px"))
         self.status = StatusArea()
         self.summary_html = widgets.HTML("")
+        self.summary_html.add_class("rowsft-summary")
         self.launch_button.on_click(lambda _: self.launch())
         self.stop_button.on_click(lambda _: self.stop())
         self.widget = widgets.VBox([widgets.HBox([self.run_name, self.steps, self.lr]),
@@ -158,6 +160,7 @@ class TrainLauncher(Displayable):
                     return False
             self.stop_event = threading.Event()
             self.error, self.history, self.summary = None, None, None
+            self.progress.max, self.progress.value = steps, 0   # a new run starts at 0, not at the last run's step
             self._progress = _Progress(self.progress)
             self.progress.bar_style = "info"
             self.summary_html.value = ""

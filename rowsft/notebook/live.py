@@ -39,6 +39,7 @@ class LiveCurves(Displayable):
         self.metrics = list(metrics)
         self.min_interval = float(min_interval)
         self.figure = go.FigureWidget(viz.training_curves({}, self.metrics, title=title or "Training curves (live)"))
+        self.figure.add_class("rowsft-live-curves")
         self.widget = self.figure
         self._lock = threading.RLock()
         self._points: dict[str, dict[str, tuple[list, list]]] = {}   # run -> metric -> (x, y)

@@ -132,7 +132,8 @@ def importance_heatmap(scores, selection=None, module_type: str | None = None, o
         fig.add_trace(go.Scatter(x=[], y=[], customdata=[], mode="markers", name=f"selected:{t}", showlegend=False,
                                  marker=dict(symbol="line-ns-open", color=MARK_COLOR, size=9, line=dict(width=2)),
                                  hovertemplate=f"block %{{y}}<br>{chosen}<extra>selected</extra>"), row=i, col=1)
-        fig.update_xaxes(title_text=what + (f" (bins of {size})" if size > 1 else ""), row=i, col=1)
+        if i == len(types):  # one axis title at the bottom: on inner panels it would overlap the next title
+            fig.update_xaxes(title_text=what + (" (binned)" if size > 1 else ""), row=i, col=1)
         fig.update_yaxes(title_text="block", autorange="reversed", row=i, col=1)
         meta_panels.append({"type": t, "names": panels[t], "bin": size})
     metric = getattr(scores, "metric", None)
