@@ -9,6 +9,7 @@ Results are printed as a table and written to ``benchmarks/results/<name>.json``
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -17,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads on a shared machine
+import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -30,10 +30,10 @@ _VERBS = {
     "save_adapter": "tuner", "load_adapter": "tuner", "trainable_parameters": "tuner",
     "print_trainable_parameters": "tuner", "sparse_layers": "tuner", "current_selection": "tuner",
     "train": "training", "evaluate": "evaluation", "History": "training", "TrainConfig": "training",
-    "Callback": "training", "TrainState": "training", "MemoryReport": "memory", "full_finetune": "baselines",
+    "DynamicMask": "dynamic", "Callback": "training", "TrainState": "training", "MemoryReport": "memory", "full_finetune": "baselines",
 }
 _SUBMODULES = ("targets", "scoring", "selection", "layers", "tuner", "training", "memory", "baselines", "zoo",
-               "distributed", "integrations", "pipeline", "evaluation", "viz", "notebook")
+               "distributed", "integrations", "pipeline", "evaluation", "viz", "notebook", "dynamic")
 
 __all__ = sorted(_VERBS) + list(_SUBMODULES)
 

@@ -159,6 +159,8 @@ def global_counts(pools: list[Pool], total: float, multiple_of: int, min_per_lay
         raise ValueError(f"min_per_layer={min_per_layer} over {len(pools)} layers already costs {floor_cost:,} "
                          f"trainable parameters, more than the budget's {int(total):,}; lower min_per_layer "
                          "(0 allows empty layers) or raise the budget")
+    if len({p.cost for p in pools}) == 1 and all(c == p.size for c, p in zip(ceilings, pools)):
+        return _equal_cost_counts(pools, floors, total - floor_cost, multiple_of)
     values, costs, owners = [], [], []
     for i, (p, floor, ceiling) in enumerate(zip(pools, floors, ceilings)):
         ranked = torch.sort(p.scores.double(), descending=True, stable=True).values[floor:ceiling]
@@ -173,3 +175,41 @@ def global_counts(pools: list[Pool], total: float, multiple_of: int, min_per_lay
     extra = torch.bincount(owners[taken], minlength=len(pools)).tolist()
     counts = [max(f, (f + e) // multiple_of * multiple_of) for f, e in zip(floors, extra)]
     return counts, threshold
+
+
+def _equal_cost_counts(pools: list[Pool], floors: list[int], budget_left: float,
+                       multiple_of: int) -> tuple[list[int], float]:
+    """`global_counts` when every unit costs the same and no ceiling binds (e.g. SPEFT elements):
+    the same answer from a k-th value instead of a full sort of every score (O(n), not O(n log n)).
+
+    Ties at the threshold go to earlier pools first, as the sorted path does."""
+    cost = pools[0].cost
+    rest = []                                   # each pool's scores without its floor units
+    for p, floor in zip(pools, floors):
+        s = p.scores.double().reshape(-1)
+        if floor:
+            s = torch.sort(s, descending=True, stable=True).values[floor:] if floor > 64 else \
+                _drop_top(s, floor)
+        rest.append(s)
+    n_take = min(int(budget_left // cost), sum(r.numel() for r in rest))
+    if n_take <= 0:
+        extra, threshold = [0] * len(pools), float("inf")
+    else:
+        flat = torch.cat(rest)
+        threshold = float(torch.kthvalue(flat, flat.numel() - n_take + 1).values)   # n_take-th largest
+        above = [int((r > threshold).sum()) for r in rest]
+        ties_left = n_take - sum(above)
+        extra = []
+        for r, a in zip(rest, above):
+            tie = min(ties_left, int((r == threshold).sum()))
+            ties_left -= tie
+            extra.append(a + tie)
+    counts = [max(f, (f + e) // multiple_of * multiple_of) for f, e in zip(floors, extra)]
+    return counts, threshold
+
+
+def _drop_top(values: torch.Tensor, n: int) -> torch.Tensor:
+    """``values`` without its ``n`` largest entries (n small)."""
+    keep = torch.ones(values.numel(), dtype=torch.bool)
+    keep[torch.topk(values, n).indices] = False
+    return values[keep]

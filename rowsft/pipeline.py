@@ -105,7 +105,7 @@ def prepare_model(model, cfg: JobConfig, calibration, log: Callable[[str], None]
     if unit is not None:
         score_unit = unit
         scores = scoring.score(model, calibration, metric=cfg.metric, unit=score_unit, targets=cfg.targets,
-                               num_batches=cfg.calibration_batches)
+                               num_batches=cfg.calibration_batches, seed=cfg.seed)
         selection = sel.select(scores, parse_budget(cfg.budget), strategy=cfg.strategy)
         tuner.apply(model, selection, train_heads=_has_new_head(model))
         log(f"selected {selection.summary()} by {cfg.metric}")

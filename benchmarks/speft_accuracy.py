@@ -1,0 +1,250 @@
+"""SPEFT accuracy (issue 5): static gradient mask vs random element mask vs dynamic mask on BoolQ.
+
+Every variant trains single weights (the ``element`` unit) of all linear layers of SmolLM2-135M at
+the same budget (parity with LoRA rank 8: ``rowsft.selection.lora_parity(8)``) for the same number of
+steps, with the same data order per seed, and is scored by BoolQ choice log-likelihood accuracy:
+
+- ``static gradient``: SPEFT's gradient salience ``|G|`` on the calibration batches, chosen once;
+- ``random``: a seeded random mask of the same size (a different mask per seed);
+- ``dynamic gradient``: as static, re-chosen every ``--every`` steps by `rowsft.dynamic.DynamicMask`
+  (updates folded into the weights, kept entries keep their AdamW moments, new ones start at zero).
+
+Several seeds; the table gives mean, standard deviation, min and max accuracy per variant. Results
+go to ``benchmarks/results/<name>.json`` (rewritten atomically after every run, ``complete`` set at
+the end) through ``harness.write_results``.
+
+Cost of the defaults (3 seeds × 3 variants, 6 steps of 4 × 128 tokens, one reselection at step 3,
+100 validation examples), measured on the shared 2-core machine under load: element step ≈ 7.7 s,
+scoring + selection ≈ 28 s, a reselection ≈ 30 s, evaluation ≈ 0.33 s per example → ≈ 19 min.
+``--max-minutes`` (default 20) starts no seed that would end later; each seed runs every variant.
+These few steps only smoke-test the comparison; the flags make the real one.
+
+    .venv/bin/python benchmarks/speft_accuracy.py                  # defaults: within 20 min on 2 CPU cores
+    .venv/bin/python benchmarks/speft_accuracy.py --steps 300 --every 50 --seeds 5 --max-length 256 \\
+        --batch-size 16 --eval-examples 1000 --calibration-batches 8 --device cuda --name speft_accuracy_full
+    .venv/bin/python benchmarks/speft_accuracy.py --model tiny-llama --steps 4 --every 2 --seeds 2 \\
+        --eval-examples 8 --max-length 64 --name smoke_speft          # end-to-end smoke test
+
+Each run mirrors `rowsft.pipeline.run_job` (its `JobConfig` carries the shared settings, its
+`parse_budget` reads the budget) but is written out here: ``run_job`` does not pass the seed to
+random scoring (every seed would get the same random mask) and builds its calibration batches
+inside, where a DynamicMask cannot reach them. The helpers below are shared with
+``benchmarks/selection_quality.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# On a small shared CPU machine OpenMP threads that spin while waiting made every small tensor op
+# about 100x slower and a SmolLM2 element-sparse step 5x slower (42 s vs 7.8 s, measured); passive
+# waiting costs nothing on an idle machine. Must be set before torch loads (harness imports torch).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the table: how the trained entries are chosen."""
+    label: str
+    unit: str              # row | column | element
+    metric: str            # a rowsft.score metric
+    dynamic: bool = False  # re-chosen every `every` steps by rowsft.dynamic.DynamicMask
+
+
+SPEFT_VARIANTS = (Variant("static gradient", "element", "gradient"), Variant("random", "element", "random"),
+                  Variant("dynamic gradient", "element", "gradient", dynamic=True))
+
+
+# ---------------------------------------------------------------- shared with selection_quality.py
+def add_common_arguments(ap: argparse.ArgumentParser, name: str, strategy: str, steps: int) -> None:
+    """The flags both accuracy benchmarks take; defaults fit 20 minutes on 2 CPU cores."""
+    ap.add_argument("--model", default="smollm2-135m", help="bundled name or path (tiny-llama for a smoke test)")
+    ap.add_argument("--task", default="boolq")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1 (data order and random masks)")
+    ap.add_argument("--steps", type=int, default=steps, help="optimizer steps per run (equal for every variant)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--calibration-batches", type=int, default=2, help="batches scored to choose the mask")
+    ap.add_argument("--eval-examples", type=int, default=100, help="validation examples for accuracy")
+    ap.add_argument("--max-train", type=int, default=None, help="cap on training rows")
+    ap.add_argument("--budget", default="lora:8", help="'lora:8' (LoRA rank-8 parity), rows per layer, ratio, 'params:N'")
+    ap.add_argument("--strategy", default=strategy, choices=("per-layer", "global"))
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    ap.add_argument("--no-zero-shot", action="store_true", help="skip the accuracy of the untuned model")
+    ap.add_argument("--progress", action="store_true", help="show progress bars")
+    ap.add_argument("--max-minutes", type=float, default=20.0,
+                    help="start no further seed that would end past this (0: no limit); every seed runs all variants")
+    ap.add_argument("--name", default=name, help="results file benchmarks/results/<name>.json")
+
+
+def job_config(args, seed: int, variant: Variant):
+    """The run's settings as a `rowsft.pipeline.JobConfig` (validated there)."""
+    from rowsft.pipeline import JobConfig
+    method = {"row": "rowsft", "column": "column", "element": "element"}[variant.unit]
+    return JobConfig(model=args.model, task=args.task, method=method, metric=variant.metric, budget=args.budget,
+                     strategy=args.strategy, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                     max_length=args.max_length, calibration_batches=args.calibration_batches,
+                     max_train=args.max_train, eval_examples=args.eval_examples, eval_before=False, seed=seed,
+                     device=args.device, progress=args.progress).validate()
+
+
+def accuracy(model, tokenizer, data, cfg) -> float:
+    from rowsft.evaluation import evaluate
+    return evaluate(model, tokenizer, data["validation"], batch_size=max(8, cfg.batch_size), max_length=cfg.max_length,
+                    max_examples=cfg.eval_examples, progress=cfg.progress)["accuracy"]
+
+
+def zero_shot(args) -> float:
+    """Accuracy of the untuned model (same evaluation as every run)."""
+    import torch
+    from rowsft import zoo
+    cfg = job_config(args, 0, Variant("zero-shot", "element", "random"))
+    model, tokenizer = zoo.load_model(cfg.model)
+    model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return accuracy(model, tokenizer, zoo.load_dataset(cfg.task, max_train=cfg.max_train, seed=0), cfg)
+
+
+def run_once(cfg, variant: Variant, every: int | None = None) -> dict:
+    """Load, score, select, apply, train (with a DynamicMask for dynamic variants), evaluate."""
+    import torch
+    from rowsft import scoring, selection as sel, tuner, zoo
+    from rowsft.dynamic import DynamicMask
+    from rowsft.pipeline import parse_budget
+    from rowsft.training import train
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = zoo.load_model(cfg.model)
+    model.to(device)
+    data = zoo.load_dataset(cfg.task, max_train=cfg.max_train, seed=cfg.seed)
+    batches = zoo.batches(data["train"], tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
+    calibration = list(itertools.islice(batches.iter_epoch(0), cfg.calibration_batches))  # what run_job scores
+    budget = parse_budget(cfg.budget)
+    load_s = time.perf_counter() - t0
+    scores = scoring.score(model, calibration, metric=variant.metric, unit=variant.unit, targets=cfg.targets,
+                           num_batches=len(calibration), seed=cfg.seed)
+    selection = sel.select(scores, budget, strategy=cfg.strategy)
+    tuner.apply(model, selection)
+    callbacks = []
+    if variant.dynamic:
+        callbacks.append(DynamicMask(calibration, metric=variant.metric, budget=budget, strategy=cfg.strategy,
+                                     every=every, num_batches=len(calibration), score_options={"seed": cfg.seed}))
+    t_train = time.perf_counter()
+    score_s = t_train - t0 - load_s
+    history = train(model, batches, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress,
+                    callbacks=callbacks)
+    train_s = time.perf_counter() - t_train
+    acc = accuracy(model, tokenizer, data, cfg)
+    row = {"variant": variant.label, "unit": variant.unit, "metric": variant.metric, "dynamic": variant.dynamic,
+           "seed": cfg.seed, "accuracy": acc,
+           "trainable_parameters": tuner.trainable_parameters(model)[0], "final_loss": history.final_loss,
+           "mean_loss_last_quarter": statistics.mean(history.losses[-max(1, len(history.losses) // 4):]),
+           "load_s": load_s, "score_s": score_s, "train_s": train_s,
+           "eval_s": time.perf_counter() - t_train - train_s, "wall_s": time.perf_counter() - t0}
+    if variant.dynamic:
+        row["reselections"] = [{k: v for k, v in r.items() if k != "per_layer"} for r in callbacks[0].reselections]
+    return row
+
+
+def summarize(rows: list[dict], variants) -> list[dict]:
+    """Per variant: accuracy mean, standard deviation (sample), min, max over seeds, and costs."""
+    out = []
+    for v in variants:
+        rs = [r for r in rows if r["variant"] == v.label]
+        if not rs:
+            continue
+        accs = [r["accuracy"] for r in rs]
+        entry = {"variant": v.label, "n": len(rs), "mean": statistics.mean(accs),
+                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs), "max": max(accs),
+                 "final_loss": statistics.mean(r["final_loss"] for r in rs),
+                 "trainable": rs[0]["trainable_parameters"], "wall_s": statistics.mean(r["wall_s"] for r in rs)}
+        jaccards = [x["jaccard"] for r in rs for x in r.get("reselections", [])]
+        if jaccards:
+            entry["mean_jaccard"] = statistics.mean(jaccards)
+        out.append(entry)
+    return out
+
+
+def table(summary: list[dict], zero_shot_accuracy: float | None) -> str:
+    head = (f"{'variant':<20}{'seeds':>6}{'acc mean':>10}{'± std':>8}{'min':>8}{'max':>8}{'loss':>8}"
+            f"{'trainable':>12}{'run s':>8}{'jaccard':>9}")
+    lines = [head, "-" * len(head)]
+    if zero_shot_accuracy is not None:
+        lines.append(f"{'zero-shot':<20}{'-':>6}{100 * zero_shot_accuracy:>10.1f}")
+    for s in summary:
+        jac = f"{s['mean_jaccard']:>9.3f}" if "mean_jaccard" in s else f"{'-':>9}"
+        lines.append(f"{s['variant']:<20}{s['n']:>6}{100 * s['mean']:>10.1f}{100 * s['std']:>8.1f}{100 * s['min']:>8.1f}"
+                     f"{100 * s['max']:>8.1f}{s['final_loss']:>8.3f}{s['trainable']:>12,}{s['wall_s']:>8.0f}{jac}")
+    return "\n".join(lines)
+
+
+def run_benchmark(args, variants, extra: dict | None = None) -> dict:
+    """Every variant × seed, results written after each run; prints the table and returns the payload."""
+    settings = {k: v for k, v in vars(args).items() if k != "name"}
+    payload = {"settings": settings, "variants": [asdict(v) for v in variants], "runs": [], "summary": [],
+               "zero_shot_accuracy": None, "complete": False, **(extra or {})}
+    t0 = time.perf_counter()
+    if not args.no_zero_shot:
+        payload["zero_shot_accuracy"] = zero_shot(args)
+        print(f"zero-shot accuracy: {100 * payload['zero_shot_accuracy']:.1f}%  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    seed_seconds: list[float] = []
+    for seed in range(args.seeds):
+        elapsed = time.perf_counter() - t0
+        if args.max_minutes and seed_seconds and elapsed + statistics.mean(seed_seconds) > 60 * args.max_minutes:
+            payload["stopped_early"] = (f"{seed} of {args.seeds} seeds: another seed (~{statistics.mean(seed_seconds):.0f} s) "
+                                        f"would pass --max-minutes {args.max_minutes:g}")
+            print(f"stopping after {payload['stopped_early']}", flush=True)
+            break
+        seed_start = time.perf_counter()
+        for variant in variants:
+            row = run_once(job_config(args, seed, variant), variant, every=getattr(args, "every", None))
+            payload["runs"].append(row)
+            payload["summary"] = summarize(payload["runs"], variants)
+            harness.write_results(args.name, payload)
+            print(f"seed {seed} {variant.label:<20} accuracy {100 * row['accuracy']:.1f}%  loss {row['final_loss']:.3f}"
+                  f"  ({row['wall_s']:.0f} s, total {time.perf_counter() - t0:.0f} s)", flush=True)
+        seed_seconds.append(time.perf_counter() - seed_start)
+    payload["complete"], payload["total_s"] = True, time.perf_counter() - t0
+    path = harness.write_results(args.name, payload)
+    print()
+    print(table(payload["summary"], payload["zero_shot_accuracy"]))
+    print(f"\nresults: {path}  ({payload['total_s']:.0f} s)")
+    return payload
+
+
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    for name in ("seeds", "steps", "batch_size", "max_length", "calibration_batches", "eval_examples"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(ap, name="speft_accuracy", strategy="per-layer", steps=6)
+    ap.add_argument("--every", type=int, default=3, help="dynamic variant: steps between reselections")
+    ap.add_argument("--variants", nargs="+", default=[v.label for v in SPEFT_VARIANTS],
+                    choices=[v.label for v in SPEFT_VARIANTS], help="subset of the variants to run")
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    if args.every < 1:
+        ap.error("--every must be at least 1")
+    if args.every >= args.steps:
+        print(f"note: --every {args.every} >= --steps {args.steps}: the dynamic variant never reselects", flush=True)
+    variants = [v for v in SPEFT_VARIANTS if v.label in args.variants]
+    run_benchmark(args, variants)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
