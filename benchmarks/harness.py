@@ -76,7 +76,7 @@ def measure_method(name: str, build: Callable[[], torch.nn.Module], batch: dict,
     peak = memory.measure_peak(model, batch)
     report = memory.breakdown(model, batch)
     result = MethodResult(name, trainable, int(peak["peak"]),
-                          statistics.median(times), times, {k: int(v) for k, v in report.as_dict().items()},
+                          statistics.median(times), times, {k: int(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))},
                           extra or {})
     del model
     return result
