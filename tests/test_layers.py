@@ -436,3 +436,29 @@ def test_non_linear_module_is_refused():
 def test_train_bias_needs_a_bias():
     with pytest.raises(ValueError, match="no bias"):
         RowSparseLinear(nn.Linear(4, 3, bias=False), [0], train_bias=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("fuse_fraction", [0.0, 1.0])   # always fused W + D / never fused
+def test_element_fused_and_unfused_paths_equal_dense_reference(kind, fuse_fraction, monkeypatch):
+    from rowsft.sparse_autograd import ElementUpdate
+    monkeypatch.setattr(ElementUpdate, "FUSE_FRACTION", fuse_fraction)
+    base = make_base(kind)
+    idx = torch.tensor([0, 3, D_IN + 1, 5 * D_IN + 2, D_OUT * D_IN - 1])
+    layer = ElementSparseLinear(base, idx)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(idx.numel(), dtype=torch.float64))
+    x = torch.randn(2, 3, D_IN, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, D_OUT, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    # independent reference: the dense weight W + D, plain autograd
+    w = out_in(base).detach().clone()
+    update = torch.zeros(D_OUT * D_IN, dtype=torch.float64)
+    update[idx] = layer.values.detach()
+    dense = (w + update.reshape(D_OUT, D_IN)).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ dense.T + (base.bias if base.bias is not None else 0)
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(layer(x.detach()), y_ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.values.grad, dense.grad.reshape(-1)[idx], rtol=1e-12, atol=1e-12)
