@@ -49,11 +49,11 @@ def main(argv=None) -> int:
         tuner.apply(m, selection)
         return m
 
-    results = [
-        harness.measure_method(f"row-sparse ({args.rows} rows)", row_sparse, batch, args.steps),
-        harness.measure_method(f"LoRA r={rank} (peft)", lambda: baselines.lora(fresh(), rank=rank), batch, args.steps),
-        harness.measure_method("full fine-tuning", lambda: baselines.full_finetune(fresh()), batch, args.steps),
-    ]
+    results = harness.measure_methods([
+        (f"row-sparse ({args.rows} rows)", row_sparse),
+        (f"LoRA r={rank} (peft)", lambda: baselines.lora(fresh(), rank=rank)),
+        ("full fine-tuning", lambda: baselines.full_finetune(fresh())),
+    ], batch, args.steps)
     row, lora, full = results
     print(f"\n{args.model}, batch {args.batch} × {args.seq} tokens, {harness.machine()['threads']} threads")
     print(harness.table(results, reference=lora.method))

@@ -1,9 +1,10 @@
 """Shared measurement for the benchmarks: every method is measured the same way, side by side.
 
-For each method: build a fresh model, prepare it (apply rows, wrap in LoRA, ...), run warm-up
-steps, time ``steps`` optimizer steps without any profiler attached (median reported), then
-measure the peak bytes of one more full training step with ``rowsft.memory.measure_peak``
-(CUDA: ``max_memory_allocated``; CPU: the profiler's memory events — never RSS).
+Every method gets a fresh model, prepared (rows applied, LoRA wrapped, ...); after warm-up the
+timed optimizer steps of all methods are interleaved round-robin with no profiler attached (median
+reported), then the peak bytes of one more full training step of each are measured with
+``rowsft.memory.measure_peak`` (CUDA: ``max_memory_allocated``; CPU: the profiler's memory events,
+never RSS).
 Results are printed as a table and written to ``benchmarks/results/<name>.json`` atomically.
 """
 from __future__ import annotations
@@ -43,54 +44,66 @@ def machine() -> dict:
     return info
 
 
-def time_steps(model, batch: dict, steps: int, warmup: int = 1, lr: float = 1e-4) -> list[float]:
-    """Wall time of ``steps`` AdamW steps (forward, backward, step) over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    times = []
-    for i in range(warmup + steps):
+class _Stepper:
+    """One model with its AdamW over the trainable parameters, stepping on a fixed batch."""
+
+    def __init__(self, model, batch: dict, lr: float = 1e-4):
+        self.model, self.batch = model, batch
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        model.train()
+
+    def step(self) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.model(**self.batch).loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    del opt
-    return times
+        return time.perf_counter() - t0
 
 
-def measure_method(name: str, build: Callable[[], torch.nn.Module], batch: dict, steps: int = 3, warmup: int = 1,
-                   extra: dict | None = None) -> MethodResult:
-    """Build the prepared model, time it, then measure its peak step memory and analytic breakdown."""
+def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], batch: dict, steps: int = 3,
+                    warmup: int = 1, extras: list[dict] | None = None) -> list[MethodResult]:
+    """Measure several methods side by side.
+
+    Every model is built first; then the timed steps are interleaved round-robin (A B C A B C …), so
+    background load on a shared machine falls on all methods alike and the ratios stay fair. Peak
+    memory is measured afterwards, one model at a time, with `rowsft.memory.measure_peak`.
+    """
     from rowsft import memory
-    model = build()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    times = time_steps(model, batch, steps, warmup)
-    model.zero_grad(set_to_none=True)
-    peak = memory.measure_peak(model, batch)
-    report = memory.breakdown(model, batch)
-    result = MethodResult(name, trainable, int(peak["peak"]),
-                          statistics.median(times), times, {k: int(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))},
-                          extra or {})
-    del model
-    return result
+    steppers = [_Stepper(build(), batch) for _, build in builders]
+    times: list[list[float]] = [[] for _ in steppers]
+    for i in range(warmup + steps):
+        for j, st in enumerate(steppers):
+            dt = st.step()
+            if i >= warmup:
+                times[j].append(dt)
+    results = []
+    for j, ((name, _), st) in enumerate(zip(builders, steppers)):
+        model = st.model
+        st.opt = None
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        peak = memory.measure_peak(model, batch)
+        report = memory.breakdown(model, batch)
+        results.append(MethodResult(name, trainable, int(peak["peak"]), statistics.median(times[j]), times[j],
+                                    {k: int(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))},
+                                    (extras or [{}] * len(builders))[j]))
+        steppers[j] = None
+        del model, st
+    return results
 
 
 def table(results: list[MethodResult], reference: str | None = None) -> str:
     ref = next((r for r in results if r.method == reference), None)
-    head = f"{'method':<28}{'trainable':>12}{'peak MiB':>11}{'analytic MiB':>14}{'step s':>9}"
+    head = f"{'method':<40}{'trainable':>12}{'peak MiB':>11}{'analytic MiB':>14}{'step s':>9}"
     if ref:
         head += f"{'mem ×ref':>10}{'time ×ref':>11}"
     lines = [head, "-" * len(head)]
     for r in results:
         analytic = r.analytic.get("total", 0) / 2**20
-        line = f"{r.method:<28}{r.trainable_parameters:>12,}{r.peak_bytes / 2**20:>11.1f}{analytic:>14.1f}{r.median_step_s:>9.3f}"
+        line = f"{r.method:<40}{r.trainable_parameters:>12,}{r.peak_bytes / 2**20:>11.1f}{analytic:>14.1f}{r.median_step_s:>9.3f}"
         if ref:
             line += f"{r.peak_bytes / ref.peak_bytes:>10.3f}{r.median_step_s / ref.median_step_s:>11.3f}"
         lines.append(line)

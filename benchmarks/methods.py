@@ -123,8 +123,8 @@ def main(argv=None) -> int:
         batch = harness.real_batch(tokenizer, args.batch, seq)
         for rank in args.ranks:
             builders, meta = build_methods(args.model, batch, rank, args.methods)
-            results = [harness.measure_method(label, build, batch, args.steps, extra={"key": key})
-                       for key, (label, build) in builders.items()]
+            results = harness.measure_methods([(label, build) for label, build in builders.values()], batch,
+                                              args.steps, extras=[{"key": key} for key in builders])
             ref = next((r.method for r in results if r.extra["key"] == "lora"), None)
             print(f"\n{args.model}: batch {args.batch} × {seq} tokens, LoRA-rank-{rank} parity")
             print(harness.table(results, reference=ref))
