@@ -15,8 +15,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 setup:
 	bash scripts/setup.sh
 
+# The unit, integration and browser tests, then every tutorial notebook in FAST mode under nbval.
 test: setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	ROWSFT_FAST=1 $(PYTHON) -m pytest --nbval-lax --nbval-current-env \
+	    --nbval-sanitize-with notebooks/sanitize.cfg notebooks/ -q -p no:cacheprovider
 
 run: setup
 	$(VENV)/bin/rowsft $(ARGS)
