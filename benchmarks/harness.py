@@ -88,7 +88,7 @@ def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], b
         peak = memory.measure_peak(model, batch)
         report = memory.breakdown(model, batch)
         results.append(MethodResult(name, trainable, int(peak["peak"]), statistics.median(times[j]), times[j],
-                                    {k: int(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))},
+                                    report.byte_counts(),
                                     (extras or [{}] * len(builders))[j]))
         steppers[j] = None
         del model, st

@@ -50,6 +50,10 @@ class MemoryReport:
         d["total"] = self.total
         return d
 
+    def byte_counts(self) -> dict[str, int]:
+        """The byte figures alone (`as_dict` without ``method``), as ints, for tables and results files."""
+        return {k: int(v) for k, v in self.as_dict().items() if k != "method"}
+
     def __str__(self) -> str:
         rows = [("weights", self.weights), ("  of which trainable", self.trainable)] + \
                [(p, getattr(self, p)) for p in PARTS[1:]] + [("total", self.total)]

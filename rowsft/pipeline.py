@@ -103,8 +103,7 @@ def prepare_model(model, cfg: JobConfig, calibration, log: Callable[[str], None]
     from . import baselines, scoring, selection as sel, tuner
     unit = {"rowsft": "row", "column": "column", "element": "element"}.get(cfg.method)
     if unit is not None:
-        score_unit = unit
-        scores = scoring.score(model, calibration, metric=cfg.metric, unit=score_unit, targets=cfg.targets,
+        scores = scoring.score(model, calibration, metric=cfg.metric, unit=unit, targets=cfg.targets,
                                num_batches=cfg.calibration_batches, seed=cfg.seed)
         selection = sel.select(scores, parse_budget(cfg.budget), strategy=cfg.strategy)
         tuner.apply(model, selection, train_heads=_has_new_head(model))
@@ -153,7 +152,7 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
     first = next(iter(batches))
     first = {k: v.to(device) for k, v in first.items()}
     report = memory.breakdown(model, first)
-    result.memory = {k: int(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))}
+    result.memory = report.byte_counts()
     log(str(report))
     if cfg.measure_peak:
         result.memory["measured_peak"] = int(memory.measure_peak(model, first)["peak"])
