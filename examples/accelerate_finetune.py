@@ -30,6 +30,7 @@ import time
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 import rowsft
 from rowsft.distributed import ShardedBatches, check_same_selection, wrapper_kind
@@ -94,7 +95,10 @@ def main(argv=None) -> None:
                           num_batches=args.calibration_batches)
     selection = rowsft.select(scores, parse_budget(args.budget))
     digest = check_same_selection(selection)              # raises if processes chose different rows
-    print(json.dumps({"process": accelerator.process_index, "selection": digest}), flush=True)
+    # each process reports its own digest through a gather, and only the main process prints: two processes writing
+    # to one shared stdout can interleave their lines
+    for process, process_digest in enumerate(gather_object([digest])):
+        log(json.dumps({"process": process, "selection": process_digest}))
 
     # 3. apply before prepare (DDP registers the deltas when it wraps the model)
     rowsft.apply(model, selection)
