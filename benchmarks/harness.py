@@ -21,6 +21,7 @@ from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads on a shared machine
 import torch  # noqa: E402
+from rowsft.lean_loss import training_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -56,7 +57,7 @@ class _Stepper:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        self.model(**self.batch).loss.backward()
+        training_loss(self.model, self.batch).backward()   # as rowsft.train computes it (LM head at labelled positions)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if torch.cuda.is_available():

@@ -50,11 +50,18 @@ class Mode:
     eval_examples: int
     max_train: int
     calibration_batches: int
+    zo_perturbations: int = 64   # row zo-taylor: SPSA perturbations (each = 2 forward passes per calibration batch)
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings that change a run's result; rows from other settings are kept but not mixed in."""
+        import hashlib
+        settings = {k: v for k, v in asdict(self).items() if k not in ("seeds", "lrs")}
+        return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 MODES = {
-    "reduced": Mode(steps=24, seeds=3, max_length=128, batch_size=4, eval_examples=100, max_train=400,
-                    calibration_batches=2,
+    "reduced": Mode(steps=16, seeds=3, max_length=128, batch_size=4, eval_examples=100, max_train=400,
+                    calibration_batches=2, zo_perturbations=16,
                     lrs={"rowsft": [5e-4], "column": [5e-4], "element": [5e-4], "lora": [5e-4], "dora": [5e-4], "full": [2e-5]}),
     "full": Mode(steps=500, seeds=3, max_length=256, batch_size=16, eval_examples=1000, max_train=None,
                  calibration_batches=8,
@@ -64,21 +71,22 @@ MODES = {
 
 
 def plan(mode: Mode, tasks) -> list[dict]:
-    runs = []
+    runs, fp = [], mode.fingerprint()
     for task in tasks:
         model = "minilm-l6" if task == "rotten_tomatoes" else "smollm2-135m"
-        runs.append({"task": task, "label": "zero-shot", "method": "none", "metric": "-", "seed": 0, "lr": 0.0, "model": model})
+        runs.append({"task": task, "label": "zero-shot", "method": "none", "metric": "-", "seed": 0, "lr": 0.0, "model": model,
+                     "mode": fp})
         for label, method, metric in METHODS:
             seeds = range(mode.seeds if label in MULTI_SEED else 1)
             for lr in mode.lrs[method]:
                 for seed in seeds:
                     runs.append({"task": task, "label": label, "method": method, "metric": metric, "seed": seed, "lr": lr,
-                                 "model": model})
+                                 "model": model, "mode": fp})
     return runs
 
 
 def key(run: dict) -> str:
-    return f"{run['task']}|{run['label']}|{run['seed']}|{run['lr']}"
+    return f"{run.get('mode')}|{run['task']}|{run['label']}|{run['seed']}|{run['lr']}"
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -108,7 +116,7 @@ def execute(run: dict, mode: Mode, device: str | None) -> dict:
                     steps=mode.steps, lr=run["lr"], batch_size=mode.batch_size, max_length=mode.max_length,
                     calibration_batches=mode.calibration_batches, max_train=mode.max_train,
                     eval_examples=mode.eval_examples, eval_before=False, seed=run["seed"], device=device,
-                    progress=False, measure_peak=run["seed"] == 0)
+                    zo_perturbations=mode.zo_perturbations, progress=False, measure_peak=run["seed"] == 0)
     result = run_job(cfg, log=lambda *_: None)
     return {**run, "accuracy": result.accuracy_after, "trainable_parameters": result.trainable_parameters,
             "analytic_total_bytes": result.memory.get("total"), "measured_peak_bytes": result.memory.get("measured_peak"),
@@ -201,10 +209,15 @@ def main(argv=None) -> int:
             torch.manual_seed(run["seed"])
             rows.append(execute(run, mode, args.device))
             save_rows(out, rows)
-    agg = aggregate(rows)
+    current = [r for r in rows if r.get("mode") == mode.fingerprint() and r["task"] in args.tasks]
+    if len(current) < len(rows):
+        print(f"{len(rows) - len(current)} rows in {out.name} come from other settings or tasks: kept, not reported")
+    agg = aggregate(current)
     table = markdown(agg, args.tasks)
     from rowsft.io_utils import atomic_write_text
-    atomic_write_text(out.with_suffix(".md"), f"Mode `{args.mode}` ({asdict(mode)}), machine {harness.machine()}\n\n{table}\n")
+    total_min = sum(r.get("wall_s", 0.0) for r in current) / 60
+    atomic_write_text(out.with_suffix(".md"), f"Mode `{args.mode}` ({asdict(mode)}), machine {harness.machine()}, "
+                      f"{len(current)} runs, {total_min:.0f} min of run time in all\n\n{table}\n")
     figures(agg, out)
     print(table)
     return 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .lean_loss import lean_forward
 from .memory_measure import _storage_key, live_bytes, measure_peak, region_peak, unique_storage_bytes  # noqa: F401
 
 MiB = 1024 ** 2
@@ -172,7 +173,7 @@ def _logits_bytes(output, batch: dict) -> int:
     return logits.numel() * (4 + logits.element_size())
 
 
-def activation_bytes(model: torch.nn.Module, batch: dict) -> tuple[int, int]:
+def activation_bytes(model: torch.nn.Module, batch: dict, lean_logits: bool = True) -> tuple[int, int]:
     """``(activations, transient)`` of one train-mode forward of ``batch``: bytes saved for backward
     (parameters and buffers excluded), and the largest transient of backward (the logits' gradients)."""
     from .train_parts import to_device
@@ -183,7 +184,7 @@ def activation_bytes(model: torch.nn.Module, batch: dict) -> tuple[int, int]:
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
                 SavedTensorCounter(model_tensors(model), hold=True) as counter:
-            output = model(**batch)
+            output = lean_forward(model, batch, lean_logits)
             transient = _logits_bytes(output, batch) if counter.bytes else 0
             saved = counter.bytes
             del output
@@ -192,20 +193,21 @@ def activation_bytes(model: torch.nn.Module, batch: dict) -> tuple[int, int]:
     return saved, transient
 
 
-def breakdown(model: torch.nn.Module, batch: dict, optimizer="adamw") -> MemoryReport:
+def breakdown(model: torch.nn.Module, batch: dict, optimizer="adamw", lean_logits: bool = True) -> MemoryReport:
     """The memory of one training step of ``model`` on ``batch`` (bytes), part by part.
 
     ``weights``: every parameter once per storage (tied weights once, trainable included);
     ``trainable`` / ``gradients``: the parameters that require grad; ``optimizer``: their optimizer
     state (see `optimizer_bytes`); ``activations``: bytes autograd saves during one train-mode
-    forward of ``batch`` (with its labels, so the loss is included); ``indices``: rowsft index
+    forward of ``batch`` (with its labels, so the loss is included; with ``lean_logits`` the LM head
+    runs only at labelled positions, as `rowsft.train` does by default); ``indices``: rowsft index
     buffers; ``transient``: the logits' gradients that exist at the start of backward.
 
     With gradient checkpointing on, only what is saved outside the checkpointed blocks (and by the
     checkpoints themselves) counts; the recomputation of one block during backward does not.
     """
     report = static_report(model, optimizer)
-    report.activations, report.transient = activation_bytes(model, batch)
+    report.activations, report.transient = activation_bytes(model, batch, lean_logits)
     ids = batch.get("input_ids") if isinstance(batch, dict) else None
     if torch.is_tensor(ids):
         report.details.update(batch_size=int(ids.shape[0]), seq_len=int(ids.shape[-1]))

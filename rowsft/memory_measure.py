@@ -108,18 +108,21 @@ def _default_optimizer(params):
     return torch.optim.AdamW(params, lr=0.0)
 
 
-def measure_peak(model: torch.nn.Module, batch: dict, optimizer_factory: Callable | None = None, steps: int = 2) -> dict:
+def measure_peak(model: torch.nn.Module, batch: dict, optimizer_factory: Callable | None = None, steps: int = 2,
+                 lean_logits: bool = True) -> dict:
     """Peak bytes of a full training step (forward, backward, optimizer step) of ``model`` on ``batch``.
 
     ``steps - 1`` warm-up steps run first so that the optimizer state exists, then the last step is
     measured (gradients of the previous step are dropped first, as `rowsft.train` does).
     ``optimizer_factory(params) -> Optimizer`` (default AdamW). The model's trainable weights, their
-    gradients and its train/eval mode are restored afterwards.
+    gradients and its train/eval mode are restored afterwards. ``lean_logits``: compute the loss as
+    `rowsft.train` does by default (LM head only at labelled positions, `rowsft.lean_loss`).
 
     Returns ``{"peak", "baseline", "peak_delta", "end_delta", "device", "source", "steps"}`` in bytes:
     ``peak = baseline + peak_delta``, ``baseline`` = parameters + buffers + optimizer state + batch.
     """
-    from .train_parts import loss_of, to_device, trainable_parameters
+    from .lean_loss import training_loss
+    from .train_parts import to_device, trainable_parameters
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     params = trainable_parameters(model)
@@ -131,7 +134,7 @@ def measure_peak(model: torch.nn.Module, batch: dict, optimizer_factory: Callabl
     was_training = model.training
 
     def one_step():
-        loss = loss_of(model(**batch))
+        loss = training_loss(model, batch, lean_logits)
         loss.backward()
         optimizer.step()
         del loss

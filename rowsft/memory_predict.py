@@ -117,10 +117,12 @@ class Shapes:
 
 
 def activation_formula(shapes: Shapes, adapted: dict[str, tuple[int, int]], batch_size: int, seq_len: int, full: bool,
-                       extra_per_token: int = 0) -> int:
+                       extra_per_token: int = 0, logit_positions: int | None = None) -> int:
     """Bytes saved for backward by one forward (see the module docstring). ``adapted``: linear module
     name → ``(width, d_in)``: elements per token its trained part keeps (d_in; k for column adapters);
-    ``full``: every weight trains. ``extra_per_token``: further bytes per token (LoRA's A outputs)."""
+    ``full``: every weight trains. ``extra_per_token``: further bytes per token (LoRA's A outputs).
+    ``logit_positions``: positions per example that reach the LM head (None: all ``seq_len``; fewer
+    with `rowsft.lean_loss`, which keeps only the labelled ones)."""
     s, h, kv, i, n, T = shapes.dtype_bytes, shapes.hidden, shapes.kv_hidden, shapes.intermediate, shapes.heads, seq_len
     # transformers' RMSNorm upcasts its input to fp32 (and keeps that copy); LayerNorm keeps its own
     norm = (h * 4 + 4 + (h * s if full else 0)) if shapes.rms_norm else (h * s + 2 * min(s, 4))
@@ -162,12 +164,15 @@ def activation_formula(shapes: Shapes, adapted: dict[str, tuple[int, int]], batc
             gate_only = shapes.mlp == "gated" and not res_mid and layer not in gated_layers
             per_token += (i * s if gate_only else mlp) + dropout  # a frozen gate keeps only the SiLU output
     tokens = batch_size * seq_len
+    head = 0
     if first < shapes.layers:
         if shapes.causal_lm:
-            per_token += norm + shapes.vocab * 4 + 8 + (h * s if full else 0)
+            per_token += norm
+            kept = seq_len if logit_positions is None else min(int(logit_positions), seq_len)
+            head = batch_size * kept * (shapes.vocab * 4 + 8 + (h * s if full else 0))
         if full:  # input ids kept by the embedding backward, embedding dropout (and LayerNorm)
             per_token += 8 + dropout + (norm if shapes.post_norm else 0)
-    return int(tokens * per_token)
+    return int(tokens * per_token + head)
 
 
 def _adapter_param_names(model) -> set[int]:
@@ -206,13 +211,15 @@ def _index_bytes(choice) -> int:
 
 
 def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_len: int, optimizer: str = "adamw",
-            targets="all-linear"):
+            targets="all-linear", logit_positions: int | None = None):
     """Predicted `MemoryReport` of training ``model`` with ``selection_or_method`` on batches of
     ``batch_size × seq_len`` tokens, without running the model.
 
     ``selection_or_method``: a `Selection` (rowsft sparse updates, in the model's dtype), ``"full"``,
     ``"lora"`` (rank 8) or ``("lora", rank)`` (LoRA on ``targets``; adapters in float32 over a
-    half-precision model, as peft does by default).
+    half-precision model, as peft does by default). ``logit_positions``: positions per example whose
+    logits are computed (None: all ``seq_len``, as ``model(**batch)``; the labelled ones under
+    `rowsft.lean_loss`, e.g. 1 for a one-token answer).
     """
     from .memory import MemoryReport
     if batch_size < 1 or seq_len < 1:
@@ -262,10 +269,12 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
     else:
         raise ValueError(f"selection_or_method must be a rowsft Selection, 'full', 'lora' or ('lora', rank); "
                          f"got {spec!r}")
-    activations = activation_formula(shapes, adapted, batch_size, seq_len, full, extra_per_token=extra)
+    activations = activation_formula(shapes, adapted, batch_size, seq_len, full, extra_per_token=extra,
+                                     logit_positions=logit_positions)
     # gradients of the fp32 log-probabilities and of the logits at the start of backward
     labels = int(_cfg(getattr(model, "config", None), "num_labels", default=0) or 0)
-    outputs = seq_len * shapes.vocab if shapes.causal_lm else labels
+    kept = seq_len if logit_positions is None else min(int(logit_positions), seq_len)
+    outputs = kept * shapes.vocab if shapes.causal_lm else labels
     transient = batch_size * outputs * (4 + s)
     weights = base if full else base + trainable
     return MemoryReport(weights=weights, trainable=trainable, gradients=trainable, optimizer=per_weight[optimizer] * trainable,

@@ -306,8 +306,10 @@ def _gradient_source(model: nn.Module):
 
 
 def calibration_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The model's loss on one batch, with a clear error when the batch has no labels."""
-    out = model(**batch)
+    """The model's loss on one batch (logits only where labels need them, `rowsft.lean_loss`), with a
+    clear error when the batch has no labels."""
+    from .lean_loss import lean_forward
+    out = lean_forward(model, batch)
     loss = out.get("loss") if hasattr(out, "get") else getattr(out, "loss", None)
     if loss is None:
         raise ValueError("the model returned no loss: calibration batches for gradient metrics need 'labels' "

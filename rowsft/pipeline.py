@@ -31,6 +31,7 @@ class JobConfig:
     batch_size: int = field(default=4, metadata={"help": "examples per step"})
     max_length: int = field(default=256, metadata={"help": "tokens per example (prompt start is truncated)"})
     calibration_batches: int = field(default=4, metadata={"help": "batches used to score importance"})
+    zo_perturbations: int = field(default=64, metadata={"help": "zo-taylor only: SPSA perturbations (each costs two forward passes per calibration batch)"})
     max_train: int | None = field(default=None, metadata={"help": "cap on training rows"})
     eval_examples: int | None = field(default=200, metadata={"help": "validation examples for accuracy (None = all)"})
     eval_before: bool = field(default=True, metadata={"help": "also evaluate before fine-tuning"})
@@ -43,7 +44,7 @@ class JobConfig:
     def validate(self) -> "JobConfig":
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is unknown; choose one of {METHODS}")
-        for name in ("steps", "batch_size", "max_length", "calibration_batches"):
+        for name in ("steps", "batch_size", "max_length", "calibration_batches", "zo_perturbations"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -104,7 +105,8 @@ def prepare_model(model, cfg: JobConfig, calibration, log: Callable[[str], None]
     unit = {"rowsft": "row", "column": "column", "element": "element"}.get(cfg.method)
     if unit is not None:
         scores = scoring.score(model, calibration, metric=cfg.metric, unit=unit, targets=cfg.targets,
-                               num_batches=cfg.calibration_batches, seed=cfg.seed)
+                               num_batches=cfg.calibration_batches, seed=cfg.seed,
+                               num_perturbations=cfg.zo_perturbations)
         selection = sel.select(scores, parse_budget(cfg.budget), strategy=cfg.strategy)
         tuner.apply(model, selection, train_heads=_has_new_head(model))
         log(f"selected {selection.summary()} by {cfg.metric}")

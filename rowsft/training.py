@@ -27,6 +27,7 @@ import torch
 from . import train_parts as parts
 from .callbacks import Callback  # noqa: F401  (re-exported)
 from .history import History
+from .lean_loss import training_loss
 from .train_parts import NO_TRAINABLE, lr_at  # noqa: F401
 
 
@@ -58,6 +59,8 @@ class TrainConfig:
     device: str | None = _help(None, "device to train on (the model is moved there); None: the model's device")
     progress: bool = _help(True, "show a tqdm progress bar")
     memory_every: int = _help(0, "record memory figures every this many steps (rowsft.memory.MemoryCallback; 0: off)")
+    lean_logits: bool = _help(True, "causal LMs: run the LM head only at positions whose next token is labelled (same loss, "
+                              "less time and memory; rowsft.lean_loss)")
     nan_policy: str = _help("raise", "non-finite loss: 'raise' (an error naming the step) or 'skip' (drop that update)")
 
     def __post_init__(self):
@@ -279,7 +282,7 @@ class _Run:
                 epoch, batch = next(self.stream)
             except StopIteration:
                 break
-            loss = parts.loss_of(self.model(**parts.to_device(batch, self.device)))
+            loss = training_loss(self.model, parts.to_device(batch, self.device), lean=self.cfg.lean_logits)
             value = float(loss.detach())
             losses.append(value)
             if not math.isfinite(value):

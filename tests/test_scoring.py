@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from _reference import dense_loss
 
 from rowsft.scoring import allowed_metrics, group_scores, score
 from rowsft.scores import Scores
@@ -40,7 +41,7 @@ def plain_grads(model, batch):
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(True)
-    ref(**batch).loss.backward()
+    dense_loss(ref, batch).backward()
     return {n: oriented_grad(m).detach().clone() for n, m in find_targets(ref).items()}
 
 
@@ -90,11 +91,11 @@ def test_snip_and_gradient_use_the_total_gradient():
 
 def example_shares(model, batch, arch):
     """Per-example shares of the batch loss, computed by hand from one batched forward (causal LM in
-    float32, as transformers' causal-LM loss upcasts the logits to float32 whatever the model's dtype)."""
+    the model's float64, as rowsft's loss keeps it; transformers' own loss would cast to float32)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if arch == "bert":
         return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none") / logits.shape[0]
-    labels, logits = batch["labels"][:, 1:], logits.float()
+    labels = batch["labels"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels.reshape(-1),
                                            reduction="none", ignore_index=-100).reshape(labels.shape)
     return ce.sum(1) / (labels != -100).sum()
@@ -121,7 +122,7 @@ def test_hessian_and_fisher_equal_per_example_backward(arch):
                 sq[n] += oriented_grad(m) ** 2
             count += 1
         # the shares make up the model's own loss
-        torch.testing.assert_close(shares.sum(), model(**b).loss.to(shares.dtype), rtol=1e-12, atol=0)
+        torch.testing.assert_close(shares.sum(), dense_loss(model, b).to(shares.dtype), rtol=1e-12, atol=0)
     hess_r = score(model, batches, "hessian", **exact("row"))
     hess_c = score(model, batches, "hessian", **exact("column"))
     fisher = score(model, batches, "fisher", **exact("element"), max_example_elements=1000)  # chunked examples

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.browser,
 NOTEBOOK = REPO / "notebooks" / "04_finetune_in_place.ipynb"
 FAST_ENV = {"ROWSFT_FAST": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RUN = "browser run"          # the run name typed into the dashboard
-STEPS = 20                   # long enough to watch the curves grow (FAST steps take a fraction of a second)
+STEPS = 80                   # long enough to watch the curves grow (a FAST step takes a few milliseconds)
 
 
 def trainable_parameters(dash) -> int:
@@ -93,7 +93,7 @@ def test_finetune_in_place_dashboard_in_jupyterlab():
                     scroll_to(dash.locator(".js-plotly-plot").last)
                     screenshot(page, "04-4-training-live")
                     mid_run_shot = True
-            time.sleep(0.3)
+            time.sleep(0.1)
         final = memory_points()
         growing = sorted(set(seen_while_running))
         assert any(0 < n < final for n in growing), \

@@ -1,0 +1,79 @@
+"""The training loss of a batch, with the LM head run only where a label needs it.
+
+Our causal-LM batches label only the answer tokens (-100 on prompt and padding), yet a plain
+``model(**batch)`` projects every position onto the vocabulary: for SmolLM2 at 4 × 256 tokens that
+is a ``(1024, 49152)`` logits tensor, its fp32 copy and their gradients (≈ 0.8 GB) and two
+``576 × 49152`` matmuls per token, to keep a handful of rows. :func:`training_loss` asks the model
+for the logits of the positions whose *next* token is labelled (transformers' ``logits_to_keep``,
+here a 1-D tensor of positions: the union over the batch) and computes the same mean cross-entropy
+as transformers' ``ForCausalLMLoss`` from them. The loss, and so every gradient, is the same as the
+model's own (up to float rounding order); tests compare both in float64.
+
+Anything else (classification batches, models without ``logits_to_keep``, a batch with no label)
+goes through ``model(**batch).loss`` unchanged.
+"""
+from __future__ import annotations
+
+import inspect
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def innermost_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Unwrap DDP / FSDP (``.module``), peft (``get_base_model()``) and ``torch.compile`` (``._orig_mod``)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"):
+            model = model.module
+    return model
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    try:
+        return "logits_to_keep" in inspect.signature(innermost_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def kept_positions(labels: torch.Tensor) -> torch.Tensor | None:
+    """Positions ``t`` whose next token is labelled in some row: ``(n,)`` long, or None if none is."""
+    needed = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)          # (T-1,)
+    if not bool(needed.any()):
+        return None
+    return needed.nonzero().squeeze(1)                            # (n,)
+
+
+def lean_forward(model: torch.nn.Module, batch: dict, lean: bool = True):
+    """``model(**batch)``, except that with ``lean`` a causal LM computes logits ``(B, n, V)`` only at
+    the ``n`` positions whose next token is labelled; the output's ``loss`` is the same mean
+    cross-entropy either way."""
+    labels = batch.get("labels")
+    input_ids = batch.get("input_ids")
+    if not (lean and torch.is_tensor(labels) and torch.is_tensor(input_ids) and labels.dim() == 2
+            and labels.shape == input_ids.shape and accepts_logits_to_keep(model)):
+        return model(**batch)
+    positions = kept_positions(labels)
+    if positions is None:                                         # nothing labelled: let the model say so (NaN)
+        return model(**batch)
+    output = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=positions)
+    logits = output["logits"]                                     # (B, n, V)
+    targets = labels[:, positions + 1]                            # (B, n): the token each kept position predicts
+    if logits.dtype != torch.float64:
+        logits = logits.float()                                   # the loss in fp32 at least, as transformers does
+    output["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                     targets.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+    return output
+
+
+def training_loss(model: torch.nn.Module, batch: dict, lean: bool = True) -> torch.Tensor:
+    """The scalar loss of ``batch`` under ``model`` (see :func:`lean_forward`)."""
+    from .train_parts import loss_of
+    return loss_of(lean_forward(model, batch, lean))
