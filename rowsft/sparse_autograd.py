@@ -100,14 +100,15 @@ def _effective_weight(weight: torch.Tensor, values: torch.Tensor, index: torch.T
 
 
 class _SparseUpdate(torch.autograd.Function):
-    """Shared forward/backward skeleton; subclasses supply ``_add`` and ``_grads``.
+    """Shared forward/backward skeleton; subclasses supply ``_add`` and ``_grads`` and the static
+    ``forward``/``backward`` that autograd (and ``torch.compile``, which needs them static) calls.
 
     Inputs: ``out`` (base output to modify, or None), ``x (..., d_in)``, ``weight`` (frozen
     ``(d_out, d_in)`` for the fast path, or None), ``bias``, ``update``, ``index``, ``d_in``.
     """
 
     @classmethod
-    def forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
+    def _forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
         ctx.fallback = out is not None
         if out is None:
             out = frozen_linear(x, weight, bias, conv1d)    # (..., d_out), frozen base
@@ -123,7 +124,7 @@ class _SparseUpdate(torch.autograd.Function):
         return out
 
     @classmethod
-    def backward(cls, ctx, grad_out):
+    def _backward(cls, ctx, grad_out):
         kept, update, index, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[1]:
@@ -135,6 +136,14 @@ class _SparseUpdate(torch.autograd.Function):
 
 class RowUpdate(_SparseUpdate):
     """``y[..., index] += x deltaᵀ`` with ``delta (k, d_in)``."""
+
+    @staticmethod
+    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
+        return RowUpdate._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return RowUpdate._backward(ctx, grad_out)
 
     @staticmethod
     def _add(ctx, out, x, delta, index, d_in, dt):
@@ -158,6 +167,14 @@ class RowUpdate(_SparseUpdate):
 
 class ColumnUpdate(_SparseUpdate):
     """``y += x[..., index] deltaᵀ`` with ``delta (d_out, k)``; keeps only ``x[..., index]``."""
+
+    @staticmethod
+    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
+        return ColumnUpdate._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return ColumnUpdate._backward(ctx, grad_out)
 
     @staticmethod
     def _add(ctx, out, x, delta, index, d_in, dt):
@@ -192,8 +209,16 @@ class ElementUpdate(_SparseUpdate):
 
     FUSE_FRACTION = 0.25  # fuse when touched rows exceed this share of d_out
 
+    @staticmethod
+    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
+        return ElementUpdate._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return ElementUpdate._backward(ctx, grad_out)
+
     @classmethod
-    def forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
+    def _forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
         dt = compute_dtype(x, update.dtype)
         fused = (out is None and weight is not None and compute_dtype(x, weight.dtype) == dt
                  and weight.dtype == dt)
@@ -202,7 +227,7 @@ class ElementUpdate(_SparseUpdate):
             fused = touched.numel() > cls.FUSE_FRACTION * weight.shape[0]
         ctx.fused = fused
         if not fused:
-            return super().forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
+            return _SparseUpdate._forward.__func__(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d)
         ctx.fallback, ctx.dt, ctx.d_in, ctx.x_dtype, ctx.x_shape = False, dt, d_in, x.dtype, x.shape
         ctx.update_dtype, ctx.base_dt = update.dtype, dt
         effective = _effective_weight(weight, update, index, dt)              # (d_out, d_in), transient
@@ -214,9 +239,9 @@ class ElementUpdate(_SparseUpdate):
         return out
 
     @classmethod
-    def backward(cls, ctx, grad_out):
+    def _backward(cls, ctx, grad_out):
         if not ctx.fused:
-            return super().backward(ctx, grad_out)
+            return _SparseUpdate._backward.__func__(cls, ctx, grad_out)
         x, update, index, weight = ctx.saved_tensors
         g = grad_out.to(ctx.dt)                                               # (..., d_out)
         grad_x = grad_values = None
