@@ -12,6 +12,14 @@ import tempfile
 from pathlib import Path
 
 
+def _umasked(mode: int) -> int:
+    """``mode`` under the process umask: the permissions a plain ``open``/``mkdir`` would give
+    (``mkstemp``/``mkdtemp`` create 0600/0700, which would hide saved work from the user's group)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -21,6 +29,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _umasked(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -42,6 +51,7 @@ def atomic_directory(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, _umasked(0o777))
     try:
         yield tmp
     except BaseException:
