@@ -51,6 +51,16 @@ def kept_positions(labels: torch.Tensor) -> torch.Tensor | None:
     return needed.nonzero().squeeze(1)                            # (n,)
 
 
+def logit_positions(batch: dict) -> int | None:
+    """How many positions per example reach the LM head under :func:`lean_forward` (for
+    ``rowsft.memory.predict(..., logit_positions=)``); None when every position does."""
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not (torch.is_tensor(labels) and labels.dim() == 2):
+        return None
+    positions = kept_positions(labels)
+    return None if positions is None else int(positions.numel())
+
+
 def lean_forward(model: torch.nn.Module, batch: dict, lean: bool = True):
     """``model(**batch)``, except that with ``lean`` a causal LM computes logits ``(B, n, V)`` only at
     the ``n`` positions whose next token is labelled; the output's ``loss`` is the same mean

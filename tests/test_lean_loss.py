@@ -95,3 +95,19 @@ def test_lean_logits_shrink_the_saved_activations_as_predicted():
     predicted_full = predict(model, "full", 3, 12).activations
     predicted_lean = predict(model, "full", 3, 12, logit_positions=kept).activations
     assert predicted_full - predicted_lean == pytest.approx(full - lean, rel=0.1)
+
+
+def test_logit_positions_counts_what_reaches_the_head_and_budget_control_prices_it():
+    from rowsft.lean_loss import logit_positions
+    from rowsft.notebook import BudgetControl
+    batch = answer_batch()
+    assert logit_positions(batch) == 4
+    assert logit_positions({"input_ids": batch["input_ids"], "labels": torch.tensor([0, 1, 0])}) is None
+
+    model = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    scores = rowsft.score(model, metric="magnitude", unit="row")
+    everywhere = BudgetControl(model, scores, rows=2, batch_size=3, seq_len=12)
+    lean = BudgetControl(model, scores, rows=2, batch_size=3, seq_len=12, logit_positions=4)
+    full_head, lean_head = everywhere.memory["row-sparse"], lean.memory["row-sparse"]
+    assert full_head.transient * 4 == lean_head.transient * 12
+    assert lean_head.total < full_head.total

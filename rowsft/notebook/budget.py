@@ -13,6 +13,8 @@ controls (it becomes ``None`` on error, so nothing stale is launched).
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Callable, Sequence
 
 import ipywidgets as widgets
@@ -27,12 +29,13 @@ MODES = (("count per layer", "rows"), ("ratio of each layer", "ratio"), ("LoRA-r
 UNIT_NOUNS = {"row": "rows", "column": "columns", "group": "neurons", "element": "weights"}
 
 
-def _default_predict(model, what, batch_size: int, seq_len: int, rank: int, targets=None):
+def _default_predict(model, what, batch_size: int, seq_len: int, rank: int, targets=None, logit_positions=None):
     """``rowsft.memory.predict`` for a Selection, ``"full"``, or ``"lora"`` of ``rank`` on ``targets``."""
     from ..memory import predict
     if what == "lora":
-        return predict(model, ("lora", int(rank)), batch_size, seq_len, targets=targets or "all-linear")
-    return predict(model, what, batch_size, seq_len)
+        return predict(model, ("lora", int(rank)), batch_size, seq_len, targets=targets or "all-linear",
+                       logit_positions=logit_positions)
+    return predict(model, what, batch_size, seq_len, logit_positions=logit_positions)
 
 
 def _total(report) -> float:
@@ -47,7 +50,9 @@ class BudgetControl(Displayable):
 
     ``scores``: what to select from. ``picker``: a LayerPicker (one over ``scores`` is made when
     missing). ``heatmap``: optional ``go.FigureWidget`` from ``viz.importance_heatmap`` whose marks
-    follow the selection. ``batch_size``/``seq_len``: the shape memory is predicted for.
+    follow the selection. ``batch_size``/``seq_len``: the shape memory is predicted for;
+    ``logit_positions``: positions per example that reach the LM head in training (the labelled
+    ones, `rowsft.lean_loss.logit_positions(batch)`; None: all).
     ``select_fn``, ``predict_fn(model, selection | "full" | "lora", batch_size, seq_len, rank, targets=...)``
     (LoRA is priced on the modules of the selection) and ``lora_parity_fn(rank)`` default to rowsft's own. Every new selection goes to the
     :meth:`observe` callbacks (``None`` when the controls give no valid selection).
@@ -57,10 +62,10 @@ class BudgetControl(Displayable):
                  rows: int = 64, ratio: float = 0.02, rank: int = 8, batch_size: int = 8, seq_len: int = 256,
                  strategy: str = "per-layer", ranks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                  select_fn: Callable | None = None, predict_fn: Callable | None = None,
-                 lora_parity_fn: Callable | None = None):
+                 lora_parity_fn: Callable | None = None, logit_positions: int | None = None):
         self.model, self.batch_size, self.seq_len = model, int(batch_size), int(seq_len)
         self._select_fn, self._lora_parity_fn = select_fn, lora_parity_fn
-        self.predict_fn = predict_fn or _default_predict
+        self.predict_fn = predict_fn or functools.partial(_default_predict, logit_positions=logit_positions)
         self.total_parameters = sum(p.numel() for p in model.parameters())
         self.selection = None
         self.memory: dict = {}

@@ -61,6 +61,15 @@ def _sequence_length(batches, fallback: int) -> int:
         return fallback
 
 
+def _logit_positions(batches) -> int | None:
+    """Positions per example that reach the LM head in training (memory estimates; None: all)."""
+    from ..lean_loss import logit_positions
+    try:
+        return logit_positions(next(iter(batches)))
+    except Exception:  # noqa: BLE001 - only a default for memory estimates
+        return None
+
+
 class Dashboard(Displayable):
     """Score, select and train ``model`` on ``data`` interactively (see the module help).
 
@@ -96,7 +105,8 @@ class Dashboard(Displayable):
                                       train_fn=train_fn, train_kwargs=train_kwargs, background=background)
         self.budget: BudgetControl | None = None
         self._budget_kwargs = dict(rows=cfg.rows, rank=cfg.lora_rank, batch_size=cfg.batch_size, seq_len=self.seq_len,
-                                   select_fn=select_fn, predict_fn=predict_fn, lora_parity_fn=lora_parity_fn)
+                                   select_fn=select_fn, predict_fn=predict_fn, lora_parity_fn=lora_parity_fn,
+                                   logit_positions=_logit_positions(self.batches))
         self.budget_box = widgets.VBox([widgets.HTML("<i>score the model first</i>")])
         self.chooser.observe(self._scored)
         self._muted = False
