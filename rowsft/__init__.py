@@ -33,7 +33,7 @@ _VERBS = {
     "DynamicMask": "dynamic", "Callback": "training", "TrainState": "training", "MemoryReport": "memory", "full_finetune": "baselines",
 }
 _SUBMODULES = ("targets", "scoring", "selection", "layers", "tuner", "training", "memory", "baselines", "zoo",
-               "distributed", "integrations", "pipeline", "evaluation", "viz", "notebook", "dynamic")
+               "distributed", "integrations", "pipeline", "evaluation", "viz", "notebook", "dynamic", "lean_loss")
 
 __all__ = sorted(_VERBS) + list(_SUBMODULES)
 
