@@ -165,6 +165,35 @@ def markdown(agg: list[dict], tasks) -> str:
     return "\n".join(lines)
 
 
+def claims(agg: list[dict], tasks) -> list[str]:
+    """The papers' claims checked on these results: PASS / MISS lines with the numbers."""
+    by = {(a["task"], a["label"]): a for a in agg}
+    lm = [t for t in tasks if t in LM_TASKS]
+
+    def mean_acc(label):
+        accs = [by[(t, label)]["mean"] for t in lm if (t, label) in by]
+        return 100 * statistics.mean(accs) if accs and len(accs) == len(lm) else None
+
+    lines = []
+    taylor, lora, random_ = mean_acc("row taylor"), mean_acc("LoRA"), mean_acc("row random")
+    speft = mean_acc("SPEFT gradient (static)")
+    if None not in (taylor, lora):
+        lines.append(f"{'PASS' if taylor >= lora - 1 else 'MISS'}  row taylor within 1 point of LoRA (mean over "
+                     f"{len(lm)} LM tasks): {taylor:.1f} vs {lora:.1f} ({taylor - lora:+.1f})")
+    if None not in (taylor, random_):
+        lines.append(f"{'PASS' if taylor > random_ else 'MISS'}  row taylor above row random: {taylor:.1f} vs {random_:.1f} "
+                     f"({taylor - random_:+.1f})")
+    if None not in (speft, lora):
+        lines.append(f"{'PASS' if speft >= lora else 'MISS'}  SPEFT static gradient matches or beats LoRA: {speft:.1f} vs "
+                     f"{lora:.1f} ({speft - lora:+.1f})")
+    peaks = {label: (by.get(("boolq", label)) or {}).get("peak") for label in ("row taylor", "LoRA")}
+    if all(peaks.values()):
+        ratio = peaks["row taylor"] / peaks["LoRA"]
+        lines.append(f"{'PASS' if ratio <= 1 else 'MISS'}  row peak memory ≤ LoRA's (BoolQ step): {ratio:.3f} × LoRA "
+                     f"({peaks['row taylor'] / 2**20:.0f} vs {peaks['LoRA'] / 2**20:.0f} MiB)")
+    return lines
+
+
 def figures(agg: list[dict], out: Path) -> None:
     try:
         import plotly.graph_objects as go
@@ -216,10 +245,13 @@ def main(argv=None) -> int:
     table = markdown(agg, args.tasks)
     from rowsft.io_utils import atomic_write_text
     total_min = sum(r.get("wall_s", 0.0) for r in current) / 60
+    checks = claims(agg, args.tasks)
     atomic_write_text(out.with_suffix(".md"), f"Mode `{args.mode}` ({asdict(mode)}), machine {harness.machine()}, "
-                      f"{len(current)} runs, {total_min:.0f} min of run time in all\n\n{table}\n")
+                      f"{len(current)} runs, {total_min:.0f} min of run time in all\n\n{table}\n\n"
+                      + "".join(f"- {c}\n" for c in checks))
     figures(agg, out)
     print(table)
+    print("\n".join(["", *checks]))
     return 0
 
 
