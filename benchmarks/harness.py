@@ -66,19 +66,24 @@ class _Stepper:
 
 
 def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], batch: dict, steps: int = 3,
-                    warmup: int = 1, extras: list[dict] | None = None) -> list[MethodResult]:
+                    warmup: int = 1, extras: list[dict] | None = None, compile_model: bool = False) -> list[MethodResult]:
     """Measure several methods side by side.
 
     Every model is built first; then the timed steps are interleaved round-robin (A B C A B C …), so
     background load on a shared machine falls on all methods alike and the ratios stay fair. Peak
     memory is measured afterwards, one model at a time, with `rowsft.memory.measure_peak`.
+    ``compile_model``: wrap each model in ``torch.compile`` (inductor); the first step's time, which
+    includes compiling forward and backward, goes to ``extra["first_step_s"]``.
     """
     from rowsft import memory
-    steppers = [_Stepper(build(), batch) for _, build in builders]
+    extras = [dict(e) for e in (extras or [{}] * len(builders))]
+    steppers = [_Stepper(torch.compile(build()) if compile_model else build(), batch) for _, build in builders]
     times: list[list[float]] = [[] for _ in steppers]
     for i in range(warmup + steps):
         for j, st in enumerate(steppers):
             dt = st.step()
+            if i == 0:
+                extras[j]["first_step_s"] = dt
             if i >= warmup:
                 times[j].append(dt)
     results = []
@@ -89,8 +94,7 @@ def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], b
         peak = memory.measure_peak(model, batch)
         report = memory.breakdown(model, batch)
         results.append(MethodResult(name, trainable, int(peak["peak"]), statistics.median(times[j]), times[j],
-                                    report.byte_counts(),
-                                    (extras or [{}] * len(builders))[j]))
+                                    report.byte_counts(), extras[j]))
         steppers[j] = None
         del model, st
     return results

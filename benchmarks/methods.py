@@ -10,6 +10,7 @@ nor time. Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>
     .venv/bin/python benchmarks/methods.py                      # the headline: batch 4 × 256, rank 8
     .venv/bin/python benchmarks/methods.py --seqs 128 256 512 1024 --ranks 8 --name sweep_tokens
     .venv/bin/python benchmarks/methods.py --seqs 256 --ranks 4 8 16 32 64 --name sweep_budget
+    .venv/bin/python benchmarks/methods.py --methods row lean lora --compile --name compiled
 """
 from __future__ import annotations
 
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(ALL), choices=ALL)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--name", default="methods")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model (inductor); reports the first "
+                    "step, which compiles, apart")
     args = ap.parse_args(argv)
 
     import rowsft
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
         for rank in args.ranks:
             builders, meta = build_methods(args.model, batch, rank, args.methods)
             results = harness.measure_methods([(label, build) for label, build in builders.values()], batch,
-                                              args.steps, extras=[{"key": key} for key in builders])
+                                              args.steps, extras=[{"key": key} for key in builders],
+                                              compile_model=args.compile)
             ref = next((r.method for r in results if r.extra["key"] == "lora"), None)
             print(f"\n{args.model}: batch {args.batch} × {seq} tokens, LoRA-rank-{rank} parity")
             print(harness.table(results, reference=ref))
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
                 points.append({"method": r.extra["key"], "label": r.method, "tokens": args.batch * seq, "seq": seq,
                                "rank": rank, "trainable_parameters": r.trainable_parameters, "peak_bytes": r.peak_bytes,
                                "median_step_s": r.median_step_s, "analytic": r.analytic,
+                               "first_step_s": r.extra.get("first_step_s"), "compiled": args.compile,
                                "unit_choice": meta.get(r.extra["key"], {}).get("unit_choice")})
             by = {r.extra["key"]: r for r in results}
             if {"lora", "full"} <= by.keys():

@@ -9,6 +9,9 @@ every run, so an interrupted study resumes where it stopped and never leaves a h
     .venv/bin/python benchmarks/study.py --mode reduced            # CPU, about an hour on 2 cores
     .venv/bin/python benchmarks/study.py --mode full --device cuda # a GPU run: more steps, lr sweep
     .venv/bin/python benchmarks/study.py --mode reduced --report   # only rebuild table and figures
+    # two processes, one thread each, sharing the results file (a 2-core machine):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study.py --tasks boolq piqa siqa &
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study.py --tasks openbookqa commonsenseqa rotten_tomatoes
 
 Methods: row-sparse with taylor / hessian / zo-taylor / magnitude / random selection, column-sparse
 with taylor, the SPEFT static gradient mask, LoRA and DoRA through peft at parameter parity
@@ -95,9 +98,22 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def save_rows(path: Path, rows: list[dict]) -> None:
+def save_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Merge ``rows`` into the results file under a lock and return what the file now holds.
+
+    Several study processes (e.g. one per task group, one thread each on a multi-core machine) can
+    share one file: each save re-reads it, adds the rows it lacks and replaces it atomically.
+    """
+    import fcntl
     from rowsft.io_utils import atomic_write_text
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = load_rows(path)
+        known = {key(r) for r in merged}
+        merged += [r for r in rows if key(r) not in known]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in merged))
+    return merged
 
 
 def execute(run: dict, mode: Mode, device: str | None) -> dict:
@@ -236,8 +252,10 @@ def main(argv=None) -> int:
             if args.max_runs is not None and i >= args.max_runs:
                 break
             torch.manual_seed(run["seed"])
-            rows.append(execute(run, mode, args.device))
-            save_rows(out, rows)
+            if key(run) in {key(r) for r in load_rows(out)}:    # another study process did it meanwhile
+                continue
+            rows = save_rows(out, [*rows, execute(run, mode, args.device)])
+    rows = load_rows(out)                                      # with the rows of any other study process
     current = [r for r in rows if r.get("mode") == mode.fingerprint() and r["task"] in args.tasks]
     if len(current) < len(rows):
         print(f"{len(rows) - len(current)} rows in {out.name} come from other settings or tasks: kept, not reported")

@@ -124,15 +124,25 @@ def describe_method(model: torch.nn.Module) -> str:
 
 
 # ---------------------------------------------------------------- activations
+_COUNTED_ONLY = object()   # what the graph keeps instead of a tensor in a count-only forward
+
+
 class SavedTensorCounter:
     """Counts the bytes autograd saves for backward inside the ``with`` block, over unique storages,
     skipping the storages of ``exclude`` (parameters, buffers). ``hold=True`` keeps a reference to
     each counted storage until exit so that no freed address is reused (exact; use it outside
-    training); ``hold=False`` keeps only addresses (no effect on the step's memory)."""
+    training); ``hold=False`` keeps only addresses (no effect on the step's memory).
 
-    def __init__(self, exclude=(), hold: bool = True):
+    ``backward=False`` (a forward run only to be counted): the graph gets a placeholder instead of
+    each saved tensor. Handing autograd the tensor itself would tie the graph into a reference cycle
+    through C++ (an op that saves its own output) that Python's collector cannot see, and a forward
+    that is never backpropagated would then keep its activations, and the weights it saved, forever.
+    """
+
+    def __init__(self, exclude=(), hold: bool = True, backward: bool = True):
         self.exclude = {_storage_key(t) for t in exclude}
         self.hold = hold
+        self.backward = backward
         self.seen: dict[tuple, int] = {}
         self._held: list = []
         self._hooks = None
@@ -149,10 +159,17 @@ class SavedTensorCounter:
                 self.seen[key] = storage.nbytes()
                 if self.hold:
                     self._held.append(storage)
-        return t
+        return t if self.backward else _COUNTED_ONLY
+
+    @staticmethod
+    def _unpack(packed):
+        if packed is _COUNTED_ONLY:
+            raise RuntimeError("this forward pass was run only to count its saved tensors "
+                               "(SavedTensorCounter(backward=False)); it cannot be backpropagated")
+        return packed
 
     def __enter__(self) -> "SavedTensorCounter":
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
 
@@ -183,7 +200,7 @@ def activation_bytes(model: torch.nn.Module, batch: dict, lean_logits: bool = Tr
     model.train()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
-                SavedTensorCounter(model_tensors(model), hold=True) as counter:
+                SavedTensorCounter(model_tensors(model), hold=True, backward=False) as counter:
             output = lean_forward(model, batch, lean_logits)
             transient = _logits_bytes(output, batch) if counter.bytes else 0
             saved = counter.bytes

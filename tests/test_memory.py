@@ -218,3 +218,34 @@ def test_memory_callback_fills_state_and_history():
 def test_unique_storage_bytes_counts_views_once():
     t = torch.zeros(10, 10)
     assert unique_storage_bytes([t, t.t(), t[2:5], None]) == 400
+
+
+def test_counting_activations_leaves_no_graph_alive():
+    """A count-only forward must not keep its graph (activations and the weights it saved) after it returns."""
+    import gc
+    import rowsft
+    from rowsft.memory import activation_bytes
+    model = rowsft.tiny_model("llama", vocab_size=300)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(3, 300, (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def graph_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o) and o.grad_fn is not None)
+
+    before = graph_tensors()
+    for _ in range(3):
+        assert activation_bytes(model, batch)[0] > 0
+    assert graph_tensors() == before
+
+
+def test_a_count_only_forward_refuses_backward():
+    from rowsft.memory import SavedTensorCounter
+    w = torch.randn(3, 3, requires_grad=True)
+    with SavedTensorCounter([w], backward=False) as counter:
+        y = (torch.randn(2, 3) @ w).sin().sum()
+    assert counter.bytes > 0
+    with pytest.raises(RuntimeError, match="only to count"):
+        y.backward()
