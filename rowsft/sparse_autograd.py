@@ -99,6 +99,19 @@ def _effective_weight(weight: torch.Tensor, values: torch.Tensor, index: torch.T
     return effective
 
 
+def _static_entry_points(cls):
+    """Give an update class the static ``forward``/``backward`` that autograd calls and that
+    ``torch.compile`` can trace (it refuses classmethods there); they run ``cls._forward``/``cls._backward``."""
+    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
+        return cls._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
+
+    def backward(ctx, grad_out):
+        return cls._backward(ctx, grad_out)
+
+    cls.forward, cls.backward = staticmethod(forward), staticmethod(backward)
+    return cls
+
+
 class _SparseUpdate(torch.autograd.Function):
     """Shared forward/backward skeleton; subclasses supply ``_add`` and ``_grads`` and the static
     ``forward``/``backward`` that autograd (and ``torch.compile``, which needs them static) calls.
@@ -134,16 +147,9 @@ class _SparseUpdate(torch.autograd.Function):
         return grad_out if ctx.fallback else None, grad_x, None, None, grad_update, None, None, None
 
 
+@_static_entry_points
 class RowUpdate(_SparseUpdate):
     """``y[..., index] += x deltaᵀ`` with ``delta (k, d_in)``."""
-
-    @staticmethod
-    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
-        return RowUpdate._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return RowUpdate._backward(ctx, grad_out)
 
     @staticmethod
     def _add(ctx, out, x, delta, index, d_in, dt):
@@ -165,16 +171,9 @@ class RowUpdate(_SparseUpdate):
         return grad_x, grad_delta
 
 
+@_static_entry_points
 class ColumnUpdate(_SparseUpdate):
     """``y += x[..., index] deltaᵀ`` with ``delta (d_out, k)``; keeps only ``x[..., index]``."""
-
-    @staticmethod
-    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
-        return ColumnUpdate._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return ColumnUpdate._backward(ctx, grad_out)
 
     @staticmethod
     def _add(ctx, out, x, delta, index, d_in, dt):
@@ -196,6 +195,7 @@ class ColumnUpdate(_SparseUpdate):
         return grad_x, grad_delta
 
 
+@_static_entry_points
 class ElementUpdate(_SparseUpdate):
     """``y += x Dᵀ`` for the sparse ``D`` with ``values (k,)`` at flat ``index``; ``D`` (its touched
     rows) is rebuilt in forward and in backward, never kept.
@@ -208,14 +208,6 @@ class ElementUpdate(_SparseUpdate):
     """
 
     FUSE_FRACTION = 0.25  # fuse when touched rows exceed this share of d_out
-
-    @staticmethod
-    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
-        return ElementUpdate._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return ElementUpdate._backward(ctx, grad_out)
 
     @classmethod
     def _forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
