@@ -15,6 +15,7 @@ nor time. Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 ALL = ("row", "column", "lean", "element", "dense-scatter", "lora", "full")
+COLORS = {"row": "#1f77b4", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e", "dense-scatter": "#d62728",
+          "lora": "#9467bd", "full": "#7f7f7f"}
 
 
 def build_methods(model_name: str, batch: dict, rank: int, methods):
@@ -82,8 +85,10 @@ def figure(points: list[dict], path: Path) -> None:
     for m in methods:
         pts = sorted((p for p in points if p["method"] == m), key=lambda p: p[x_key])
         xs = [p[x_key] for p in pts]
-        fig.add_scatter(x=xs, y=[p["peak_bytes"] / 2**20 for p in pts], name=m, legendgroup=m, row=1, col=1)
-        fig.add_scatter(x=xs, y=[p["median_step_s"] for p in pts], name=m, legendgroup=m, showlegend=False, row=1, col=2)
+        line = {"color": COLORS.get(m, "#7f7f7f")}              # one colour per method in both panels
+        fig.add_scatter(x=xs, y=[p["peak_bytes"] / 2**20 for p in pts], name=m, legendgroup=m, line=line, row=1, col=1)
+        fig.add_scatter(x=xs, y=[p["median_step_s"] for p in pts], name=m, legendgroup=m, showlegend=False, line=line,
+                        row=1, col=2)
     fig.update_xaxes(title_text="tokens per batch" if x_key == "tokens" else "trainable parameters")
     fig.update_yaxes(title_text="MiB", row=1, col=1)
     fig.update_yaxes(title_text="seconds", row=1, col=2)
@@ -117,7 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="methods")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (inductor); reports the first "
                     "step, which compiles, apart")
+    ap.add_argument("--replot", type=Path, help="only redraw the figure of an existing results file")
     args = ap.parse_args(argv)
+    if args.replot:
+        figure(json.loads(args.replot.read_text())["points"], args.replot.with_suffix(".fig.json"))
+        return 0
 
     import rowsft
     _, tokenizer = rowsft.load_model(args.model)

@@ -6,12 +6,10 @@ parameters, analytic and measured peak training memory, median step time and wal
 line per run in ``benchmarks/results/study-<mode>.jsonl``; the file is rewritten atomically after
 every run, so an interrupted study resumes where it stopped and never leaves a half-written file.
 
-    .venv/bin/python benchmarks/study.py --mode reduced            # CPU, about an hour on 2 cores
+    .venv/bin/python benchmarks/study.py --mode reduced            # CPU, one process
     .venv/bin/python benchmarks/study.py --mode full --device cuda # a GPU run: more steps, lr sweep
     .venv/bin/python benchmarks/study.py --mode reduced --report   # only rebuild table and figures
-    # two processes, one thread each, sharing the results file (a 2-core machine):
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study.py --tasks boolq piqa siqa &
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study.py --tasks openbookqa commonsenseqa rotten_tomatoes
+    .venv/bin/python benchmarks/study.py --mode reduced --workers 2   # two processes of one thread on 2 cores
 
 Methods: row-sparse with taylor / hessian / zo-taylor / magnitude / random selection, column-sparse
 with taylor, the SPEFT static gradient mask, LoRA and DoRA through peft at parameter parity
@@ -120,13 +118,15 @@ def execute(run: dict, mode: Mode, device: str | None) -> dict:
     from rowsft import zoo
     from rowsft.evaluation import evaluate
     from rowsft.pipeline import JobConfig, run_job
+    import torch
     t0 = time.perf_counter()
     if run["method"] == "none":
         model, tokenizer = zoo.load_model(run["model"])
         data = zoo.load_dataset(run["task"], max_train=mode.max_train, seed=0)
         acc = evaluate(model, tokenizer, data["validation"], max_length=mode.max_length, max_examples=mode.eval_examples,
                        progress=False)["accuracy"]
-        return {**run, "accuracy": acc, "trainable_parameters": 0, "wall_s": time.perf_counter() - t0}
+        return {**run, "accuracy": acc, "trainable_parameters": 0, "wall_s": time.perf_counter() - t0,
+                "threads": torch.get_num_threads()}
     cfg = JobConfig(model=run["model"], task=run["task"], method=run["method"],
                     metric=run["metric"] if run["metric"] != "-" else "taylor", budget="lora:8", lora_rank=8,
                     steps=mode.steps, lr=run["lr"], batch_size=mode.batch_size, max_length=mode.max_length,
@@ -137,7 +137,7 @@ def execute(run: dict, mode: Mode, device: str | None) -> dict:
     return {**run, "accuracy": result.accuracy_after, "trainable_parameters": result.trainable_parameters,
             "analytic_total_bytes": result.memory.get("total"), "measured_peak_bytes": result.memory.get("measured_peak"),
             "median_step_s": result.median_step_seconds, "train_s": result.train_seconds, "final_loss": result.final_loss,
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -229,6 +229,26 @@ def figures(agg: list[dict], out: Path) -> None:
         fig.write_json(out.parent / f"{out.stem}-{fname}.fig.json")
 
 
+def run_workers(args) -> None:
+    """Run the study in ``args.workers`` child processes, tasks dealt round-robin, threads split evenly."""
+    import os
+    import subprocess
+    groups = [args.tasks[i::args.workers] for i in range(args.workers) if args.tasks[i::args.workers]]
+    threads = max(1, (os.cpu_count() or 1) // len(groups))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    children = []
+    for position, tasks in enumerate(groups):
+        command = [sys.executable, __file__, "--mode", args.mode, "--tasks", *tasks, "--position", str(position)]
+        if args.device:
+            command += ["--device", args.device]
+        if args.max_runs is not None:
+            command += ["--max-runs", str(args.max_runs)]
+        children.append(subprocess.Popen(command, env=env))
+    failed = [c.args for c in children if c.wait() != 0]
+    if failed:
+        raise SystemExit(f"{len(failed)} study worker(s) failed; what they finished is saved, run again to resume")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=tuple(MODES), default="reduced")
@@ -236,7 +256,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--report", action="store_true", help="only rebuild the table and figures from the results file")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (resume later)")
+    ap.add_argument("--workers", type=int, default=1, help="study processes sharing the results file, the tasks "
+                    "split between them, torch threads split evenly (2 on a 2-core CPU)")
+    ap.add_argument("--position", type=int, default=0, help=argparse.SUPPRESS)   # progress-bar row of a worker
     args = ap.parse_args(argv)
+    if args.workers > 1 and not args.report:
+        run_workers(args)
+        args.report = True                                     # the workers ran everything: only the report is left
 
     import torch
     from tqdm.auto import tqdm
@@ -248,7 +274,7 @@ def main(argv=None) -> int:
     todo = [r for r in plan(mode, args.tasks) if key(r) not in done]
     if not args.report:
         print(f"{len(done)} runs done, {len(todo)} to go → {out}")
-        for i, run in enumerate(tqdm(todo, desc="study", unit="run")):
+        for i, run in enumerate(tqdm(todo, desc=f"study {' '.join(args.tasks)}", unit="run", position=args.position)):
             if args.max_runs is not None and i >= args.max_runs:
                 break
             torch.manual_seed(run["seed"])
@@ -264,7 +290,8 @@ def main(argv=None) -> int:
     from rowsft.io_utils import atomic_write_text
     total_min = sum(r.get("wall_s", 0.0) for r in current) / 60
     checks = claims(agg, args.tasks)
-    atomic_write_text(out.with_suffix(".md"), f"Mode `{args.mode}` ({asdict(mode)}), machine {harness.machine()}, "
+    machine = {k: v for k, v in harness.machine().items() if k != "threads"}   # threads: per run, in the rows
+    atomic_write_text(out.with_suffix(".md"), f"Mode `{args.mode}` ({asdict(mode)}), machine {machine}, "
                       f"{len(current)} runs, {total_min:.0f} min of run time in all\n\n{table}\n\n"
                       + "".join(f"- {c}\n" for c in checks))
     figures(agg, out)
