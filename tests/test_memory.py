@@ -238,7 +238,7 @@ def test_counting_activations_leaves_no_graph_alive():
     before = graph_tensors()
     for _ in range(3):
         assert activation_bytes(model, batch)[0] > 0
-    assert graph_tensors() == before
+    assert graph_tensors() <= before      # the leak added a whole graph (67 tensors here) per call
 
 
 def test_a_count_only_forward_refuses_backward():
