@@ -14,33 +14,45 @@ goes through ``model(**batch).loss`` unchanged.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+
 import torch
 import torch.nn.functional as F
+
+from .distributed import unwrap
+from .train_parts import loss_of
 
 IGNORE_INDEX = -100
 
 
 def innermost_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Unwrap DDP / FSDP (``.module``), peft (``get_base_model()``) and ``torch.compile`` (``._orig_mod``)."""
+    """The model inside every wrapper: those of `rowsft.distributed.unwrap` (DDP, DataParallel,
+    DeepSpeed, ``torch.compile``), peft's (``get_base_model()``) and FSDP's (``.module``)."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+        model = unwrap(model)
+        if callable(getattr(model, "get_base_model", None)):
             model = model.get_base_model()
-        elif type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"):
+        elif type(model).__name__ == "FullyShardedDataParallel":
             model = model.module
     return model
 
 
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+@functools.lru_cache(maxsize=256)
+def _takes_logits_to_keep(forward) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(innermost_model(model).forward).parameters
+        return "logits_to_keep" in inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do). The
+    signature is read once per forward function, not at every training step."""
+    forward = innermost_model(model).forward
+    return _takes_logits_to_keep(getattr(forward, "__func__", forward))   # the function, not a fresh bound method
 
 
 def kept_positions(labels: torch.Tensor) -> torch.Tensor | None:
@@ -85,5 +97,4 @@ def lean_forward(model: torch.nn.Module, batch: dict, lean: bool = True):
 
 def training_loss(model: torch.nn.Module, batch: dict, lean: bool = True) -> torch.Tensor:
     """The scalar loss of ``batch`` under ``model`` (see :func:`lean_forward`)."""
-    from .train_parts import loss_of
     return loss_of(lean_forward(model, batch, lean))
