@@ -116,6 +116,11 @@ class Shapes:
                    dtype_bytes=param.element_size())
 
 
+def head_positions(seq_len: int, logit_positions: int | None) -> int:
+    """Positions per example whose logits are computed: all ``seq_len``, or ``logit_positions`` of them."""
+    return seq_len if logit_positions is None else min(int(logit_positions), seq_len)
+
+
 def activation_formula(shapes: Shapes, adapted: dict[str, tuple[int, int]], batch_size: int, seq_len: int, full: bool,
                        extra_per_token: int = 0, logit_positions: int | None = None) -> int:
     """Bytes saved for backward by one forward (see the module docstring). ``adapted``: linear module
@@ -168,8 +173,8 @@ def activation_formula(shapes: Shapes, adapted: dict[str, tuple[int, int]], batc
     if first < shapes.layers:
         if shapes.causal_lm:
             per_token += norm
-            kept = seq_len if logit_positions is None else min(int(logit_positions), seq_len)
-            head = batch_size * kept * (shapes.vocab * 4 + 8 + (h * s if full else 0))
+            per_position = shapes.vocab * 4 + 8 + (h * s if full else 0)
+            head = batch_size * head_positions(seq_len, logit_positions) * per_position
         if full:  # input ids kept by the embedding backward, embedding dropout (and LayerNorm)
             per_token += 8 + dropout + (norm if shapes.post_norm else 0)
     return int(tokens * per_token + head)
@@ -273,8 +278,7 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
                                      logit_positions=logit_positions)
     # gradients of the fp32 log-probabilities and of the logits at the start of backward
     labels = int(_cfg(getattr(model, "config", None), "num_labels", default=0) or 0)
-    kept = seq_len if logit_positions is None else min(int(logit_positions), seq_len)
-    outputs = kept * shapes.vocab if shapes.causal_lm else labels
+    outputs = head_positions(seq_len, logit_positions) * shapes.vocab if shapes.causal_lm else labels
     transient = batch_size * outputs * (4 + s)
     weights = base if full else base + trainable
     return MemoryReport(weights=weights, trainable=trainable, gradients=trainable, optimizer=per_weight[optimizer] * trainable,
