@@ -54,20 +54,22 @@ def default_eval_fn(data, tokenizer, cfg: NotebookSettings) -> Callable | None:
     return eval_fn
 
 
-def _sequence_length(batches, fallback: int) -> int:
-    try:
-        return int(next(iter(batches))["input_ids"].shape[-1])
-    except Exception:  # noqa: BLE001 - only a default for memory estimates
-        return fallback
-
-
-def _logit_positions(batches) -> int | None:
-    """Positions per example that reach the LM head in training (memory estimates; None: all)."""
+def _batch_shape(batches, fallback: int) -> tuple[int, int | None]:
+    """From the first batch (read once): its sequence length (``fallback`` if unknown) and the
+    positions per example that reach the LM head in training (None: all). Defaults for memory estimates."""
     from ..lean_loss import logit_positions
     try:
-        return logit_positions(next(iter(batches)))
-    except Exception:  # noqa: BLE001 - only a default for memory estimates
-        return None
+        first = next(iter(batches))
+    except Exception:  # noqa: BLE001 - only defaults for memory estimates
+        return fallback, None
+    try:
+        seq_len = int(first["input_ids"].shape[-1])
+    except Exception:  # noqa: BLE001
+        seq_len = fallback
+    try:
+        return seq_len, logit_positions(first)
+    except Exception:  # noqa: BLE001
+        return seq_len, None
 
 
 class Dashboard(Displayable):
@@ -89,7 +91,7 @@ class Dashboard(Displayable):
         self.model, self.tokenizer = model, tokenizer
         self.settings = cfg = settings or default_settings()
         self.batches = as_batches(data, tokenizer, cfg.batch_size, cfg.max_length)
-        self.seq_len = _sequence_length(self.batches, cfg.max_length)
+        self.seq_len, logit_positions = _batch_shape(self.batches, cfg.max_length)
         self.max_columns = max_columns
         self.status = StatusArea()
         self.chooser = MetricChooser(model, self.batches, metric=metric, unit=unit,
@@ -106,7 +108,7 @@ class Dashboard(Displayable):
         self.budget: BudgetControl | None = None
         self._budget_kwargs = dict(rows=cfg.rows, rank=cfg.lora_rank, batch_size=cfg.batch_size, seq_len=self.seq_len,
                                    select_fn=select_fn, predict_fn=predict_fn, lora_parity_fn=lora_parity_fn,
-                                   logit_positions=_logit_positions(self.batches))
+                                   logit_positions=logit_positions)
         self.budget_box = widgets.VBox([widgets.HTML("<i>score the model first</i>")])
         self.chooser.observe(self._scored)
         self._muted = False
