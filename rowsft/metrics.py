@@ -4,12 +4,14 @@ Every metric is an element-level quantity ``e_ij`` of a layer's ``(d_out, d_in)`
 reduces it: ``row`` → ``Σ_j e_ij`` (d_out,), ``column`` → ``Σ_i e_ij`` (d_in,), ``element`` → ``e``.
 Exceptions: ``magnitude`` (row/column norms) and ``activation`` (neuron activation norms).
 
-Gradient metrics never ask the weights for gradients. A forward hook on each target layer keeps its
-input ``X (B, T, d_in)`` and registers a hook on its output that receives ``G_out (B, T, d_out)``
-during ``loss.backward()``; the layer's weight gradient ``G_out^T X`` is formed there, transiently,
-one layer at a time, reduced at once, and dropped. Gradient flow comes from making the input
-embeddings' output require grad; every parameter keeps ``requires_grad=False``, so no ``.grad`` is
-ever allocated.
+Gradient metrics never ask the weights for gradients. A forward hook on each target layer passes its
+output through a *tap* (an identity autograd function) that saves the layer input ``X (B, T, d_in)``
+and, during ``loss.backward()``, receives ``G_out (B, T, d_out)``; the layer's weight gradient
+``G_out^T X`` is formed there, transiently, one layer at a time, reduced at once, and dropped.
+Gradient flow comes from making the input embeddings' output require grad; every parameter keeps
+``requires_grad=False``, so no ``.grad`` is ever allocated. Because ``X`` is an autograd saved tensor,
+block recomputation (`rowsft.recompute`, on by default) drops it with the rest of a block's
+activations after the forward pass and rebuilds it when backward reaches the block.
 
 Definitions (``b`` = calibration batch, ``L_b`` = the model's loss on it, ``G^b = ∂L_b/∂W``):
 
@@ -261,6 +263,23 @@ ACCUMULATORS = {"taylor": TaylorAccumulator, "hessian": SquaredGradientAccumulat
                 **{m: TotalGradientAccumulator for m in TOTAL_GRADIENT_SALIENCY}}
 
 
+class _GradientTap(torch.autograd.Function):
+    """Identity on a layer's output ``y``; saves the layer input ``x`` and hands ``(x, ∂L/∂y)`` to
+    ``deliver`` in backward. ``x`` is a saved tensor, so activation checkpointing can drop and rebuild it."""
+
+    @staticmethod
+    def forward(ctx, y, x, deliver):
+        ctx.deliver = deliver
+        ctx.save_for_backward(x)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        (x,) = ctx.saved_tensors
+        ctx.deliver(x, g_out)
+        return g_out, None, None
+
+
 @contextlib.contextmanager
 def layer_taps(model: nn.Module, targets: dict[str, nn.Module], acc: Accumulator, mask_box: dict):
     """Install the hooks that feed ``acc``; all of them are removed on exit, even on error.
@@ -275,7 +294,7 @@ def layer_taps(model: nn.Module, targets: dict[str, nn.Module], acc: Accumulator
             if not acc.needs_backward:
                 acc.on_forward(name, module, x, output.detach(), mask_box.get("mask"))
             elif output.requires_grad:
-                output.register_hook(lambda g: acc.on_backward(name, module, x, g))
+                return _GradientTap.apply(output, x, lambda x_, g: acc.on_backward(name, module, x_, g))
         return hook
 
     try:
@@ -320,11 +339,16 @@ def calibration_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def accumulate(model: nn.Module, targets: dict[str, nn.Module], views: dict[str, set[str]], metric: str,
                batches: list[dict], max_example_elements: int = 2 ** 24,
-               progress: Callable | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Run the calibration batches through ``model`` with the hooks of ``metric``; per-layer views."""
+               progress: Callable | None = None, recompute: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Run the calibration batches through ``model`` with the hooks of ``metric``; per-layer views.
+
+    ``recompute``: for gradient metrics, recompute each transformer block's activations in backward
+    (`rowsft.recompute`) instead of keeping all blocks' activations from the forward pass."""
+    from .recompute import recompute_blocks, transformer_blocks
     acc = ACCUMULATORS[metric](metric, targets, views, max_example_elements)
     mask_box: dict = {}
-    with layer_taps(model, targets, acc, mask_box):
+    blocks = transformer_blocks(model) if recompute and acc.needs_backward else []
+    with layer_taps(model, targets, acc, mask_box), recompute_blocks(blocks):
         for i, batch in enumerate(batches):
             mask_box["mask"] = batch.get("attention_mask")
             if acc.needs_backward:

@@ -76,6 +76,8 @@ class ScoreConfig:
     perturbation: str = "rademacher"  # zo-taylor: rademacher | gaussian
     synflow_seq_len: int = 16         # synflow: length of the all-ones input
     max_example_elements: int = 2 ** 24  # hessian/fisher: per-example gradient entries held at once
+    recompute: bool = True            # gradient metrics: recompute each block's activations in backward
+                                      # (one more forward pass; keeps only block inputs alive, not all activations)
     dtype: torch.dtype = torch.float32   # of the returned score tensors (float64 for exactness checks)
     progress: Callable[[str, int, int], None] | None = None  # called as progress(stage, done, total)
 
@@ -218,7 +220,8 @@ def _per_module_scores(name, p, model, modules, views, batches, cfg) -> dict[str
     if name == "synflow":
         from .saliency import synflow
         return synflow(model, modules, views, cfg.synflow_seq_len)
-    return _metrics.accumulate(model, modules, views, name, batches, cfg.max_example_elements, cfg.progress)
+    return _metrics.accumulate(model, modules, views, name, batches, cfg.max_example_elements, cfg.progress,
+                               recompute=cfg.recompute)
 
 
 def _view_shape(module: nn.Module, view: str) -> tuple[int, ...]:
