@@ -4,8 +4,10 @@ For each (tokens per batch, LoRA-rank budget) point, on the bundled SmolLM2-135M
 row-sparse, column-sparse, the lean unit choice (per module type the unit that saves fewer
 activations), SPEFT element masks (ours: recompute, no dense copy kept), the dense-scatter element
 reference (a dense weight copy per forward, as SPEFT's code does), LoRA through peft at that rank,
-and full fine-tuning. Selections use ``random`` scores: which rows are chosen changes neither memory
-nor time. Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>.fig.json``.
+and full fine-tuning. Row and column selections use ``random`` scores: which rows are chosen changes
+neither memory nor time. Element masks use SPEFT's recommended static mask, ``gradient`` salience
+(global top-k) on the measured batch: salience masks crowd onto a few input features, and an element
+layer touching at most half of its input columns keeps only those for backward. Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>.fig.json``.
 
     .venv/bin/python benchmarks/methods.py                      # the headline: batch 4 × 256, rank 8
     .venv/bin/python benchmarks/methods.py --seqs 128 256 512 1024 --ranks 8 --name sweep_tokens
@@ -36,7 +38,8 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
         return rowsft.load_model(model_name)[0]
 
     probe = fresh()
-    score = {u: scoring.score(probe, [batch], metric="random", unit=u, num_batches=1)
+    score = {u: scoring.score(probe, [batch], metric="gradient" if u == "element" else "random", unit=u,
+                              num_batches=1)
              for u in ("row", "column", "element") if any(m in methods for m in (u, "lean", "dense-scatter"))}
     budget = sel.lora_parity(rank)
     selections = {}

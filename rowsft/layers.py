@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .selection_types import LayerChoice
-from .sparse_autograd import add_sparse_update, sparse_linear
+from .sparse_autograd import add_sparse_update, kept_element_input_width, sparse_linear
 from .targets import is_linear_like, is_transposed, linear_shape, weight_out_in
 
 
@@ -70,6 +70,7 @@ class SparseLinear(nn.Module):
     """Common machinery of the three sparse layers (not used directly)."""
 
     unit: str = ""
+    lean_input: bool = True   # element layers: may keep only the touched input columns for backward
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -145,9 +146,10 @@ class SparseLinear(nn.Module):
             return self.base_layer(x)
         if self._fusable():
             out = sparse_linear(self.unit, x, weight_out_in(self.base_layer), self.base_layer.bias,
-                                self.update, self.indices, is_transposed(self.base_layer))  # (..., d_out)
+                                self.update, self.indices, is_transposed(self.base_layer), self.lean_input)  # (..., d_out)
         else:
-            out = add_sparse_update(self.unit, self.base_layer(x), x, self.update, self.indices, self.in_features)
+            out = add_sparse_update(self.unit, self.base_layer(x), x, self.update, self.indices, self.in_features,
+                                    self.lean_input)
         if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)
@@ -187,13 +189,16 @@ class SparseLinear(nn.Module):
 
     def saved_activation_bytes(self, input_shape, dtype: torch.dtype | None = None) -> int:
         """Bytes of activations the update path keeps for backward for an input of ``input_shape``
-        (``(..., d_in)``) in ``dtype`` (default: the base weight's dtype). The row and element layers
-        keep the input ``x`` itself (often shared with other consumers of the same input), the column
-        layer only its ``k`` selected columns."""
+        (``(..., d_in)``) in ``dtype`` (default: the base weight's dtype). The row layer keeps the input
+        ``x`` itself (often shared with other consumers of the same input), the column layer only its
+        ``k`` selected columns, the element layer ``x`` or its touched columns (:meth:`kept_input_width`)."""
         dtype = dtype or self.base_layer.weight.dtype
         tokens = math.prod(tuple(input_shape)[:-1])
-        width = self.k if self.unit == "column" else int(tuple(input_shape)[-1])
-        return tokens * width * torch.empty((), dtype=dtype).element_size()
+        return tokens * self.kept_input_width() * torch.empty((), dtype=dtype).element_size()
+
+    def kept_input_width(self) -> int:
+        """Features per token of the input that the update keeps for backward."""
+        return self.k if self.unit == "column" else self.in_features
 
     def extra_repr(self) -> str:
         return (f"unit={self.unit}, k={self.k}, shape=({self.out_features}, {self.in_features}), "
@@ -260,6 +265,16 @@ class ElementSparseLinear(SparseLinear):
     def _bias_index(self, index, d_out, d_in):
         return torch.unique(torch.div(index, d_in, rounding_mode="floor"))
 
+    def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
+                 train_bias: bool = False, name: str | None = None, lean_input: bool | None = None):
+        """``lean_input``: keep only the touched input columns for backward when they are few (None: yes,
+        unless ``name`` is a layer whose input is kept whole anyway, see :func:`input_kept_elsewhere`)."""
+        super().__init__(base_layer, indices, delta_dtype, train_bias, name)
+        self.lean_input = not input_kept_elsewhere(name) if lean_input is None else bool(lean_input)
+
+    def kept_input_width(self) -> int:
+        return kept_element_input_width(self.indices, self.in_features, self.lean_input)
+
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         flat = self.indices.long()
         rows = torch.div(flat, self.in_features, rounding_mode="floor")
@@ -277,6 +292,16 @@ class ElementSparseLinear(SparseLinear):
         return dense.view(self.out_features, self.in_features)
 
 
+def input_kept_elsewhere(name: str | None) -> bool:
+    """Whether the input of the linear layer ``name`` is kept whole for backward by something else: a
+    sibling sharing it (q/k/v, gate/up) or the attention kernel (the output projection's input is the
+    fused kernel's saved output). Only then is a subset of it no saving."""
+    if name is None:
+        return False
+    from .memory_predict import role
+    return role(name) in ("qkv", "up", "o")
+
+
 SPARSE_LAYERS = {"row": RowSparseLinear, "column": ColumnSparseLinear, "element": ElementSparseLinear}
 
 
@@ -288,4 +313,4 @@ def sparse_layer(unit: str, base_layer: nn.Module, indices, **kwargs) -> SparseL
 
 
 __all__ = ["SparseLinear", "RowSparseLinear", "ColumnSparseLinear", "ElementSparseLinear", "SPARSE_LAYERS",
-           "sparse_layer"]
+           "sparse_layer", "input_kept_elsewhere"]

@@ -138,28 +138,34 @@ def activation_formula(shapes: Shapes, adapted: dict[str, tuple[int, int]], batc
     mlp = {"gated": 3 * i, "gelu_new": 4 * i, "gelu": i}[shapes.mlp] * s
     dropout = h * s if shapes.resid_dropout else 0
 
-    per_layer: dict[int, dict[str, int]] = {}
+    # per block and input role: [the whole input, if a member keeps it (q/k/v and gate/up share one), Σ subsets
+    # (column layers' k columns, lean element layers' touched columns: each a tensor of its own)]
+    per_layer: dict[int, dict[str, list[int]]] = {}
     gated_layers = set()
     for name, (width, d_in) in adapted.items():
         r = role(name)
         if r == "head":
             continue
         layer = -1 if layer_index(name) is None else layer_index(name)
-        slots = per_layer.setdefault(layer, {})
-        slots[r] = min(slots.get(r, 0) + width, d_in)  # q/k/v (and gate/up) share one input
+        slot = per_layer.setdefault(layer, {}).setdefault(r, [0, 0])
+        if width >= d_in:
+            slot[0] = d_in
+        else:
+            slot[1] += width
         if module_type(name) == "gate_proj":
             gated_layers.add(layer)
     first = 0 if full else min((l for l in per_layer if l >= 0), default=shapes.layers)
     per_token = extra_per_token
     for layer in range(shapes.layers):
-        slots = {"qkv": h, "o": h, "up": h, "down": i} if full else per_layer.get(layer, {})
+        slots = ({"qkv": [h, 0], "o": [h, 0], "up": [h, 0], "down": [i, 0]} if full
+                 else per_layer.get(layer, {}))
         flowing = full or layer > first                          # gradients reach the block's input
         attn_core = flowing or "qkv" in slots                    # attention internals are saved
         res_mid = attn_core or "o" in slots                      # the mid-block residual needs grad
         mlp_core = res_mid or "up" in slots
-        if attn_core and not shapes.math_attention:
-            slots = {**slots, "o": 0}                            # the o input is the fused kernel's saved output
-        per_token += sum(slots.values()) * s
+        if attn_core and not shapes.math_attention and "o" in slots:
+            slots = {**slots, "o": [0, slots["o"][1]]}           # the whole o input is the fused kernel's saved output
+        per_token += sum(whole + part for whole, part in slots.values()) * s
         per_token += attention + dropout if attn_core else 0
         if shapes.post_norm:
             per_token += (norm if res_mid else 0) + (norm if mlp_core else 0)
@@ -209,6 +215,18 @@ def _target_shapes(model: torch.nn.Module, targets) -> dict[str, tuple[int, int]
     return cached[1]
 
 
+def kept_input_width(name: str, choice) -> int:
+    """Features per token of layer ``name``'s input that its trained part keeps for backward (see
+    `rowsft.layers.SparseLinear.kept_input_width`)."""
+    if choice.unit == "column":
+        return choice.k
+    if choice.unit == "element":
+        from .layers import input_kept_elsewhere
+        from .sparse_autograd import kept_element_input_width
+        return kept_element_input_width(choice.indices, choice.shape[1], not input_kept_elsewhere(name))
+    return choice.shape[1]
+
+
 def _index_bytes(choice) -> int:
     d_out, d_in = choice.shape
     per = 4 if choice.unit == "element" and d_out * d_in < 2 ** 31 else 8
@@ -247,7 +265,7 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
         if not spec.layers:
             raise ValueError("the selection names no layer; pick at least one layer and a budget above zero")
         trainable = spec.trainable_parameters * s
-        adapted = {name: (c.k if c.unit == "column" else c.shape[1], c.shape[1]) for name, c in spec.layers.items()}
+        adapted = {name: (kept_input_width(name, c), c.shape[1]) for name, c in spec.layers.items()}
         indices = sum(_index_bytes(c) for c in spec.layers.values())
         units = sorted({c.unit for c in spec.layers.values()})
         method = "rowsft-" + "/".join(units)

@@ -8,9 +8,11 @@ backward:
   consumers of the same input); ``grad delta = g[..., idx]ᵀ x`` = rows ``idx`` of the dense weight gradient.
 - columns (``delta (d_out, k)``): ``y += x[..., idx] deltaᵀ``; keeps only the ``k`` selected input
   columns; ``grad x`` gets ``g delta`` added into columns ``idx``.
-- elements (``values (k,)`` at flat positions ``r * d_in + c``): keeps ``x``, ``values`` and the
-  indices; the update restricted to its touched rows, ``(n_rows, d_in)``, is rebuilt in forward and
-  again in backward and never kept alive between them.
+- elements (``values (k,)`` at flat positions ``r * d_in + c``): keeps ``values``, the indices and
+  ``x``, or only ``x``'s touched columns when the mask touches at most half of them (salience masks
+  crowd onto a few outlier input features: on SmolLM2, a third of ``o_proj``'s and ``down_proj``'s);
+  the update restricted to its touched rows, ``(n_rows, d_in)``, is rebuilt in forward and again in
+  backward and never kept alive between them.
 
 Fast path (``weight`` given): the frozen matmul runs inside the function and its input gradient
 ``g W`` is computed in backward, with the update's share accumulated into it in place. Fallback
@@ -80,6 +82,25 @@ def element_rows(index: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Te
     return touched, position, cols
 
 
+def element_columns(index: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For flat indices ``r * d_in + c``: the touched columns (sorted unique) and each index's position among them."""
+    cols = torch.remainder(index.long(), d_in)                              # (k,)
+    touched, position = torch.unique(cols, sorted=True, return_inverse=True)  # (n_cols,), (k,)
+    return touched, position
+
+
+def keeps_column_subset(n_cols: int, d_in: int) -> bool:
+    """Whether an element update keeps only its touched input columns (``n_cols`` of ``d_in``) for backward."""
+    return n_cols <= ElementUpdate.LEAN_COLUMN_FRACTION * d_in
+
+
+def kept_element_input_width(index: torch.Tensor, d_in: int, lean: bool = True) -> int:
+    """Features per token of ``x`` an element update with flat ``index`` keeps for backward
+    (``lean``: whether it may keep only the touched columns)."""
+    n_cols = int(torch.unique(torch.remainder(index.long(), d_in)).numel())
+    return n_cols if lean and keeps_column_subset(n_cols, d_in) else d_in
+
+
 def element_block(values: torch.Tensor, position: torch.Tensor, cols: torch.Tensor, n_rows: int,
                   d_in: int, dtype: torch.dtype) -> torch.Tensor:
     """The element update restricted to its touched rows, dense ``(n_rows, d_in)``."""
@@ -102,11 +123,12 @@ def _effective_weight(weight: torch.Tensor, values: torch.Tensor, index: torch.T
 def _static_entry_points(cls):
     """Give an update class the static ``forward``/``backward`` that autograd calls and that
     ``torch.compile`` can trace (it refuses classmethods there); they run ``cls._forward``/``cls._backward``."""
-    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
+    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False, lean=True):
+        ctx.allow_lean = lean
         return cls._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
 
     def backward(ctx, grad_out):
-        return cls._backward(ctx, grad_out)
+        return *cls._backward(ctx, grad_out), None
 
     cls.forward, cls.backward = staticmethod(forward), staticmethod(backward)
     return cls
@@ -205,9 +227,30 @@ class ElementUpdate(_SparseUpdate):
     single matmul and freed, and built again in backward for ``g (W + D)``. That is the three large
     matmuls of a dense-scatter layer (SPEFT's code) instead of five, while nothing dense outlives its
     forward or backward. ``W + 0`` is ``W`` bit for bit, so step 0 still equals the base model.
+
+    Kept for the gradient of ``values``: ``x``, or ``x[..., touched columns]`` when at most
+    ``LEAN_COLUMN_FRACTION`` of the columns are touched (then the gradient product is also that
+    much narrower) and the caller allows it (``lean``): a subset saves nothing where the whole
+    input is kept anyway (by a sibling sharing it, as ``v_proj`` shares ``q_proj``'s, or by the
+    attention kernel, as for ``o_proj``), and would then be paid on top.
     """
 
     FUSE_FRACTION = 0.25  # fuse when touched rows exceed this share of d_out
+    LEAN_COLUMN_FRACTION = 0.5  # keep only the touched columns of x when they are at most this share of d_in
+
+    @staticmethod
+    def _keep_input(ctx, x, index, d_in):
+        """What backward needs of ``x`` for the gradient of ``values``: ``x`` or its touched columns."""
+        columns, col_position = element_columns(index, d_in)
+        ctx.lean = ctx.allow_lean and keeps_column_subset(columns.numel(), d_in)
+        return x.index_select(-1, columns) if ctx.lean else x                 # (..., n_cols) or (..., d_in)
+
+    @staticmethod
+    def _value_gradient(ctx, dense, index, row_position):
+        """Entry ``(row_position[j], column of index j)`` of ``dense`` (its rows: the touched rows or all
+        ``d_out``; its columns: all ``d_in``, or the touched columns when only those were kept), for each ``j``."""
+        cols = element_columns(index, ctx.d_in)[1] if ctx.lean else torch.remainder(index.long(), ctx.d_in)
+        return dense[row_position, cols].to(ctx.update_dtype)                 # (k,)
 
     @classmethod
     def _forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
@@ -226,8 +269,8 @@ class ElementUpdate(_SparseUpdate):
         out = frozen_linear(x, effective, bias, conv1d)                       # (..., d_out)
         del effective
         need_x, need_update = ctx.needs_input_grad[1], ctx.needs_input_grad[4]
-        ctx.save_for_backward(x if need_update else None, update if need_x else None, index,
-                              weight if need_x else None)
+        kept = cls._keep_input(ctx, x, index, d_in) if need_update else None
+        ctx.save_for_backward(kept, update if need_x else None, index, weight if need_x else None)
         return out
 
     @classmethod
@@ -242,8 +285,9 @@ class ElementUpdate(_SparseUpdate):
             grad_x = (g @ effective).to(ctx.x_dtype)                          # (..., d_in)
             del effective
         if ctx.needs_input_grad[4]:
-            dense = _flat(g).T @ _flat(x).to(ctx.dt)                          # (d_out, d_in), transient
-            grad_values = dense.reshape(-1)[index.long()].to(ctx.update_dtype)  # (k,)
+            dense = _flat(g).T @ _flat(x).to(ctx.dt)                  # (d_out, d_in or n_cols), transient
+            rows = torch.div(index.long(), ctx.d_in, rounding_mode="floor")
+            grad_values = cls._value_gradient(ctx, dense, index, rows)  # (k,)
         return None, grad_x, None, None, grad_values, None, None, None
 
     @staticmethod
@@ -251,7 +295,7 @@ class ElementUpdate(_SparseUpdate):
         touched, position, cols = element_rows(index, d_in)
         block = element_block(values, position, cols, touched.numel(), d_in, dt)  # (n_rows, d_in)
         out.index_add_(-1, touched, F.linear(x.to(dt), block).to(out.dtype))
-        return x
+        return ElementUpdate._keep_input(ctx, x, index, d_in) if ctx.needs_input_grad[4] else None
 
     @staticmethod
     def _grads(ctx, grad_out, grad_x, x, values, index):
@@ -266,8 +310,8 @@ class ElementUpdate(_SparseUpdate):
                 _add_product(grad_x, grad_rows, block)
             del block
         if ctx.needs_input_grad[4]:
-            dense_rows = _flat(grad_rows).T @ _flat(x).to(ctx.dt)             # (n_rows, d_in), transient
-            grad_values = dense_rows[position, cols].to(ctx.update_dtype)      # (k,)
+            dense_rows = _flat(grad_rows).T @ _flat(x).to(ctx.dt)     # (n_rows, d_in or n_cols), transient
+            grad_values = ElementUpdate._value_gradient(ctx, dense_rows, index, position)  # (k,)
         return grad_x, grad_values
 
 
@@ -275,13 +319,14 @@ FUNCTIONS = {"row": RowUpdate, "column": ColumnUpdate, "element": ElementUpdate}
 
 
 def sparse_linear(unit: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  update: torch.Tensor, index: torch.Tensor, conv1d: bool = False) -> torch.Tensor:
+                  update: torch.Tensor, index: torch.Tensor, conv1d: bool = False, lean: bool = True) -> torch.Tensor:
     """Fast path: ``x Wᵀ + b`` plus the sparse update, ``weight`` frozen ``(d_out, d_in)`` → ``(..., d_out)``.
-    ``conv1d``: compute the frozen part as HF ``Conv1D`` does (always one ``addmm``)."""
-    return FUNCTIONS[unit].apply(None, x, weight, bias, update, index, weight.shape[1], conv1d)
+    ``conv1d``: compute the frozen part as HF ``Conv1D`` does (always one ``addmm``). ``lean``: an element
+    update may keep only the touched columns of ``x`` (pass False when ``x`` is kept whole anyway)."""
+    return FUNCTIONS[unit].apply(None, x, weight, bias, update, index, weight.shape[1], conv1d, lean)
 
 
 def add_sparse_update(unit: str, out: torch.Tensor, x: torch.Tensor, update: torch.Tensor,
-                      index: torch.Tensor, d_in: int) -> torch.Tensor:
+                      index: torch.Tensor, d_in: int, lean: bool = True) -> torch.Tensor:
     """Fallback: add the sparse update into a base output ``out (..., d_out)`` in place; returns ``out``."""
-    return FUNCTIONS[unit].apply(out, x, None, None, update, index, d_in)
+    return FUNCTIONS[unit].apply(out, x, None, None, update, index, d_in, False, lean)

@@ -275,8 +275,9 @@ def test_element_layer_keeps_no_dense_update(kind, path):
         y = layer(x)
     y.sum().backward()
     assert big == []
-    assert _saved_activation_bytes(ElementSparseLinear(make_base(kind, torch.float32, d_out, d_in), [3, 40]),
-                                   x) == layer.saved_activation_bytes(x.shape, x.dtype)
+    other = ElementSparseLinear(make_base(kind, torch.float32, d_out, d_in), [3, 40])
+    assert _saved_activation_bytes(other, x) == other.saved_activation_bytes(x.shape, x.dtype)
+    assert _saved_activation_bytes(layer, x.detach().requires_grad_(True)) == layer.saved_activation_bytes(x.shape, x.dtype)
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -440,9 +441,11 @@ def test_train_bias_needs_a_bias():
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("fuse_fraction", [0.0, 1.0])   # always fused W + D / never fused
-def test_element_fused_and_unfused_paths_equal_dense_reference(kind, fuse_fraction, monkeypatch):
+@pytest.mark.parametrize("lean_fraction", [0.0, 1.0])   # keep the whole input / only its touched columns
+def test_element_fused_and_unfused_paths_equal_dense_reference(kind, fuse_fraction, lean_fraction, monkeypatch):
     from rowsft.sparse_autograd import ElementUpdate
     monkeypatch.setattr(ElementUpdate, "FUSE_FRACTION", fuse_fraction)
+    monkeypatch.setattr(ElementUpdate, "LEAN_COLUMN_FRACTION", lean_fraction)
     base = make_base(kind)
     idx = torch.tensor([0, 3, D_IN + 1, 5 * D_IN + 2, D_OUT * D_IN - 1])
     layer = ElementSparseLinear(base, idx)
@@ -462,3 +465,32 @@ def test_element_fused_and_unfused_paths_equal_dense_reference(kind, fuse_fracti
     torch.testing.assert_close(layer(x.detach()), y_ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.values.grad, dense.grad.reshape(-1)[idx], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@PATHS
+def test_element_layer_keeps_only_touched_columns_when_few(kind, path):
+    """A mask on 3 of 40 input columns keeps those 3 columns of x; one spread over 30 keeps all of x."""
+    base = make_base(kind, torch.float32, d_out=48, d_in=40)
+    few = [0 * 40 + 5, 1 * 40 + 5, 7 * 40 + 9, 20 * 40 + 31, 47 * 40 + 9]     # columns 5, 9, 31
+    many = [r * 40 + c for r, c in zip(range(30), range(30))]                  # columns 0..29
+    x = torch.randn(3, 7, 40, requires_grad=True)
+    lean, whole = make_layer("element", base, few, path), make_layer("element", base, many, path)
+    assert lean.kept_input_width() == 3 and whole.kept_input_width() == 40
+    assert _saved_activation_bytes(lean, x) == lean.saved_activation_bytes(x.shape) == 3 * 7 * 3 * 4
+    assert _saved_activation_bytes(whole, x) == whole.saved_activation_bytes(x.shape) == 3 * 7 * 40 * 4
+
+
+def test_element_layers_keep_column_subsets_only_where_the_input_has_no_other_keeper():
+    """q/k/v and gate/up share an input, o_proj's is the attention kernel's saved output: a subset there
+    would be paid on top of the whole input. down_proj's input (the gated activation) has no other keeper."""
+    from rowsft import tuner
+    from rowsft.selection_types import LayerChoice, Selection
+    from rowsft.targets import find_targets, linear_shape
+    from rowsft.zoo import tiny_model
+    model = tiny_model("llama", layers=1)
+    layers = {n: LayerChoice("element", torch.tensor([0, 1]), linear_shape(m)) for n, m in find_targets(model).items()}
+    tuner.apply(model, Selection(layers))
+    lean = {n.rsplit(".", 1)[-1]: m.lean_input for n, m in model.named_modules() if isinstance(m, ElementSparseLinear)}
+    assert lean == {"q_proj": False, "k_proj": False, "v_proj": False, "o_proj": False,
+                    "gate_proj": False, "up_proj": False, "down_proj": True}
