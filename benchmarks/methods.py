@@ -13,12 +13,15 @@ layer touching at most half of its input columns keeps only those for backward. 
     .venv/bin/python benchmarks/methods.py --seqs 128 256 512 1024 --ranks 8 --name sweep_tokens
     .venv/bin/python benchmarks/methods.py --seqs 256 --ranks 4 8 16 32 64 --name sweep_budget
     .venv/bin/python benchmarks/methods.py --methods row lean lora --compile --name compiled
+    .venv/bin/python benchmarks/methods.py --seqs 64 128 256 512 1024 --methods element dense-scatter \
+        --update benchmarks/results/sweep_tokens.json     # re-measure some methods of an existing sweep
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (inductor); reports the first "
                     "step, which compiles, apart")
     ap.add_argument("--replot", type=Path, help="only redraw the figure of an existing results file")
+    ap.add_argument("--update", type=Path, help="an existing results file whose points of the measured methods "
+                    "(same tokens and rank) are replaced by this run's; the file records which were re-measured when")
     args = ap.parse_args(argv)
     if args.replot:
         figure(json.loads(args.replot.read_text())["points"], args.replot.with_suffix(".fig.json"))
@@ -164,10 +169,22 @@ def main(argv=None) -> int:
             if {"element", "dense-scatter"} <= by.keys():
                 v = by["element"].peak_bytes / by["dense-scatter"].peak_bytes
                 print(f"{'PASS' if v <= 0.7 else 'MISS'}  element peak ≤ 0.7 × dense-scatter peak: {v:.3f}")
+    payload = {"args": vars(args), "points": points}
+    if args.update:
+        payload = json.loads(args.update.read_text())
+        payload.setdefault("first_run", {k: payload.get(k) for k in ("machine", "command", "date")})
+        fresh = {(p["method"], p["tokens"], p["rank"]) for p in points}
+        payload["points"] = [p for p in payload["points"] if (p["method"], p["tokens"], p["rank"]) not in fresh] + points
+        payload.setdefault("updates", []).append({"date": time.strftime("%Y-%m-%d %H:%M"), "methods": args.methods,
+                                                  "seqs": args.seqs, "ranks": args.ranks, "machine": harness.machine()})
+        points = payload["points"]
     slope = slopes(points)
     if slope:
         print("\npeak memory growth, MiB per 1k tokens: " + ", ".join(f"{m} {s:.1f}" for m, s in sorted(slope.items())))
-    path = harness.write_results(args.name, {"args": vars(args), "points": points, "slopes_mib_per_1k_tokens": slope})
+    payload["slopes_mib_per_1k_tokens"] = slope
+    name = args.update.stem if args.update else args.name
+    path = harness.write_results(name, {k: v for k, v in payload.items()
+                                        if k not in ("benchmark", "machine", "command", "date")})
     figure(points, path.with_suffix(".fig.json"))
     print(f"\nwritten {path}")
     return 0

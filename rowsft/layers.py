@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .selection_types import LayerChoice
-from .sparse_autograd import add_sparse_update, kept_element_input_width, sparse_linear
+from .sparse_autograd import add_sparse_update, input_columns, kept_element_input_width, sparse_linear
 from .targets import is_linear_like, is_transposed, linear_shape, weight_out_in
 
 
@@ -146,10 +146,10 @@ class SparseLinear(nn.Module):
             return self.base_layer(x)
         if self._fusable():
             out = sparse_linear(self.unit, x, weight_out_in(self.base_layer), self.base_layer.bias,
-                                self.update, self.indices, is_transposed(self.base_layer), self.lean_input)  # (..., d_out)
+                                self.update, self.indices, is_transposed(self.base_layer), self._kept_columns())
         else:
             out = add_sparse_update(self.unit, self.base_layer(x), x, self.update, self.indices, self.in_features,
-                                    self.lean_input)
+                                    self._kept_columns())
         if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)
@@ -199,6 +199,11 @@ class SparseLinear(nn.Module):
     def kept_input_width(self) -> int:
         """Features per token of the input that the update keeps for backward."""
         return self.k if self.unit == "column" else self.in_features
+
+    def _kept_columns(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Element layers: the touched input columns kept for backward (and each index's position among them),
+        or None for the whole input."""
+        return None
 
     def extra_repr(self) -> str:
         return (f"unit={self.unit}, k={self.k}, shape=({self.out_features}, {self.in_features}), "
@@ -274,6 +279,16 @@ class ElementSparseLinear(SparseLinear):
 
     def kept_input_width(self) -> int:
         return kept_element_input_width(self.indices, self.in_features, self.lean_input)
+
+    def _kept_columns(self):
+        if not self.lean_input:
+            return None
+        key = (self.indices.data_ptr(), self.indices._version, self.indices.device)   # recomputed if the mask changes
+        cached = getattr(self, "_columns_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, input_columns(self.indices, self.in_features))
+            self._columns_cache = cached
+        return cached[1]
 
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         flat = self.indices.long()

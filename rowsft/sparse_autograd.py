@@ -94,11 +94,18 @@ def keeps_column_subset(n_cols: int, d_in: int) -> bool:
     return n_cols <= ElementUpdate.LEAN_COLUMN_FRACTION * d_in
 
 
+def input_columns(index: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``element_columns(index, d_in)`` when an element update with flat ``index`` should keep only those
+    columns of its input for backward (`keeps_column_subset`), else None (it keeps the whole input)."""
+    columns, position = element_columns(index, d_in)
+    return (columns, position) if keeps_column_subset(columns.numel(), d_in) else None
+
+
 def kept_element_input_width(index: torch.Tensor, d_in: int, lean: bool = True) -> int:
     """Features per token of ``x`` an element update with flat ``index`` keeps for backward
     (``lean``: whether it may keep only the touched columns)."""
-    n_cols = int(torch.unique(torch.remainder(index.long(), d_in)).numel())
-    return n_cols if lean and keeps_column_subset(n_cols, d_in) else d_in
+    columns = input_columns(index, d_in) if lean else None
+    return d_in if columns is None else int(columns[0].numel())
 
 
 def element_block(values: torch.Tensor, position: torch.Tensor, cols: torch.Tensor, n_rows: int,
@@ -123,8 +130,8 @@ def _effective_weight(weight: torch.Tensor, values: torch.Tensor, index: torch.T
 def _static_entry_points(cls):
     """Give an update class the static ``forward``/``backward`` that autograd calls and that
     ``torch.compile`` can trace (it refuses classmethods there); they run ``cls._forward``/``cls._backward``."""
-    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False, lean=True):
-        ctx.allow_lean = lean
+    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False, columns=None):
+        ctx.columns = columns
         return cls._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
 
     def backward(ctx, grad_out):
@@ -230,7 +237,8 @@ class ElementUpdate(_SparseUpdate):
 
     Kept for the gradient of ``values``: ``x``, or ``x[..., touched columns]`` when at most
     ``LEAN_COLUMN_FRACTION`` of the columns are touched (then the gradient product is also that
-    much narrower) and the caller allows it (``lean``): a subset saves nothing where the whole
+    much narrower) and the caller passes them (``columns``, from `input_columns`, computed once per
+    mask by the layer): a subset saves nothing where the whole
     input is kept anyway (by a sibling sharing it, as ``v_proj`` shares ``q_proj``'s, or by the
     attention kernel, as for ``o_proj``), and would then be paid on top.
     """
@@ -241,15 +249,13 @@ class ElementUpdate(_SparseUpdate):
     @staticmethod
     def _keep_input(ctx, x, index, d_in):
         """What backward needs of ``x`` for the gradient of ``values``: ``x`` or its touched columns."""
-        columns, col_position = element_columns(index, d_in)
-        ctx.lean = ctx.allow_lean and keeps_column_subset(columns.numel(), d_in)
-        return x.index_select(-1, columns) if ctx.lean else x                 # (..., n_cols) or (..., d_in)
+        return x if ctx.columns is None else x.index_select(-1, ctx.columns[0])  # (..., d_in) or (..., n_cols)
 
     @staticmethod
     def _value_gradient(ctx, dense, index, row_position):
         """Entry ``(row_position[j], column of index j)`` of ``dense`` (its rows: the touched rows or all
         ``d_out``; its columns: all ``d_in``, or the touched columns when only those were kept), for each ``j``."""
-        cols = element_columns(index, ctx.d_in)[1] if ctx.lean else torch.remainder(index.long(), ctx.d_in)
+        cols = torch.remainder(index.long(), ctx.d_in) if ctx.columns is None else ctx.columns[1]
         return dense[row_position, cols].to(ctx.update_dtype)                 # (k,)
 
     @classmethod
@@ -319,14 +325,16 @@ FUNCTIONS = {"row": RowUpdate, "column": ColumnUpdate, "element": ElementUpdate}
 
 
 def sparse_linear(unit: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  update: torch.Tensor, index: torch.Tensor, conv1d: bool = False, lean: bool = True) -> torch.Tensor:
+                  update: torch.Tensor, index: torch.Tensor, conv1d: bool = False,
+                  columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Fast path: ``x Wᵀ + b`` plus the sparse update, ``weight`` frozen ``(d_out, d_in)`` → ``(..., d_out)``.
-    ``conv1d``: compute the frozen part as HF ``Conv1D`` does (always one ``addmm``). ``lean``: an element
-    update may keep only the touched columns of ``x`` (pass False when ``x`` is kept whole anyway)."""
-    return FUNCTIONS[unit].apply(None, x, weight, bias, update, index, weight.shape[1], conv1d, lean)
+    ``conv1d``: compute the frozen part as HF ``Conv1D`` does (always one ``addmm``). ``columns``: an element
+    update keeps only these touched columns of ``x`` (`input_columns`; None: the whole ``x``)."""
+    return FUNCTIONS[unit].apply(None, x, weight, bias, update, index, weight.shape[1], conv1d, columns)
 
 
 def add_sparse_update(unit: str, out: torch.Tensor, x: torch.Tensor, update: torch.Tensor,
-                      index: torch.Tensor, d_in: int, lean: bool = True) -> torch.Tensor:
+                      index: torch.Tensor, d_in: int,
+                      columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Fallback: add the sparse update into a base output ``out (..., d_out)`` in place; returns ``out``."""
-    return FUNCTIONS[unit].apply(out, x, None, None, update, index, d_in, False, lean)
+    return FUNCTIONS[unit].apply(out, x, None, None, update, index, d_in, False, columns)

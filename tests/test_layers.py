@@ -494,3 +494,19 @@ def test_element_layers_keep_column_subsets_only_where_the_input_has_no_other_ke
     lean = {n.rsplit(".", 1)[-1]: m.lean_input for n, m in model.named_modules() if isinstance(m, ElementSparseLinear)}
     assert lean == {"q_proj": False, "k_proj": False, "v_proj": False, "o_proj": False,
                     "gate_proj": False, "up_proj": False, "down_proj": True}
+
+
+def test_element_column_cache_follows_a_mask_loaded_in_place():
+    """An adapter load copies new indices into the buffer in place; the kept columns must follow."""
+    base = make_base("linear", torch.float64, d_out=48, d_in=40)
+    layer = ElementSparseLinear(base, [5, 45, 85])                      # column 5 only
+    x = torch.randn(2, 3, 40, dtype=torch.float64)
+    layer(x.requires_grad_(True)).sum().backward()
+    new = torch.tensor([1, 42, 83], dtype=layer.indices.dtype)           # columns 1, 2, 3
+    with torch.no_grad():
+        layer.indices.copy_(new)
+    layer.values.grad = None
+    g = torch.randn(2, 3, 48, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    dense = g.reshape(-1, 48).T @ x.detach().reshape(-1, 40)              # (d_out, d_in) weight gradient
+    torch.testing.assert_close(layer.values.grad, dense.reshape(-1)[new.long()], rtol=1e-12, atol=1e-12)
