@@ -2,7 +2,7 @@
 #   make setup   create/update .venv (idempotent, quick when nothing changed)
 #   make test    run the test suite
 #   make run     the main job: the `rowsft` command (ARGS="..." passes arguments)
-#   make bench   the benchmarks (memory, time, accuracy against the peers)
+#   make bench   the headline benchmarks (engine, methods, scoring: memory and time)
 #   make clean   remove build and test leftovers (keeps .venv and the model cache)
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -24,9 +24,12 @@ test: setup
 run: setup
 	$(VENV)/bin/rowsft $(ARGS)
 
+# The headline benchmarks, one after another (about 25 min on 2 CPU cores); each prints its table and
+# writes benchmarks/results/<name>.json. Sweeps, accuracy and the study: see README "Benchmarks".
 bench: setup
-	@if [ -f benchmarks/run.py ]; then $(PYTHON) benchmarks/run.py $(ARGS); \
-	else echo "bench: no benchmarks yet (benchmarks/run.py lands with the benchmark issue)"; fi
+	$(PYTHON) benchmarks/engine.py
+	$(PYTHON) benchmarks/methods.py
+	$(PYTHON) benchmarks/scoring.py
 
 clean:
 	rm -rf build dist .pytest_cache test-artifacts benchmarks/out *.egg-info
