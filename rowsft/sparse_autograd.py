@@ -235,19 +235,18 @@ class ElementUpdate(_SparseUpdate):
     matmuls of a dense-scatter layer (SPEFT's code) instead of five, while nothing dense outlives its
     forward or backward. ``W + 0`` is ``W`` bit for bit, so step 0 still equals the base model.
 
-    Kept for the gradient of ``values``: ``x``, or ``x[..., touched columns]`` when at most
-    ``LEAN_COLUMN_FRACTION`` of the columns are touched (then the gradient product is also that
-    much narrower) and the caller passes them (``columns``, from `input_columns`, computed once per
-    mask by the layer): a subset saves nothing where the whole
-    input is kept anyway (by a sibling sharing it, as ``v_proj`` shares ``q_proj``'s, or by the
-    attention kernel, as for ``o_proj``), and would then be paid on top.
+    Kept for the gradient of ``values``: ``x``, or ``x[..., touched columns]`` when the caller passes
+    those columns (``columns``, from `input_columns`, computed once per mask by the layer: at most
+    ``LEAN_COLUMN_FRACTION`` of them touched). The gradient product is then that much narrower too.
+    The layer passes none where the whole input is kept anyway (by a sibling sharing it, as ``v_proj``
+    shares ``q_proj``'s, or by the attention kernel, as for ``o_proj``): a subset would be paid on top.
     """
 
     FUSE_FRACTION = 0.25  # fuse when touched rows exceed this share of d_out
     LEAN_COLUMN_FRACTION = 0.5  # keep only the touched columns of x when they are at most this share of d_in
 
     @staticmethod
-    def _keep_input(ctx, x, index, d_in):
+    def _keep_input(ctx, x):
         """What backward needs of ``x`` for the gradient of ``values``: ``x`` or its touched columns."""
         return x if ctx.columns is None else x.index_select(-1, ctx.columns[0])  # (..., d_in) or (..., n_cols)
 
@@ -275,7 +274,7 @@ class ElementUpdate(_SparseUpdate):
         out = frozen_linear(x, effective, bias, conv1d)                       # (..., d_out)
         del effective
         need_x, need_update = ctx.needs_input_grad[1], ctx.needs_input_grad[4]
-        kept = cls._keep_input(ctx, x, index, d_in) if need_update else None
+        kept = cls._keep_input(ctx, x) if need_update else None
         ctx.save_for_backward(kept, update if need_x else None, index, weight if need_x else None)
         return out
 
@@ -301,7 +300,7 @@ class ElementUpdate(_SparseUpdate):
         touched, position, cols = element_rows(index, d_in)
         block = element_block(values, position, cols, touched.numel(), d_in, dt)  # (n_rows, d_in)
         out.index_add_(-1, touched, F.linear(x.to(dt), block).to(out.dtype))
-        return ElementUpdate._keep_input(ctx, x, index, d_in) if ctx.needs_input_grad[4] else None
+        return ElementUpdate._keep_input(ctx, x) if ctx.needs_input_grad[4] else None
 
     @staticmethod
     def _grads(ctx, grad_out, grad_x, x, values, index):
