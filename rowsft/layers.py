@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .selection_types import LayerChoice
-from .sparse_autograd import add_sparse_update, input_columns, kept_element_input_width, sparse_linear
+from .sparse_autograd import add_sparse_update, input_columns, sparse_linear
 from .targets import is_linear_like, is_transposed, linear_shape, weight_out_in
 
 
@@ -70,7 +70,6 @@ class SparseLinear(nn.Module):
     """Common machinery of the three sparse layers (not used directly)."""
 
     unit: str = ""
-    lean_input: bool = True   # element layers: may keep only the touched input columns for backward
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -197,8 +196,8 @@ class SparseLinear(nn.Module):
         return tokens * self.kept_input_width() * torch.empty((), dtype=dtype).element_size()
 
     def kept_input_width(self) -> int:
-        """Features per token of the input that the update keeps for backward."""
-        return self.k if self.unit == "column" else self.in_features
+        """Features per token of the input that the update keeps for backward (see :func:`kept_input_width`)."""
+        return kept_input_width(self.unit, self.indices, self.in_features)
 
     def _kept_columns(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Element layers: the touched input columns kept for backward (and each index's position among them),
@@ -261,6 +260,13 @@ class ElementSparseLinear(SparseLinear):
 
     unit = "element"
 
+    def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
+                 train_bias: bool = False, name: str | None = None, lean_input: bool | None = None):
+        """``lean_input``: keep only the touched input columns for backward when they are few (None: yes,
+        unless ``name`` is a layer whose input is kept whole anyway, see :func:`input_kept_elsewhere`)."""
+        super().__init__(base_layer, indices, delta_dtype, train_bias, name)
+        self.lean_input = not input_kept_elsewhere(name) if lean_input is None else bool(lean_input)
+
     def _index_buffer(self, index, d_out, d_in):
         return index.to(torch.int32) if d_out * d_in < 2**31 else index
 
@@ -270,15 +276,8 @@ class ElementSparseLinear(SparseLinear):
     def _bias_index(self, index, d_out, d_in):
         return torch.unique(torch.div(index, d_in, rounding_mode="floor"))
 
-    def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
-                 train_bias: bool = False, name: str | None = None, lean_input: bool | None = None):
-        """``lean_input``: keep only the touched input columns for backward when they are few (None: yes,
-        unless ``name`` is a layer whose input is kept whole anyway, see :func:`input_kept_elsewhere`)."""
-        super().__init__(base_layer, indices, delta_dtype, train_bias, name)
-        self.lean_input = not input_kept_elsewhere(name) if lean_input is None else bool(lean_input)
-
     def kept_input_width(self) -> int:
-        return kept_element_input_width(self.indices, self.in_features, self.lean_input)
+        return kept_input_width(self.unit, self.indices, self.in_features, self.lean_input)
 
     def _kept_columns(self):
         if not self.lean_input:
@@ -307,6 +306,16 @@ class ElementSparseLinear(SparseLinear):
         return dense.view(self.out_features, self.in_features)
 
 
+def kept_input_width(unit: str, indices: torch.Tensor, d_in: int, lean_input: bool = True) -> int:
+    """Features per token of a layer's input that a sparse update of ``unit`` at ``indices`` keeps for
+    backward: the ``k`` selected columns (column), the touched columns (element, when ``lean_input`` and
+    `rowsft.sparse_autograd.input_columns` finds them few enough), else the whole input, ``d_in``."""
+    if unit == "column":
+        return int(indices.numel())
+    columns = input_columns(indices, d_in) if unit == "element" and lean_input else None
+    return d_in if columns is None else int(columns[0].numel())
+
+
 def input_kept_elsewhere(name: str | None) -> bool:
     """Whether the input of the linear layer ``name`` is kept whole for backward by something else: a
     sibling sharing it (q/k/v, gate/up) or the attention kernel (the output projection's input is the
@@ -328,4 +337,4 @@ def sparse_layer(unit: str, base_layer: nn.Module, indices, **kwargs) -> SparseL
 
 
 __all__ = ["SparseLinear", "RowSparseLinear", "ColumnSparseLinear", "ElementSparseLinear", "SPARSE_LAYERS",
-           "sparse_layer", "input_kept_elsewhere"]
+           "sparse_layer", "input_kept_elsewhere", "kept_input_width"]

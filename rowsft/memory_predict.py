@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .layers import input_kept_elsewhere, kept_input_width
 from .selection_types import Selection
 from .targets import find_targets, is_output_head, layer_index, linear_shape, module_type
 
@@ -215,18 +216,6 @@ def _target_shapes(model: torch.nn.Module, targets) -> dict[str, tuple[int, int]
     return cached[1]
 
 
-def kept_input_width(name: str, choice) -> int:
-    """Features per token of layer ``name``'s input that its trained part keeps for backward (see
-    `rowsft.layers.SparseLinear.kept_input_width`)."""
-    if choice.unit == "column":
-        return choice.k
-    if choice.unit == "element":
-        from .layers import input_kept_elsewhere
-        from .sparse_autograd import kept_element_input_width
-        return kept_element_input_width(choice.indices, choice.shape[1], not input_kept_elsewhere(name))
-    return choice.shape[1]
-
-
 def _index_bytes(choice) -> int:
     d_out, d_in = choice.shape
     per = 4 if choice.unit == "element" and d_out * d_in < 2 ** 31 else 8
@@ -265,7 +254,8 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
         if not spec.layers:
             raise ValueError("the selection names no layer; pick at least one layer and a budget above zero")
         trainable = spec.trainable_parameters * s
-        adapted = {name: (kept_input_width(name, c), c.shape[1]) for name, c in spec.layers.items()}
+        adapted = {name: (kept_input_width(c.unit, c.indices, c.shape[1], not input_kept_elsewhere(name)), c.shape[1])
+                   for name, c in spec.layers.items()}   # as the layers built from it will keep
         indices = sum(_index_bytes(c) for c in spec.layers.values())
         units = sorted({c.unit for c in spec.layers.values()})
         method = "rowsft-" + "/".join(units)

@@ -101,13 +101,6 @@ def input_columns(index: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.T
     return (columns, position) if keeps_column_subset(columns.numel(), d_in) else None
 
 
-def kept_element_input_width(index: torch.Tensor, d_in: int, lean: bool = True) -> int:
-    """Features per token of ``x`` an element update with flat ``index`` keeps for backward
-    (``lean``: whether it may keep only the touched columns)."""
-    columns = input_columns(index, d_in) if lean else None
-    return d_in if columns is None else int(columns[0].numel())
-
-
 def element_block(values: torch.Tensor, position: torch.Tensor, cols: torch.Tensor, n_rows: int,
                   d_in: int, dtype: torch.dtype) -> torch.Tensor:
     """The element update restricted to its touched rows, dense ``(n_rows, d_in)``."""
