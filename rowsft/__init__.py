@@ -15,7 +15,7 @@ Submodules are imported lazily so that ``import rowsft`` stays fast.
 """
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -37,18 +37,4 @@ _SUBMODULES = ("targets", "scoring", "selection", "layers", "tuner", "training",
 
 __all__ = sorted(_VERBS) + list(_SUBMODULES)
 
-
-def __getattr__(name: str):
-    if name in _VERBS:
-        value = getattr(importlib.import_module(f".{_VERBS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        module = importlib.import_module(f".{name}", __name__)
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'rowsft' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _VERBS, _SUBMODULES)

@@ -10,7 +10,7 @@ Names are imported lazily, so ``import rowsft.integrations`` does not import tra
 """
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _NAMES = {
     "RowSFTTrainerCallback": "hf_trainer", "save_adapter_into": "hf_trainer",
@@ -20,14 +20,4 @@ _NAMES = {
 
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str):
-    if name in _NAMES:
-        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rowsft.integrations' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _NAMES)
