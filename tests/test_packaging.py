@@ -74,3 +74,12 @@ def test_core_modules_import_neither_plotly_nor_ipywidgets():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('plotly', 'ipywidgets')]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_figures_need_plotly_but_not_ipywidgets():
+    """``rowsft.viz`` re-exports the builders of ``rowsft.notebook.figures``; importing them loads no widgets."""
+    code = ("import sys, rowsft.viz\n"
+            "assert 'plotly' in sys.modules\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('ipywidgets', 'anywidget')]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

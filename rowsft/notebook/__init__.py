@@ -20,15 +20,21 @@ widget state. JupyterLab does not save widget state unless asked to, but ``jupyt
 so clear the widget state before committing an executed notebook. Static figures from
 ``rowsft.viz`` carry only their data (float32, rounded).
 """
-from ._widgets import StatusArea
-from .budget import BudgetControl
-from .dashboard import Dashboard, as_batches
-from .launcher import RunSummary, TrainLauncher
-from .layer_picker import LayerPicker
-from .live import CurveCallback, LiveCurves
-from .metric import CountingBatches, MetricChooser
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+# imported at once (no widgets there); the function ``settings`` must shadow its submodule's name for good
 from .settings import FAST_SETTINGS, FULL_SETTINGS, NotebookSettings, fast_mode, settings
+
+# name -> submodule of the widgets, imported on first use, so that ``rowsft.notebook.figures`` (and
+# ``rowsft.viz``) need plotly but not ipywidgets
+_NAMES = {"StatusArea": "_widgets", "BudgetControl": "budget", "Dashboard": "dashboard", "as_batches": "dashboard",
+          "RunSummary": "launcher", "TrainLauncher": "launcher", "LayerPicker": "layer_picker",
+          "CurveCallback": "live", "LiveCurves": "live", "CountingBatches": "metric", "MetricChooser": "metric"}
 
 __all__ = ["BudgetControl", "CountingBatches", "CurveCallback", "Dashboard", "FAST_SETTINGS", "FULL_SETTINGS",
            "LayerPicker", "LiveCurves", "MetricChooser", "NotebookSettings", "RunSummary", "StatusArea",
            "TrainLauncher", "as_batches", "fast_mode", "settings"]
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _NAMES)

@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from .. import viz
-from ..viz._common import report_dict
+from . import figures as viz
+from .figures._common import report_dict
 from ._widgets import Displayable, StatusArea, error_message, format_bytes, format_count, log, refresh_figure
 from .layer_picker import LayerPicker
 

@@ -16,8 +16,8 @@ from typing import Callable, Mapping
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from .. import viz
-from ..viz._common import group_by_type, score_vectors
+from . import figures as viz
+from .figures._common import group_by_type, score_vectors
 from ._widgets import Displayable, StatusArea, refresh_figure, section
 from .budget import BudgetControl
 from .launcher import TrainLauncher

@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 import ipywidgets as widgets
 
-from ..viz._common import memory_value
+from .figures._common import memory_value
 from ._widgets import Displayable, StatusArea, error_message, format_bytes, log
 
 

@@ -22,9 +22,9 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
-from .. import viz
-from ..viz._common import memory_value
-from ..viz.curves import MIB, curve_trace
+from . import figures as viz
+from .figures._common import memory_value
+from .figures.curves import MIB, curve_trace
 from ._widgets import Displayable
 
 

@@ -3,7 +3,7 @@
 A run is a ``History`` (``.steps``/``.evals`` lists of dicts), ``History.to_dict()``, a list of
 step dicts or a DataFrame. A metric is looked up in the step records first, then in the eval
 records (``accuracy``); ``"memory"`` means the memory figure of each step (see
-``rowsft.viz._common.memory_value``) and is drawn in MiB.
+``rowsft.notebook.figures._common.memory_value``) and is drawn in MiB.
 """
 from __future__ import annotations
 

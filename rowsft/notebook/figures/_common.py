@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 import plotly.graph_objects as go
 
-from ..targets import layer_index as _layer_index
+from ...targets import layer_index as _layer_index
 
 # A few-line template instead of plotly's default one (~6.5 kB of JSON repeated in every saved figure).
 TEMPLATE = go.layout.Template(layout=dict(

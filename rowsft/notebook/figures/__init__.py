@@ -1,4 +1,7 @@
-"""Plotly figure builders for rowsft: pure functions from plain data to ``go.Figure``.
+"""Plotly figure builders for rowsft: pure functions from plain data to ``go.Figure``; the public
+face is :mod:`rowsft.viz`, which re-exports them. They live beside the widgets that draw them live
+because the project keeps plotly and ipywidgets out of the core package: only ``rowsft/viz.py`` and
+``rowsft/notebook/`` may import them (importing this subpackage does not import ipywidgets).
 
 Usable without widgets: show them inline, or save with ``fig.write_html(...)`` /
 ``fig.write_image(...)`` (PNG needs kaleido). Each builder takes plain data — ``Scores`` (or a
