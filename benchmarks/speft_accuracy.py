@@ -99,20 +99,21 @@ def job_config(args, seed: int, variant: Variant):
                      device=args.device, progress=args.progress).validate()
 
 
-def accuracy(model, tokenizer, data, cfg) -> float:
+def held_out(model, tokenizer, data, cfg) -> dict:
+    """``rowsft.evaluate`` on the validation split: accuracy and choice loss (held-out cross-entropy)."""
     from rowsft.evaluation import evaluate
     return evaluate(model, tokenizer, data["validation"], batch_size=max(8, cfg.batch_size), max_length=cfg.max_length,
-                    max_examples=cfg.eval_examples, progress=cfg.progress)["accuracy"]
+                    max_examples=cfg.eval_examples, progress=cfg.progress)
 
 
-def zero_shot(args) -> float:
-    """Accuracy of the untuned model (same evaluation as every run)."""
+def zero_shot(args) -> dict:
+    """Accuracy and choice loss of the untuned model (same evaluation as every run)."""
     import torch
     from rowsft import zoo
     cfg = job_config(args, 0, Variant("zero-shot", "element", "random"))
     model, tokenizer = zoo.load_model(cfg.model)
     model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return accuracy(model, tokenizer, zoo.load_dataset(cfg.task, max_train=cfg.max_train, seed=0), cfg)
+    return held_out(model, tokenizer, zoo.load_dataset(cfg.task, max_train=cfg.max_train, seed=0), cfg)
 
 
 def run_once(cfg, variant: Variant, every: int | None = None) -> dict:
@@ -145,9 +146,9 @@ def run_once(cfg, variant: Variant, every: int | None = None) -> dict:
     history = train(model, batches, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress,
                     callbacks=callbacks)
     train_s = time.perf_counter() - t_train
-    acc = accuracy(model, tokenizer, data, cfg)
+    result = held_out(model, tokenizer, data, cfg)
     row = {"variant": variant.label, "unit": variant.unit, "metric": variant.metric, "dynamic": variant.dynamic,
-           "seed": cfg.seed, "accuracy": acc,
+           "seed": cfg.seed, "accuracy": result["accuracy"], "choice_loss": result["choice_loss"],
            "trainable_parameters": tuner.trainable_parameters(model)[0], "final_loss": history.final_loss,
            "mean_loss_last_quarter": statistics.mean(history.losses[-max(1, len(history.losses) // 4):]),
            "load_s": load_s, "score_s": score_s, "train_s": train_s,
@@ -157,35 +158,75 @@ def run_once(cfg, variant: Variant, every: int | None = None) -> dict:
     return row
 
 
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(rows: list[dict], variants) -> list[dict]:
-    """Per variant: accuracy mean, standard deviation (sample), min, max over seeds, and costs."""
-    out = []
+    """Per variant: accuracy and choice loss, mean, standard deviation (sample), min, max over seeds, and costs.
+
+    Every variant after the first also gets its differences to the first one, seed by seed (the
+    same data order, calibration batches and questions): ``paired_acc`` and ``paired_loss`` (mean
+    and standard deviation of ``variant - first``) and ``first_better`` (in how many seeds the
+    first variant had the higher accuracy / the lower choice loss). Runs without a choice loss
+    (files written before it was recorded) are left out of the loss columns.
+    """
+    out, first = [], {}
     for v in variants:
         rs = [r for r in rows if r["variant"] == v.label]
         if not rs:
             continue
         accs = [r["accuracy"] for r in rs]
+        losses = [r["choice_loss"] for r in rs if "choice_loss" in r]
         entry = {"variant": v.label, "n": len(rs), "mean": statistics.mean(accs),
-                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs), "max": max(accs),
+                 "std": _std(accs), "min": min(accs), "max": max(accs),
+                 "loss_mean": statistics.mean(losses) if losses else None, "loss_std": _std(losses) if losses else None,
                  "final_loss": statistics.mean(r["final_loss"] for r in rs),
                  "trainable": rs[0]["trainable_parameters"], "wall_s": statistics.mean(r["wall_s"] for r in rs)}
         jaccards = [x["jaccard"] for r in rs for x in r.get("reselections", [])]
         if jaccards:
             entry["mean_jaccard"] = statistics.mean(jaccards)
+        by_seed = {r["seed"]: r for r in rs}
+        if not first:
+            first = by_seed
+        else:
+            seeds = sorted(set(first) & set(by_seed))
+            acc_d = [by_seed[s]["accuracy"] - first[s]["accuracy"] for s in seeds]
+            loss_d = [by_seed[s]["choice_loss"] - first[s]["choice_loss"] for s in seeds
+                      if "choice_loss" in by_seed[s] and "choice_loss" in first[s]]
+            if acc_d:
+                entry["paired_acc"] = (statistics.mean(acc_d), _std(acc_d))
+                entry["first_better_acc"] = f"{sum(d < 0 for d in acc_d)}/{len(acc_d)}"
+            if loss_d:
+                entry["paired_loss"] = (statistics.mean(loss_d), _std(loss_d))
+                entry["first_better_loss"] = f"{sum(d > 0 for d in loss_d)}/{len(loss_d)}"
         out.append(entry)
     return out
 
 
-def table(summary: list[dict], zero_shot_accuracy: float | None) -> str:
-    head = (f"{'variant':<20}{'seeds':>6}{'acc mean':>10}{'± std':>8}{'min':>8}{'max':>8}{'loss':>8}"
-            f"{'trainable':>12}{'run s':>8}{'jaccard':>9}")
+def table(summary: list[dict], zero_shot: dict | None) -> str:
+    """Accuracy (%) and held-out choice loss per variant, then the paired differences to the first variant."""
+    head = (f"{'variant':<20}{'seeds':>6}{'acc mean':>10}{'± std':>8}{'min':>8}{'max':>8}{'held-out':>10}{'± std':>8}"
+            f"{'train':>8}{'trainable':>12}{'run s':>8}{'jaccard':>9}")
     lines = [head, "-" * len(head)]
-    if zero_shot_accuracy is not None:
-        lines.append(f"{'zero-shot':<20}{'-':>6}{100 * zero_shot_accuracy:>10.1f}")
+    if zero_shot is not None:
+        lines.append(f"{'zero-shot':<20}{'-':>6}{100 * zero_shot['accuracy']:>10.1f}{'':>24}{zero_shot['choice_loss']:>10.4f}")
     for s in summary:
         jac = f"{s['mean_jaccard']:>9.3f}" if "mean_jaccard" in s else f"{'-':>9}"
+        loss = (f"{s['loss_mean']:>10.4f}{s['loss_std']:>8.4f}" if s.get("loss_mean") is not None else f"{'-':>10}{'':>8}")
         lines.append(f"{s['variant']:<20}{s['n']:>6}{100 * s['mean']:>10.1f}{100 * s['std']:>8.1f}{100 * s['min']:>8.1f}"
-                     f"{100 * s['max']:>8.1f}{s['final_loss']:>8.3f}{s['trainable']:>12,}{s['wall_s']:>8.0f}{jac}")
+                     f"{100 * s['max']:>8.1f}{loss}{s['final_loss']:>8.3f}{s['trainable']:>12,}{s['wall_s']:>8.0f}{jac}")
+    paired = [s for s in summary if "paired_acc" in s]
+    if paired:
+        lines += ["", f"paired with '{summary[0]['variant']}', seed by seed (variant - {summary[0]['variant']}):"]
+        for s in paired:
+            acc = s["paired_acc"]
+            line = f"  {s['variant']:<18} accuracy {100 * acc[0]:+.1f} ± {100 * acc[1]:.1f}"
+            line += f" ({summary[0]['variant']} higher in {s['first_better_acc']} seeds)"
+            if "paired_loss" in s:
+                line += (f"; held-out choice loss {s['paired_loss'][0]:+.4f} ± {s['paired_loss'][1]:.4f}"
+                         f" ({summary[0]['variant']} lower in {s['first_better_loss']} seeds)")
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -193,11 +234,13 @@ def run_benchmark(args, variants, extra: dict | None = None) -> dict:
     """Every variant × seed, results written after each run; prints the table and returns the payload."""
     settings = {k: v for k, v in vars(args).items() if k != "name"}
     payload = {"settings": settings, "variants": [asdict(v) for v in variants], "runs": [], "summary": [],
-               "zero_shot_accuracy": None, "complete": False, **(extra or {})}
+               "zero_shot_accuracy": None, "zero_shot_choice_loss": None, "complete": False, **(extra or {})}
     t0 = time.perf_counter()
     if not args.no_zero_shot:
-        payload["zero_shot_accuracy"] = zero_shot(args)
-        print(f"zero-shot accuracy: {100 * payload['zero_shot_accuracy']:.1f}%  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        untuned = zero_shot(args)
+        payload["zero_shot_accuracy"], payload["zero_shot_choice_loss"] = untuned["accuracy"], untuned["choice_loss"]
+        print(f"zero-shot accuracy: {100 * untuned['accuracy']:.1f}%, choice loss {untuned['choice_loss']:.4f}"
+              f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     seed_seconds: list[float] = []
     for seed in range(args.seeds):
         elapsed = time.perf_counter() - t0
@@ -212,13 +255,16 @@ def run_benchmark(args, variants, extra: dict | None = None) -> dict:
             payload["runs"].append(row)
             payload["summary"] = summarize(payload["runs"], variants)
             harness.write_results(args.name, payload)
-            print(f"seed {seed} {variant.label:<20} accuracy {100 * row['accuracy']:.1f}%  loss {row['final_loss']:.3f}"
+            print(f"seed {seed} {variant.label:<20} accuracy {100 * row['accuracy']:.1f}%  held-out {row['choice_loss']:.4f}"
+                  f"  train loss {row['final_loss']:.3f}"
                   f"  ({row['wall_s']:.0f} s, total {time.perf_counter() - t0:.0f} s)", flush=True)
         seed_seconds.append(time.perf_counter() - seed_start)
     payload["complete"], payload["total_s"] = True, time.perf_counter() - t0
     path = harness.write_results(args.name, payload)
     print()
-    print(table(payload["summary"], payload["zero_shot_accuracy"]))
+    untuned = None if payload["zero_shot_accuracy"] is None else {"accuracy": payload["zero_shot_accuracy"],
+                                                                   "choice_loss": payload["zero_shot_choice_loss"]}
+    print(table(payload["summary"], untuned))
     print(f"\nresults: {path}  ({payload['total_s']:.0f} s)")
     return payload
 

@@ -1,5 +1,9 @@
 """Accuracy of a model on a task split: choice log-likelihoods for causal LMs, argmax for classifiers.
 
+Beside the accuracy, ``choice_loss`` is the mean cross-entropy of the right answer over the choices
+(``-log softmax(choice scores)[label]``; the logits for a classifier): a held-out measure that moves
+continuously where accuracy moves in steps of ``1/n`` and saturates at a majority-class answer.
+
 Causal LMs score every choice of an example by the sum of its token log-likelihoods given the
 prompt, and predict the best one (lm-evaluation-harness' ``acc``). All choices of several examples
 run in one forward pass; rows are padded on the LEFT with explicit position ids, so every answer
@@ -24,7 +28,7 @@ def is_sequence_classifier(model) -> bool:
 
 def evaluate(model, tokenizer, dataset, batch_size: int = 8, max_length: int = 256, max_examples: int | None = None,
              progress: bool = True) -> dict:
-    """``{"accuracy": float, "n": int}`` of ``model`` on one split (the first ``max_examples`` rows).
+    """``{"accuracy": float, "choice_loss": float, "n": int}`` of ``model`` on one split (the first ``max_examples`` rows).
 
     ``dataset``: a ``datasets.Dataset`` or list of dicts with ``prompt``/``choices``/``label`` (causal
     LMs) or ``text``/``label`` (classifiers; see :mod:`rowsft.batching`). ``batch_size``: sequences
@@ -44,12 +48,12 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 8, max_length: int = 2
     try:
         with torch.no_grad():
             if is_sequence_classifier(model):
-                correct = _classifier_correct(model, tokenizer, dataset, n, batch_size, max_length, progress)
+                correct, loss = _classifier_correct(model, tokenizer, dataset, n, batch_size, max_length, progress)
             else:
-                correct = _causal_correct(model, tokenizer, dataset, n, batch_size, max_length, progress)
+                correct, loss = _causal_correct(model, tokenizer, dataset, n, batch_size, max_length, progress)
     finally:
         model.train(was_training)
-    return {"accuracy": correct / n, "n": n}
+    return {"accuracy": correct / n, "choice_loss": loss / n, "n": n}
 
 
 def _device(model) -> torch.device:
@@ -65,15 +69,17 @@ def _classifier_correct(model, tokenizer, dataset, n, batch_size, max_length, pr
     rows = rows_at(dataset, list(range(n)))
     collate = Batches(rows, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False,
                       kind="classification").collate
-    device, correct = _device(model), 0
+    device, correct, loss = _device(model), 0, 0.0
     with _progress(n, progress, "evaluate") as bar:
         for start in range(0, n, batch_size):
             batch = collate(rows[start:start + batch_size])
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits   # (B, num_labels)
-            correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+            logits = logits.float().cpu()
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
             bar.update(len(batch["labels"]))
-    return correct
+    return correct, loss
 
 
 def _causal_correct(model, tokenizer, dataset, n, batch_size, max_length, progress) -> int:
@@ -81,16 +87,17 @@ def _causal_correct(model, tokenizer, dataset, n, batch_size, max_length, progre
     if missing:
         raise ValueError(f"a causal LM is evaluated on prompt/choices/label rows; the dataset lacks {sorted(missing)}")
     prefix, _ = special_tokens(tokenizer)
-    correct = 0
+    correct, loss = 0, 0.0
     with _progress(n, progress, "evaluate") as bar:
         for group in _example_groups(dataset, n, batch_size):
             sequences = _choice_sequences(tokenizer, group, prefix, max_length)
             scores = _choice_loglikelihoods(model, sequences, tokenizer.pad_token_id)
             for i, row in enumerate(group):
-                row_scores = torch.tensor(scores[i])                                       # (num_choices,)
+                row_scores = torch.tensor(scores[i], dtype=torch.float64)                  # (num_choices,)
                 correct += int(int(row_scores.argmax()) == int(row["label"]))
+                loss -= float(torch.log_softmax(row_scores, dim=0)[int(row["label"])])
             bar.update(len(group))
-    return correct
+    return correct, loss
 
 
 def _example_groups(dataset, n, batch_size):

