@@ -9,7 +9,9 @@ never copied) and adds a zero-initialised trainable update, so step 0 is the pre
   weight (SPEFT-style masks).
 
 The forward computes the frozen ``y = base(x)`` and adds the update into ``y`` in place (see
-:mod:`rowsft.sparse_autograd`); no dense ``(d_out, d_in)`` tensor is kept for backward. For a plain,
+:mod:`rowsft.sparse_autograd`); no dense ``(d_out, d_in)`` tensor is kept for backward. A row or
+element layer whose input the frozen graph can rebuild (a norm's output, an MLP product:
+:mod:`rowsft.rebuild`) keeps no copy of it (``rebuild_input``, on by default). For a plain,
 hook-free ``nn.Linear``/``Conv1D`` the frozen matmul runs inside the update's autograd function (same
 kernel as the layer's own forward, so step-0 outputs are bit-identical); a hooked or subclassed base
 layer is called as is and the update is added into its output. ``y`` is a fresh tensor either way. ``merge()`` folds the update into the base weight
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from .selection_types import LayerChoice
+from .rebuild import source_of
 from .sparse_autograd import add_sparse_update, input_columns, sparse_linear
 from .targets import is_linear_like, is_transposed, linear_shape, weight_out_in
 
@@ -70,6 +73,7 @@ class SparseLinear(nn.Module):
     """Common machinery of the three sparse layers (not used directly)."""
 
     unit: str = ""
+    rebuild_input: bool = True   # keep a `rowsft.rebuild.Source` of the input instead of the input, when there is one
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -143,16 +147,25 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        source = self._input_source(x)
         if self._fusable():
             out = sparse_linear(self.unit, x, weight_out_in(self.base_layer), self.base_layer.bias,
-                                self.update, self.indices, is_transposed(self.base_layer), self._kept_columns())
+                                self.update, self.indices, is_transposed(self.base_layer), self._kept_columns(),
+                                source)
         else:
             out = add_sparse_update(self.unit, self.base_layer(x), x, self.update, self.indices, self.in_features,
-                                    self._kept_columns())
+                                    self._kept_columns(), source)
         if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)
         return out
+
+    def _input_source(self, x: torch.Tensor):
+        """A `rowsft.rebuild.Source` of ``x`` when the update would keep ``x`` (or a large part of it) and the
+        frozen graph keeps what rebuilds it; None otherwise (and always for columns, which keep only ``k``)."""
+        if not self.rebuild_input or self.unit == "column" or not self.update.requires_grad:
+            return None
+        return source_of(x)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense ``(d_out, d_in)`` tensor in the update's dtype (for tests and merging)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .lean_loss import lean_forward
+from .rebuild import transparent
 from .memory_measure import _storage_key, live_bytes, measure_peak, region_peak, unique_storage_bytes  # noqa: F401
 
 MiB = 1024 ** 2
@@ -151,6 +152,7 @@ class SavedTensorCounter:
     def bytes(self) -> int:
         return int(sum(self.seen.values()))
 
+    @transparent   # rowsft.rebuild still finds layer-input sources while counting (and counts their tensors)
     def _pack(self, t: torch.Tensor):
         if t.device.type != "meta":
             key = _storage_key(t)

@@ -10,7 +10,10 @@ h_kv = key/value width, i = MLP width, n = heads, T = sequence length, V = vocab
     inputs    h·s for the q/k/v input, the o input, the up/gate input (i·s for the down input) of each
               linear layer that trains (weight or adapter; a column adapter keeps only its k columns;
               with fused attention the o input is the kernel's saved output, counted once);
-              LoRA adds r·s per adapted layer (the A output)
+              LoRA adds r·s per adapted layer (the A output). rowsft row and element updates keep
+              nothing for a q/k/v or up/gate input whose norm keeps its own input (float32 or
+              LayerNorm, gradients reaching it), nor for a down input whose MLP keeps the factors
+              (`rowsft.rebuild`: the input is rebuilt in backward)
     attention fused kernels (sdpa flash / efficient): q, k, v, output = (2h + 2h_kv)·s + n·4 (log-sum-exp)
               math path (eager, or sdpa with attention dropout on CPU): (h + 2h_kv + 3·n·T)·s
               (probabilities, dropout mask, dropped probabilities; 1·n·T without dropout; torch's
@@ -122,10 +125,11 @@ def head_positions(seq_len: int, logit_positions: int | None) -> int:
     return seq_len if logit_positions is None else min(int(logit_positions), seq_len)
 
 
-def activation_formula(shapes: Shapes, adapted: dict[str, tuple[int, int]], batch_size: int, seq_len: int, full: bool,
+def activation_formula(shapes: Shapes, adapted: dict[str, tuple], batch_size: int, seq_len: int, full: bool,
                        extra_per_token: int = 0, logit_positions: int | None = None) -> int:
     """Bytes saved for backward by one forward (see the module docstring). ``adapted``: linear module
-    name → ``(width, d_in)``: elements per token its trained part keeps (d_in; k for column adapters);
+    name → ``(width, d_in)`` or ``(width, d_in, rebuildable)``: elements per token its trained part keeps
+    (d_in; k for column adapters), and whether it keeps a `rowsft.rebuild` source instead where there is one;
     ``full``: every weight trains. ``extra_per_token``: further bytes per token (LoRA's A outputs).
     ``logit_positions``: positions per example that reach the LM head (None: all ``seq_len``; fewer
     with `rowsft.lean_loss`, which keeps only the labelled ones)."""
@@ -140,33 +144,41 @@ def activation_formula(shapes: Shapes, adapted: dict[str, tuple[int, int]], batc
     dropout = h * s if shapes.resid_dropout else 0
 
     # per block and input role: [the whole input, if a member keeps it (q/k/v and gate/up share one), Σ subsets
-    # (column layers' k columns, lean element layers' touched columns: each a tensor of its own)]
+    # (column layers' k columns, lean element layers' touched columns: each a tensor of its own)], then the
+    # same two for members that keep a rebuild source instead when the frozen graph keeps one
     per_layer: dict[int, dict[str, list[int]]] = {}
-    gated_layers = set()
-    for name, (width, d_in) in adapted.items():
+    gated_layers, trained_types = set(), {}
+    for name, (width, d_in, *rest) in adapted.items():
         r = role(name)
         if r == "head":
             continue
         layer = -1 if layer_index(name) is None else layer_index(name)
-        slot = per_layer.setdefault(layer, {}).setdefault(r, [0, 0])
+        slot = per_layer.setdefault(layer, {}).setdefault(r, [0, 0, 0, 0])
+        at = 2 if rest and rest[0] else 0
         if width >= d_in:
-            slot[0] = d_in
+            slot[at] = d_in
         else:
-            slot[1] += width
+            slot[at + 1] += width
         if module_type(name) == "gate_proj":
             gated_layers.add(layer)
+        trained_types.setdefault(layer, set()).add(module_type(name))
+    norm_keeps_input = s == 4 or not shapes.rms_norm     # an RMSNorm upcasts a half input: that copy is what it keeps
     first = 0 if full else min((l for l in per_layer if l >= 0), default=shapes.layers)
     per_token = extra_per_token
     for layer in range(shapes.layers):
-        slots = ({"qkv": [h, 0], "o": [h, 0], "up": [h, 0], "down": [i, 0]} if full
+        slots = ({"qkv": [h, 0, 0, 0], "o": [h, 0, 0, 0], "up": [h, 0, 0, 0], "down": [i, 0, 0, 0]} if full
                  else per_layer.get(layer, {}))
         flowing = full or layer > first                          # gradients reach the block's input
         attn_core = flowing or "qkv" in slots                    # attention internals are saved
         res_mid = attn_core or "o" in slots                      # the mid-block residual needs grad
         mlp_core = res_mid or "up" in slots
+        types = trained_types.get(layer, set())
+        rebuilt = {"qkv": flowing and norm_keeps_input, "up": res_mid and norm_keeps_input, "o": False,
+                   "down": mlp_core and (shapes.mlp != "gated" or res_mid or {"gate_proj", "up_proj"} <= types)}
         if attn_core and not shapes.math_attention and "o" in slots:
-            slots = {**slots, "o": [0, slots["o"][1]]}           # the whole o input is the fused kernel's saved output
-        per_token += sum(whole + part for whole, part in slots.values()) * s
+            slots = {**slots, "o": [0, slots["o"][1], 0, slots["o"][3]]}   # the whole o input: the kernel's saved output
+        for r, (whole, part, rb_whole, rb_part) in slots.items():
+            per_token += (whole + part if rebuilt.get(r) else max(whole, rb_whole) + part + rb_part) * s
         per_token += attention + dropout if attn_core else 0
         if shapes.post_norm:
             per_token += (norm if res_mid else 0) + (norm if mlp_core else 0)
@@ -254,8 +266,8 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
         if not spec.layers:
             raise ValueError("the selection names no layer; pick at least one layer and a budget above zero")
         trainable = spec.trainable_parameters * s
-        adapted = {name: (kept_input_width(c.unit, c.indices, c.shape[1], not input_kept_elsewhere(name)), c.shape[1])
-                   for name, c in spec.layers.items()}   # as the layers built from it will keep
+        adapted = {name: (kept_input_width(c.unit, c.indices, c.shape[1], not input_kept_elsewhere(name)), c.shape[1],
+                          c.unit != "column") for name, c in spec.layers.items()}   # as the layers built from it will keep
         indices = sum(_index_bytes(c) for c in spec.layers.values())
         units = sorted({c.unit for c in spec.layers.values()})
         method = "rowsft-" + "/".join(units)

@@ -14,6 +14,11 @@ backward:
   the update restricted to its touched rows, ``(n_rows, d_in)``, is rebuilt in forward and again in
   backward and never kept alive between them.
 
+Where the input can be rebuilt from tensors the frozen graph keeps anyway (a norm's input, an MLP
+product's factors: `rowsft.rebuild`), the layer passes that ``source`` and the function keeps the
+source's tensors instead of ``x`` (row and element updates, whole or touched columns alike) and
+rebuilds ``x`` in backward, bit for bit; the input then costs no memory of its own.
+
 Fast path (``weight`` given): the frozen matmul runs inside the function and its input gradient
 ``g W`` is computed in backward, with the update's share accumulated into it in place. Fallback
 (``out`` given): the caller ran the base layer itself (hooked or subclassed layers) and the function
@@ -123,15 +128,39 @@ def _effective_weight(weight: torch.Tensor, values: torch.Tensor, index: torch.T
 def _static_entry_points(cls):
     """Give an update class the static ``forward``/``backward`` that autograd calls and that
     ``torch.compile`` can trace (it refuses classmethods there); they run ``cls._forward``/``cls._backward``."""
-    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False, columns=None):
-        ctx.columns = columns
+    def forward(ctx, out, x, weight, bias, update, index, d_in, conv1d=False, columns=None, source=None):
+        ctx.columns, ctx.source = columns, source
         return cls._forward(ctx, out, x, weight, bias, update, index, d_in, conv1d)
 
     def backward(ctx, grad_out):
-        return *cls._backward(ctx, grad_out), None
+        return *cls._backward(ctx, grad_out), None, None
 
     cls.forward, cls.backward = staticmethod(forward), staticmethod(backward)
     return cls
+
+
+def _save(ctx, kept, update, index, weight) -> None:
+    """``ctx.save_for_backward``; with a `rowsft.rebuild.Source` (``ctx.source``) and a ``kept`` input,
+    the source's tensors are saved instead (kept by the frozen graph anyway) and the input is rebuilt in backward."""
+    source = getattr(ctx, "source", None)
+    ctx.rebuild = ctx.source = None      # the source's tensors live in saved_tensors only
+    if kept is not None and source is not None:
+        ctx.rebuild = source.rebuild
+        ctx.save_for_backward(None, update, index, weight, *source.tensors)
+    else:
+        ctx.save_for_backward(kept, update, index, weight)
+
+
+def _saved(ctx, cls):
+    """``(kept, update, index, weight)`` as saved by `_save`, the kept input rebuilt where it has to be."""
+    kept, update, index, weight, *tensors = ctx.saved_tensors
+    if ctx.rebuild is not None:
+        x = ctx.rebuild(*tensors)                                              # (..., d_in), bit for bit
+        if tuple(x.shape) != tuple(ctx.x_shape) or x.dtype != ctx.x_dtype:    # pragma: no cover - a broken rule
+            raise RuntimeError(f"rowsft.rebuild rebuilt an input of shape {tuple(x.shape)} {x.dtype}, expected "
+                               f"{tuple(ctx.x_shape)} {ctx.x_dtype}; report this model, and pass rebuild_input=False")
+        kept = cls._kept_from_input(ctx, x, index)
+    return kept, update, index, weight
 
 
 class _SparseUpdate(torch.autograd.Function):
@@ -154,13 +183,12 @@ class _SparseUpdate(torch.autograd.Function):
         need_x, need_update = ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         ctx.dt, ctx.d_in, ctx.x_dtype, ctx.x_shape, ctx.update_dtype = dt, d_in, x.dtype, x.shape, update.dtype
         ctx.base_dt = compute_dtype(x, weight.dtype) if weight is not None else None
-        ctx.save_for_backward(keep if need_update else None, update if need_x else None,
-                              index, weight if need_x else None)
+        _save(ctx, keep if need_update else None, update if need_x else None, index, weight if need_x else None)
         return out
 
     @classmethod
     def _backward(cls, ctx, grad_out):
-        kept, update, index, weight = ctx.saved_tensors
+        kept, update, index, weight = _saved(ctx, cls)
         grad_x = None
         if ctx.needs_input_grad[1]:
             if weight is not None:                               # the frozen base's share: g W
@@ -172,6 +200,10 @@ class _SparseUpdate(torch.autograd.Function):
 @_static_entry_points
 class RowUpdate(_SparseUpdate):
     """``y[..., index] += x deltaᵀ`` with ``delta (k, d_in)``."""
+
+    @staticmethod
+    def _kept_from_input(ctx, x, index):
+        return x
 
     @staticmethod
     def _add(ctx, out, x, delta, index, d_in, dt):
@@ -196,6 +228,10 @@ class RowUpdate(_SparseUpdate):
 @_static_entry_points
 class ColumnUpdate(_SparseUpdate):
     """``y += x[..., index] deltaᵀ`` with ``delta (d_out, k)``; keeps only ``x[..., index]``."""
+
+    @staticmethod
+    def _kept_from_input(ctx, x, index):
+        return x.index_select(-1, index)                                      # (..., k)
 
     @staticmethod
     def _add(ctx, out, x, delta, index, d_in, dt):
@@ -241,7 +277,13 @@ class ElementUpdate(_SparseUpdate):
     @staticmethod
     def _keep_input(ctx, x):
         """What backward needs of ``x`` for the gradient of ``values``: ``x`` or its touched columns."""
-        return x if ctx.columns is None else x.index_select(-1, ctx.columns[0])  # (..., d_in) or (..., n_cols)
+        if ctx.columns is None or getattr(ctx, "source", None) is not None:
+            return x                                  # a rebuilt input is cut in backward (_kept_from_input)
+        return x.index_select(-1, ctx.columns[0])     # (..., n_cols)
+
+    @staticmethod
+    def _kept_from_input(ctx, x, index):
+        return x if ctx.columns is None else x.index_select(-1, ctx.columns[0])
 
     @staticmethod
     def _value_gradient(ctx, dense, index, row_position):
@@ -268,14 +310,14 @@ class ElementUpdate(_SparseUpdate):
         del effective
         need_x, need_update = ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         kept = cls._keep_input(ctx, x) if need_update else None
-        ctx.save_for_backward(kept, update if need_x else None, index, weight if need_x else None)
+        _save(ctx, kept, update if need_x else None, index, weight if need_x else None)
         return out
 
     @classmethod
     def _backward(cls, ctx, grad_out):
         if not ctx.fused:
             return _SparseUpdate._backward.__func__(cls, ctx, grad_out)
-        x, update, index, weight = ctx.saved_tensors
+        x, update, index, weight = _saved(ctx, cls)
         g = grad_out.to(ctx.dt)                                               # (..., d_out)
         grad_x = grad_values = None
         if ctx.needs_input_grad[1]:
@@ -318,15 +360,16 @@ FUNCTIONS = {"row": RowUpdate, "column": ColumnUpdate, "element": ElementUpdate}
 
 def sparse_linear(unit: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   update: torch.Tensor, index: torch.Tensor, conv1d: bool = False,
-                  columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None) -> torch.Tensor:
     """Fast path: ``x Wᵀ + b`` plus the sparse update, ``weight`` frozen ``(d_out, d_in)`` → ``(..., d_out)``.
     ``conv1d``: compute the frozen part as HF ``Conv1D`` does (always one ``addmm``). ``columns``: an element
-    update keeps only these touched columns of ``x`` (`input_columns`; None: the whole ``x``)."""
-    return FUNCTIONS[unit].apply(None, x, weight, bias, update, index, weight.shape[1], conv1d, columns)
+    update keeps only these touched columns of ``x`` (`input_columns`; None: the whole ``x``). ``source``: a
+    `rowsft.rebuild.Source` of ``x``: its tensors are kept instead of ``x``, which backward rebuilds."""
+    return FUNCTIONS[unit].apply(None, x, weight, bias, update, index, weight.shape[1], conv1d, columns, source)
 
 
 def add_sparse_update(unit: str, out: torch.Tensor, x: torch.Tensor, update: torch.Tensor,
                       index: torch.Tensor, d_in: int,
-                      columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None) -> torch.Tensor:
     """Fallback: add the sparse update into a base output ``out (..., d_out)`` in place; returns ``out``."""
-    return FUNCTIONS[unit].apply(out, x, None, None, update, index, d_in, False, columns)
+    return FUNCTIONS[unit].apply(out, x, None, None, update, index, d_in, False, columns, source)

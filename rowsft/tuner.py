@@ -8,12 +8,14 @@ Saving and loading adapters lives in :mod:`rowsft.adapters` and is re-exported h
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .layers import SPARSE_LAYERS, SparseLinear
+from .rebuild import track_norm_outputs
 from .selection_types import LayerChoice, Selection
 from .targets import is_linear_like, linear_modules, linear_shape
 
@@ -21,6 +23,7 @@ from .targets import is_linear_like, linear_modules, linear_shape
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
 
 _STATE = "_rowsft_state"   # attribute on the model: what apply changed, so unload can restore it
+_NORM_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> hook handles (apply/unload)
 
 
 # ---------------------------------------------------------------- looking things up
@@ -140,6 +143,7 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
         for p in head.parameters():
             p.requires_grad_(True)
     setattr(model, _STATE, {"requires_grad": requires_grad, "heads": list(heads), "meta": dict(selection.meta)})
+    _NORM_HOOKS[model] = track_norm_outputs(model)   # norm outputs become rebuildable inputs (rowsft.rebuild)
     return model
 
 
@@ -179,6 +183,8 @@ def unload(model: nn.Module) -> nn.Module:
     restores each parameter's original ``requires_grad``. Returns ``model``."""
     for name, layer in sparse_layers(model).items():
         _set_module(model, name, layer.base_layer)
+    for handle in _NORM_HOOKS.pop(model, []):
+        handle.remove()
     state = getattr(model, _STATE, None)
     if state is not None:
         for name, p in model.named_parameters():

@@ -1,0 +1,181 @@
+"""Rebuildable layer inputs: keep what the frozen model keeps anyway, not a second copy of the input.
+
+A row (or element) update needs its layer's input ``x`` again in backward, for ``grad delta =
+gᵀ x``. In a transformer most such inputs are cheap functions of tensors that the frozen model's
+own autograd graph keeps anyway:
+
+- the input of ``q/k/v`` and ``gate/up`` is a norm's output, ``norm(h)``; the norm keeps ``h``
+  for its own backward when ``h`` needs grad (LayerNorm; transformers' RMSNorms keep their input
+  upcast to float32, which is ``h`` itself only for a float32 ``h``: only then is a norm a source);
+- the input of ``down_proj`` (``c_proj`` of GPT-2's MLP) is ``act(gate) * up`` (or GPT-2's
+  ``a * b`` written-out GELU); the product's backward node keeps both factors;
+- the input of BERT's ``output.dense`` is ``gelu(h)``; the GELU node keeps ``h``.
+
+So a sparse layer may keep a *source* instead of ``x``: the tensors ``x`` was computed from and a
+function that computes it again, bit for bit, in backward (the same kernels on the same inputs,
+under the same autocast state). The source's tensors are kept by the frozen graph already, so the
+layer's input costs nothing between forward and backward; backward pays one elementwise pass.
+
+:func:`source_of` finds a source for a layer input; :func:`track_norm_outputs` installs the forward
+hooks that make norm outputs findable. Nothing is rebuilt under ``torch.compile`` or inside
+another saved-tensor-hooks region (gradient checkpointing already recomputes those inputs; reading
+a node's saved tensors there would unpack through the other hooks), nor when grad is off.
+Autograd's version counters still guard the kept tensors: one modified in place makes backward
+raise, as it would for the frozen model itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_TAG = "_rowsft_source"
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _module
+    return bool(getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None))
+
+
+@dataclass(frozen=True)
+class Source:
+    """``rebuild(*tensors)`` equals the layer input, bit for bit; ``what`` names the rule (for reports)."""
+    tensors: tuple[torch.Tensor, ...]
+    rebuild: Callable[..., torch.Tensor]
+    what: str
+
+
+def transparent(pack):
+    """Mark a ``saved_tensors_hooks`` pack function that hands tensors through (or only counts them, as
+    `rowsft.memory.SavedTensorCounter` does): sources are still found inside its region."""
+    pack._rowsft_transparent = True
+    return pack
+
+
+def _other_hooks_active() -> bool:
+    """True inside a ``saved_tensors_hooks`` region (e.g. non-reentrant checkpointing) not marked `transparent`."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # pragma: no cover - older torch: assume the worst
+        return True
+    try:
+        hooks = top(True)
+    except TypeError:  # pragma: no cover - signature without the tracing flag
+        hooks = top()
+    return hooks is not None and not getattr(hooks[0], "_rowsft_transparent", False)
+
+
+def enabled() -> bool:
+    """Whether sources may be found and kept now."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _other_hooks_active())
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _norm_rebuild(module: nn.Module, device_type: str, autocast: tuple[bool, torch.dtype]):
+    def rebuild(h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
+            return module.forward(h)      # not module(h): no hooks run again in backward
+    return rebuild
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, or any ``*RMSNorm`` / ``*LayerNorm`` class (Llama, Mistral, Qwen, T5 ...)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _tag_norm_output(module: nn.Module, inputs: tuple, output) -> None:
+    if not (torch.is_tensor(output) and inputs and torch.is_tensor(inputs[0]) and enabled()):
+        return
+    h = inputs[0]
+    if not h.requires_grad or not (isinstance(module, nn.LayerNorm) or h.dtype == torch.float32):
+        return   # the norm keeps h only when h needs grad (and an RMSNorm keeps h itself only in float32)
+    if module._forward_pre_hooks or len(module._forward_hooks) > 1 or _global_hooks() or len(inputs) != 1 \
+            or h.shape != output.shape or h.element_size() > output.element_size():
+        return   # other hooks (they might change the output), extra arguments, a wider input: keep x itself
+    device_type = h.device.type
+    setattr(output, _TAG, Source((h,), _norm_rebuild(module, device_type, _autocast_state(device_type)), "norm"))
+
+
+def track_norm_outputs(model: nn.Module) -> list:
+    """Forward hooks on every norm of ``model`` that tag its output with a :class:`Source`; returns the handles."""
+    return [m.register_forward_hook(_tag_norm_output) for m in model.modules() if is_norm(m)]
+
+
+def _mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return a * b
+
+
+def _unary(fn):
+    def rebuild(h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(h)
+    return rebuild
+
+
+def _activation(node) -> Callable | None:
+    name = node.name()
+    if name == "SiluBackward0":
+        return F.silu
+    if name == "GeluBackward0":
+        approximate = node._saved_approximate
+        return lambda h: F.gelu(h, approximate=approximate)
+    return None
+
+
+class _CountOnly:
+    """A saved tensor read inside a count-only forward (`SavedTensorCounter(backward=False)`), which
+    cannot be unpacked: it was saved (and counted) by its node, so the source keeps nothing more."""
+
+
+def _saved(node, attr):
+    try:
+        return getattr(node, attr)
+    except RuntimeError:          # a count-only placeholder that refuses to unpack
+        return _CountOnly
+
+
+def _cannot_rebuild(*tensors):    # pragma: no cover - a count-only forward is never backpropagated
+    raise RuntimeError("this forward pass was run only to count its saved tensors; it cannot be backpropagated")
+
+
+def _graph_source(kept, rebuild, what, x, check) -> Source | None:
+    if any(t is None for t in kept):
+        return None                   # a factor that does not require grad is not saved by its node
+    if any(t is _CountOnly for t in kept):
+        return Source((), _cannot_rebuild, what)
+    return Source(tuple(kept), rebuild, what) if check(*kept) else None
+
+
+def _from_graph(x: torch.Tensor) -> Source | None:
+    """A product whose node keeps both factors, or a SiLU/GELU whose node keeps its input."""
+    node = x.grad_fn
+    if node is None:
+        return None
+    if node.name() == "MulBackward0":
+        return _graph_source((_saved(node, "_saved_self"), _saved(node, "_saved_other")), _mul, "product", x,
+                             lambda a, b: torch.broadcast_shapes(a.shape, b.shape) == x.shape
+                             and torch.result_type(a, b) == x.dtype)
+    fn = _activation(node)
+    if fn is not None:
+        return _graph_source((_saved(node, "_saved_self"),), _unary(fn), "activation", x,
+                             lambda h: h.shape == x.shape and h.dtype == x.dtype)
+    return None
+
+
+def source_of(x: torch.Tensor) -> Source | None:
+    """How to rebuild the layer input ``x`` in backward from tensors the frozen graph keeps, or None."""
+    if not enabled():
+        return None
+    tagged = getattr(x, _TAG, None)
+    if tagged is not None:
+        return tagged
+    return _from_graph(x)
+
+
+__all__ = ["Source", "source_of", "track_norm_outputs", "is_norm", "enabled", "transparent"]

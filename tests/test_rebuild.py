@@ -1,0 +1,156 @@
+"""rowsft.rebuild: layer inputs rebuilt in backward from what the frozen graph keeps.
+
+Rebuilding is bit-exact (the same kernels on the same inputs), so gradients with and without it must be
+*equal*, not close; the bytes it saves must be exactly the inputs it no longer keeps, counted by hand.
+Equality with dense masked float64 training (rebuild on) is in tests/test_tuner.py.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rowsft
+from rowsft import rebuild, tuner
+from rowsft.layers import RowSparseLinear, SparseLinear
+from rowsft.memory import SavedTensorCounter, model_tensors
+from rowsft.selection_types import LayerChoice, Selection
+from rowsft.targets import find_targets, linear_shape
+from rowsft.zoo import random_batches
+
+VOCAB = 128
+
+
+def all_linear_selection(model, unit, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, module in find_targets(model, "all-linear").items():
+        d_out, d_in = linear_shape(module)
+        limit, k = {"row": (d_out, 3), "element": (d_out * d_in, 40)}[unit]
+        layers[name] = LayerChoice(unit, torch.sort(torch.randperm(limit, generator=g)[:k]).values, (d_out, d_in))
+    return Selection(layers)
+
+
+def gradients(model, batch, use_rebuild):
+    for layer in tuner.sparse_layers(model).values():
+        layer.rebuild_input = use_rebuild
+        for p in layer.parameters():
+            p.grad = None
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def saved_bytes(model, batch, use_rebuild):
+    for layer in tuner.sparse_layers(model).values():
+        layer.rebuild_input = use_rebuild
+    with SavedTensorCounter(exclude=model_tensors(model)) as counter:
+        loss = model(**batch).loss
+    loss.backward()
+    return counter.bytes
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("unit", ["row", "element"])
+def test_gradients_are_bitwise_equal_with_and_without_rebuilding(arch, unit):
+    model = rowsft.tiny_model(arch, vocab_size=VOCAB, seed=3)        # float32, eval(): no dropout
+    tuner.apply(model, all_linear_selection(model, unit))
+    for layer in tuner.sparse_layers(model).values():                  # nonzero updates: a real step's state
+        with torch.no_grad():
+            layer.update.normal_(std=0.05)
+    batch = random_batches(1, 2, 12, VOCAB, seed=1)[0]
+    if arch == "bert":                                                   # a sequence classifier
+        batch = {"input_ids": batch["input_ids"], "labels": batch["input_ids"][:, 0] % 2}
+    with_rebuild = gradients(model, batch, True)
+    without = gradients(model, batch, False)
+    assert with_rebuild.keys() == without.keys() and with_rebuild
+    for name in without:
+        assert torch.equal(with_rebuild[name], without[name]), name
+
+
+def test_llama_saves_exactly_the_rebuilt_inputs():
+    """Rows on all seven projections of a float32 tiny Llama: without rebuilding, each block keeps its two
+    norm outputs (q/k/v and gate/up inputs) and its down input; with it, none of them, except the first
+    block's input norm output (its input, the embeddings, needs no grad, so the norm keeps nothing)."""
+    model = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=3)
+    tuner.apply(model, all_linear_selection(model, "row"))
+    batch = random_batches(1, 2, 12, VOCAB, seed=1)[0]
+    cfg = model.config
+    tokens = batch["input_ids"].numel()
+    expected = tokens * 4 * ((2 * cfg.num_hidden_layers - 1) * cfg.hidden_size
+                             + cfg.num_hidden_layers * cfg.intermediate_size)
+    assert saved_bytes(model, batch, False) - saved_bytes(model, batch, True) == expected
+
+
+def test_sources_found_per_role_on_llama():
+    model = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=3)
+    tuner.apply(model, all_linear_selection(model, "row"))
+    found = {}
+    original = RowSparseLinear._input_source
+
+    def spy(self, x):
+        source = original(self, x)
+        found[self_names[id(self)]] = None if source is None else source.what
+        return source
+
+    self_names = {id(m): n for n, m in tuner.sparse_layers(model).items()}
+    RowSparseLinear._input_source = spy
+    try:
+        model(**random_batches(1, 2, 12, VOCAB, seed=1)[0]).loss.backward()
+    finally:
+        RowSparseLinear._input_source = original
+    assert found["model.layers.0.self_attn.q_proj"] is None                 # embeddings need no grad
+    assert found["model.layers.1.self_attn.q_proj"] == "norm"
+    assert found["model.layers.0.mlp.gate_proj"] == "norm"
+    assert found["model.layers.0.mlp.down_proj"] == "product"
+    assert found["model.layers.0.self_attn.o_proj"] is None                 # kept by the attention kernel
+    tuner.unload(model)                                                     # the norm hooks go with the layers
+    assert not any(m._forward_hooks for m in model.modules() if rebuild.is_norm(m))
+
+
+def test_no_source_under_checkpointing_compile_no_grad_or_half_rmsnorm():
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    norm = nn.LayerNorm(8)
+    rebuild.track_norm_outputs(norm)
+    assert rebuild.source_of(norm(h)) is not None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):   # e.g. checkpointing
+        assert rebuild.source_of(norm(h)) is None
+    with torch.no_grad():
+        assert rebuild.source_of(norm(h)) is None
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    assert rebuild.source_of(torch.nn.functional.silu(x) * x.exp()).what == "product"
+    assert rebuild.source_of(torch.nn.functional.silu(x) * torch.randn(8)) is None   # one factor is not kept
+    half = rowsft.tiny_model("llama", vocab_size=VOCAB, dtype=torch.bfloat16)
+    tuner.apply(half, all_linear_selection(half, "row"))
+    kinds = set()
+    original = RowSparseLinear._input_source
+    RowSparseLinear._input_source = lambda self, x: kinds.add(getattr(original(self, x), "what", None))
+    try:
+        half(**random_batches(1, 2, 12, VOCAB, seed=1)[0])
+    finally:
+        RowSparseLinear._input_source = original
+    assert "norm" not in kinds      # a bf16 RMSNorm keeps an fp32 copy, not its input: nothing to rebuild from
+
+
+def test_a_source_modified_in_place_fails_loudly():
+    norm = nn.LayerNorm(8)
+    rebuild.track_norm_outputs(norm)
+    layer = RowSparseLinear(nn.Linear(8, 6), [1, 4])
+    h = torch.randn(2, 8, requires_grad=True)
+    inner = h * 1.0
+    out = layer(norm(inner))
+    with torch.no_grad():
+        inner.add_(1.0)                 # the tensor the norm (and the rebuild) keep
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_count_only_forward_counts_the_same_as_a_real_one():
+    from rowsft.memory import activation_bytes
+    model = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=3)
+    tuner.apply(model, all_linear_selection(model, "element"))
+    batch = random_batches(1, 2, 12, VOCAB, seed=1)[0]
+    counted, _ = activation_bytes(model, batch, lean_logits=False)
+    model.train()
+    assert counted == saved_bytes(model, batch, True)
+    assert isinstance(next(iter(tuner.sparse_layers(model).values())), SparseLinear)
+    assert copy.deepcopy(model) is not None        # hook handles live outside the model: it still copies
