@@ -1,7 +1,8 @@
 """Methods benchmark (issues 5 and 10): memory and step time of every method at LoRA-rank parity.
 
 For each (tokens per batch, LoRA-rank budget) point, on the bundled SmolLM2-135M, in one run:
-row-sparse, column-sparse, the lean unit choice (per module type the unit that saves fewer
+row-sparse (inputs rebuilt in backward where the frozen graph allows, `rowsft.rebuild`, the default),
+the same rows keeping their inputs (``row-kept``, ``rebuild_inputs=False``), column-sparse, the lean unit choice (per module type the unit that saves fewer
 activations), SPEFT element masks (ours: recompute, no dense copy kept), the dense-scatter element
 reference (a dense weight copy per forward, as SPEFT's code does), LoRA through peft at that rank,
 and full fine-tuning. Row and column selections use ``random`` scores: which rows are chosen changes
@@ -28,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
-ALL = ("row", "column", "lean", "element", "dense-scatter", "lora", "full")
-COLORS = {"row": "#1f77b4", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e", "dense-scatter": "#d62728",
+ALL = ("row", "row-kept", "column", "lean", "element", "dense-scatter", "lora", "full")
+COLORS = {"row": "#1f77b4", "row-kept": "#aec7e8", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e", "dense-scatter": "#d62728",
           "lora": "#9467bd", "full": "#7f7f7f"}
 
 
@@ -46,7 +47,7 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
              for u in ("row", "column", "element") if any(m in methods for m in (u, "lean", "dense-scatter"))}
     budget = sel.lora_parity(rank)
     selections = {}
-    if "row" in methods:
+    if "row" in methods or "row-kept" in methods:
         selections["row"] = sel.select(score["row"], budget)
     if "column" in methods:
         selections["column"] = sel.select(score["column"], budget)
@@ -56,10 +57,10 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
         selections["element"] = sel.select(score["element"], budget, strategy="global")
     del probe
 
-    def sparse(kind):
+    def sparse(kind, rebuild_inputs=True):
         def build():
             m = fresh()
-            tuner.apply(m, selections[kind])
+            tuner.apply(m, selections[kind], rebuild_inputs=rebuild_inputs)
             return m
         return build
 
@@ -67,6 +68,8 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
     for m in methods:
         if m in ("row", "column", "lean", "element"):
             builders[m] = (f"{m}", sparse(m))
+        elif m == "row-kept":
+            builders[m] = ("row, inputs kept (rebuild_inputs=False)", sparse("row", rebuild_inputs=False))
         elif m == "dense-scatter":
             builders[m] = ("element, dense scatter (SPEFT-style)",
                            lambda: baselines.dense_scatter_reference(fresh(), selections["element"]))

@@ -23,6 +23,13 @@ alone) is trained by rows or by columns, whichever keeps fewer activations for t
 the same trainable parameters ``P`` per layer. A row delta needs the layer's whole input, ``d_in``
 values per token, saved once for the whole family; a column delta needs only its own ``k = P / d_out``
 input columns. Columns win when ``Σ_family P / d_out < d_in`` (summed over layers); ties keep rows.
+Row and element layers keep no copy of an input that `rowsft.rebuild` can rebuild from what the frozen
+model keeps (on by default): a norm's output feeding q/k/v or gate/up, the MLP product feeding down.
+With ``rebuilt_inputs=True`` (default) the rule counts that: a q/k/v row family pays its input once
+(the first block, whose input norm reads the frozen embeddings and keeps nothing), gate/up and down
+rows pay nothing; the attention output projection pays ``d_in`` per block as before. Pass
+``rebuilt_inputs=False`` where nothing is rebuilt: a half-precision model with RMSNorm (its norms keep
+a float32 copy, not their input), gradient checkpointing, or layers built with ``rebuild_input=False``.
 The choice goes to ``selection.meta["unit_choice"]`` (per module type), the compared per-token
 counts to ``meta["unit_choice_saved_per_token"]``.
 """
@@ -50,11 +57,14 @@ SHARED_INPUT_FAMILIES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
 
 def select(scores: Scores | Mapping[str, Scores], budget, strategy: str = "per-layer", multiple_of: int = 1,
            min_per_layer: int = 1, max_per_layer: int | None = None, module_types: Iterable[str] | None = None,
-           layers: Iterable[int] | None = None, unit_policy: str | None = None) -> Selection:
+           layers: Iterable[int] | None = None, unit_policy: str | None = None,
+           rebuilt_inputs: bool = True) -> Selection:
     """Choose the units to train under ``budget`` (see the module docstring and rowsft.budgets).
 
     ``module_types``: keep only these module types (group unit: group kinds ``mlp`` / ``attention``
-    or member module types); ``layers``: keep only these block indices.
+    or member module types); ``layers``: keep only these block indices. ``unit_policy="lean"``: rows or
+    columns per module type, whichever keeps fewer activations; ``rebuilt_inputs``: whether that rule
+    counts row inputs that `rowsft.rebuild` rebuilds as free (module docstring).
     """
     check_budget(budget)
     if strategy not in STRATEGIES:
@@ -70,7 +80,7 @@ def select(scores: Scores | Mapping[str, Scores], budget, strategy: str = "per-l
 
     unit_choice, saved = None, None
     if unit_policy == "lean":
-        base, pools, unit_choice, saved = _lean_pools(scores, budget, strategy, module_types, layers)
+        base, pools, unit_choice, saved = _lean_pools(scores, budget, strategy, module_types, layers, rebuilt_inputs)
     elif unit_policy is not None:
         raise ValueError(f"unit_policy={unit_policy!r} is not known; use None or 'lean' (with row and column scores)")
     else:
@@ -188,7 +198,15 @@ def _family(mtype: str) -> tuple[str, ...]:
     return (mtype,)
 
 
-def _lean_pools(scores, budget, strategy, module_types, layers):
+def _row_input_blocks(mtype: str, rebuilt_inputs: bool) -> str:
+    """How often a row family of ``mtype`` pays its input: ``"each"`` block, ``"once"``, or ``"never"``."""
+    if not rebuilt_inputs:
+        return "each"
+    from .memory_predict import role
+    return {"qkv": "once", "up": "never", "down": "never"}.get(role(mtype), "each")
+
+
+def _lean_pools(scores, budget, strategy, module_types, layers, rebuilt_inputs=True):
     if not isinstance(scores, Mapping) or set(scores) != {"row", "column"}:
         raise ValueError("unit_policy='lean' needs scores={'row': row Scores, 'column': column Scores} of the "
                          "same layers (rowsft.score(..., unit='row') and unit='column')")
@@ -209,9 +227,10 @@ def _lean_pools(scores, budget, strategy, module_types, layers):
         fam = _family(module_type(p.name))
         slot = saved.setdefault(fam, {"row": 0.0, "column": 0.0, "_blocks": set()})
         block = (p.name.rsplit(".", 1)[0], d_in)
-        if block not in slot["_blocks"]:          # the family's shared input, once per block
-            slot["_blocks"].add(block)
-            slot["row"] += d_in
+        pays = _row_input_blocks(module_type(p.name), rebuilt_inputs)
+        if block not in slot["_blocks"] and not (pays == "never" or (pays == "once" and slot["_blocks"])):
+            slot["row"] += d_in                    # the family's shared input, once per block (or once at all)
+        slot["_blocks"].add(block)
         slot["column"] += params / d_out
     unit_choice, saved_out = {}, {}
     for fam, slot in saved.items():

@@ -106,7 +106,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- the verbs
 def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, delta_dtype: torch.dtype | None = None,
-          train_bias: bool = False) -> nn.Module:
+          train_bias: bool = False, rebuild_inputs: bool = True) -> nn.Module:
     """Make ``model`` train only the selected rows / columns / elements, in place; returns ``model``.
 
     ``selection``: a :class:`Selection`, or a plain ``{module name: row indices}`` dict (rows).
@@ -117,6 +117,8 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
     classification runs; or a list of head module names. ``delta_dtype``: dtype of the updates
     (default: each layer's weight dtype; e.g. ``torch.float32`` over a bf16 model).
     ``train_bias``: also train the bias entries of the selected neurons, where the layer has a bias.
+    ``rebuild_inputs``: row and element layers keep no copy of an input that the frozen model can rebuild
+    in backward (a norm's output, an MLP product: `rowsft.rebuild`); ``False`` keeps the inputs themselves.
     """
     from .distributed import check_can_apply
     check_can_apply(model)  # a DDP/FSDP-wrapped model: apply before wrapping (clear message)
@@ -138,12 +140,14 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
         has_bias = getattr(module, "bias", None) is not None
         layer = SPARSE_LAYERS[choice.unit](module, choice.indices, delta_dtype=delta_dtype,
                                            train_bias=train_bias and has_bias, name=name)
+        layer.rebuild_input = bool(rebuild_inputs)
         _set_module(model, name, layer)
     for head in heads.values():
         for p in head.parameters():
             p.requires_grad_(True)
     setattr(model, _STATE, {"requires_grad": requires_grad, "heads": list(heads), "meta": dict(selection.meta)})
-    _NORM_HOOKS[model] = track_norm_outputs(model)   # norm outputs become rebuildable inputs (rowsft.rebuild)
+    if rebuild_inputs:
+        _NORM_HOOKS[model] = track_norm_outputs(model)   # norm outputs become rebuildable inputs (rowsft.rebuild)
     return model
 
 

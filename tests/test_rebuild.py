@@ -81,6 +81,21 @@ def test_llama_saves_exactly_the_rebuilt_inputs():
     assert saved_bytes(model, batch, False) - saved_bytes(model, batch, True) == expected
 
 
+def test_apply_can_keep_the_inputs_themselves():
+    model = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=3)
+    batch = random_batches(1, 2, 12, VOCAB, seed=1)[0]
+    tuner.apply(model, all_linear_selection(model, "row"), rebuild_inputs=False)
+    assert not any(layer.rebuild_input for layer in tuner.sparse_layers(model).values())
+    assert not any(m._forward_hooks for m in model.modules() if rebuild.is_norm(m))
+    with SavedTensorCounter(exclude=model_tensors(model)) as kept:
+        model(**batch).loss.backward()
+    tuner.unload(model)
+    tuner.apply(model, all_linear_selection(model, "row"))
+    with SavedTensorCounter(exclude=model_tensors(model)) as rebuilt:
+        model(**batch).loss.backward()
+    assert rebuilt.bytes < kept.bytes
+
+
 def test_sources_found_per_role_on_llama():
     model = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=3)
     tuner.apply(model, all_linear_selection(model, "row"))

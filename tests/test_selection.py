@@ -194,7 +194,7 @@ def test_group_global_budget(llama):
 def test_lean_units_follow_the_activation_rule(llama):
     rows = score(llama, metric="magnitude", unit="row")
     cols = score(llama, metric="magnitude", unit="column")
-    small = select({"row": rows, "column": cols}, lora_parity(4), unit_policy="lean")
+    small = select({"row": rows, "column": cols}, lora_parity(4), unit_policy="lean", rebuilt_inputs=False)
     assert set(small.meta["unit_choice"].values()) == {"column"}
     # q/k/v share one input of d_in=64 per block: columns keep sum(P/d_out) = 8 + 12 + 12 = 32 < 64
     assert small.meta["unit_choice_saved_per_token"]["k_proj/q_proj/v_proj"] == {"row": 128.0, "column": 64.0}
@@ -202,19 +202,33 @@ def test_lean_units_follow_the_activation_rule(llama):
     for name, choice in small.layers.items():
         d_out, d_in = choice.shape
         assert choice.k == round(4 * (d_in + d_out) / d_out)
-    big = select({"row": rows, "column": cols}, 0.5, unit_policy="lean")
+    big = select({"row": rows, "column": cols}, 0.5, unit_policy="lean", rebuilt_inputs=False)
     choice = big.meta["unit_choice"]
     assert choice["q_proj"] == choice["k_proj"] == choice["v_proj"] == "row"   # 3 x 0.5 d_in > d_in
     assert choice["gate_proj"] == choice["up_proj"] == "row"                   # 2 x 0.5 d_in = d_in: tie keeps rows
     assert choice["o_proj"] == choice["down_proj"] == "column"                 # alone: k columns < d_in
     assert big.unit("model.layers.1.self_attn.o_proj") == "column"
-    same = select({"row": rows, "column": cols}, 16, unit_policy="lean")
+    same = select({"row": rows, "column": cols}, 16, unit_policy="lean", rebuilt_inputs=False)
     o = same.layers["model.layers.0.mlp.down_proj"]
     assert o.unit == "column" and o.trainable_parameters == 16 * 128       # 16 rows' parameters as columns
     glob = select({"row": rows, "column": cols}, TotalParams(8000), strategy="global", unit_policy="lean")
     assert glob.trainable_parameters <= 8000 and glob.meta["unit"] == "lean"
     with pytest.raises(ValueError, match="row.*column"):
         select(rows, 4, unit_policy="lean")
+
+
+def test_lean_units_count_rebuilt_row_inputs(llama):
+    """Default rule (rowsft.rebuild): q/k/v rows pay their input once (the first block), gate/up and down
+    rows nothing, o rows d_in per block; 2 blocks of d_in 64 (i 128 for down) at LoRA-4 parity."""
+    rows = score(llama, metric="magnitude", unit="row")
+    cols = score(llama, metric="magnitude", unit="column")
+    sel = select({"row": rows, "column": cols}, lora_parity(4), unit_policy="lean")
+    saved = sel.meta["unit_choice_saved_per_token"]
+    assert saved["k_proj/q_proj/v_proj"] == {"row": 64.0, "column": 64.0}       # a tie keeps rows
+    assert saved["gate_proj/up_proj"]["row"] == 0.0 and saved["down_proj"]["row"] == 0.0
+    assert saved["o_proj"]["row"] == 128.0
+    choice = sel.meta["unit_choice"]
+    assert choice["q_proj"] == choice["gate_proj"] == choice["down_proj"] == "row" and choice["o_proj"] == "column"
 
 
 # ---------------------------------------------------------------- errors and records
