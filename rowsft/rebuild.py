@@ -25,7 +25,7 @@ raise, as it would for the frozen model itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -40,12 +40,28 @@ def _global_hooks() -> bool:
     return bool(getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None))
 
 
+class Shared:
+    """One rebuilt input for the layers that read it (q/k/v, gate/up): built by the first of them to run
+    backward, handed to the others, dropped after the last (``users`` counts the layers still to come)."""
+
+    def __init__(self):
+        self.users, self.value = 0, None
+
+    def take(self, rebuild, tensors) -> torch.Tensor:
+        value = self.value if self.value is not None else rebuild(*tensors)
+        self.users -= 1
+        self.value = value if self.users > 0 else None
+        return value
+
+
 @dataclass(frozen=True)
 class Source:
-    """``rebuild(*tensors)`` equals the layer input, bit for bit; ``what`` names the rule (for reports)."""
+    """``rebuild(*tensors)`` equals the layer input, bit for bit; ``what`` names the rule (for reports);
+    ``shared``: the rebuilt value's hand-over between the layers that read the same input."""
     tensors: tuple[torch.Tensor, ...]
     rebuild: Callable[..., torch.Tensor]
     what: str
+    shared: Shared = field(default_factory=Shared)
 
 
 def transparent(pack):
@@ -178,4 +194,4 @@ def source_of(x: torch.Tensor) -> Source | None:
     return _from_graph(x)
 
 
-__all__ = ["Source", "source_of", "track_norm_outputs", "is_norm", "enabled", "transparent"]
+__all__ = ["Source", "Shared", "source_of", "track_norm_outputs", "is_norm", "enabled", "transparent"]

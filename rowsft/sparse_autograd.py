@@ -143,9 +143,10 @@ def _save(ctx, kept, update, index, weight) -> None:
     """``ctx.save_for_backward``; with a `rowsft.rebuild.Source` (``ctx.source``) and a ``kept`` input,
     the source's tensors are saved instead (kept by the frozen graph anyway) and the input is rebuilt in backward."""
     source = getattr(ctx, "source", None)
-    ctx.rebuild = ctx.source = None      # the source's tensors live in saved_tensors only
+    ctx.rebuild = ctx.source = ctx.shared = None      # the source's tensors live in saved_tensors only
     if kept is not None and source is not None:
-        ctx.rebuild = source.rebuild
+        ctx.rebuild, ctx.shared = source.rebuild, source.shared
+        source.shared.users += 1
         ctx.save_for_backward(None, update, index, weight, *source.tensors)
     else:
         ctx.save_for_backward(kept, update, index, weight)
@@ -155,7 +156,7 @@ def _saved(ctx, cls):
     """``(kept, update, index, weight)`` as saved by `_save`, the kept input rebuilt where it has to be."""
     kept, update, index, weight, *tensors = ctx.saved_tensors
     if ctx.rebuild is not None:
-        x = ctx.rebuild(*tensors)                                              # (..., d_in), bit for bit
+        x = ctx.shared.take(ctx.rebuild, tensors)          # (..., d_in), bit for bit; built once for q/k/v
         if tuple(x.shape) != tuple(ctx.x_shape) or x.dtype != ctx.x_dtype:    # pragma: no cover - a broken rule
             raise RuntimeError(f"rowsft.rebuild rebuilt an input of shape {tuple(x.shape)} {x.dtype}, expected "
                                f"{tuple(ctx.x_shape)} {ctx.x_dtype}; report this model, and pass rebuild_input=False")

@@ -169,3 +169,20 @@ def test_count_only_forward_counts_the_same_as_a_real_one():
     assert counted == saved_bytes(model, batch, True)
     assert isinstance(next(iter(tuner.sparse_layers(model).values())), SparseLinear)
     assert copy.deepcopy(model) is not None        # hook handles live outside the model: it still copies
+
+
+def test_siblings_share_one_rebuild(monkeypatch):
+    """q/k/v read one norm output and gate/up another: each is rebuilt once per backward, not per layer."""
+    calls = []
+    make = rebuild._norm_rebuild
+
+    def counting(module, device_type, autocast):
+        inner = make(module, device_type, autocast)
+        return lambda h: calls.append(module) or inner(h)
+    monkeypatch.setattr(rebuild, "_norm_rebuild", counting)
+    model = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=3)
+    tuner.apply(model, all_linear_selection(model, "row"))
+    model(**random_batches(1, 2, 12, VOCAB, seed=1)[0]).loss.backward()
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * layers - 1             # every norm output once (not the first block's input norm)
+    assert len(set(map(id, calls))) == len(calls)
