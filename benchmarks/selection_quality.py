@@ -9,7 +9,7 @@ budget (parity with LoRA rank 8: ``rowsft.selection.lora_parity(8)``, i.e. ``rou
 - ``random``: seeded random rows (a different choice per seed).
 
 Several seeds; the table gives mean, standard deviation, min and max of BoolQ accuracy (choice
-log-likelihood). Results go to ``benchmarks/results/<name>.json`` via ``harness.write_results``
+log-likelihood) and of the held-out choice loss, then each variant's seed-by-seed difference to the first. Results go to ``benchmarks/results/<name>.json`` via ``harness.write_results``
 (rewritten after every run). Same machinery and limits as ``benchmarks/speft_accuracy.py``.
 
 Cost of the defaults (3 seeds × 2 variants, 16 steps of 4 × 128 tokens, 100 validation examples),
@@ -17,6 +17,8 @@ measured on the shared 2-core machine under load: row step ≈ 5 s, scoring ≈ 
 0.33 s per example → ≈ 14 min; ``--max-minutes`` (default 20) guards the rest.
 
     .venv/bin/python benchmarks/selection_quality.py               # defaults: within 20 min on 2 CPU cores
+    .venv/bin/python benchmarks/selection_quality.py --budget 1 --steps 40 --seeds 3 --calibration-batches 4 \
+        --eval-examples 400 --max-minutes 70 --name selection_quality_1row   # the README's tight budget (19 min)
     .venv/bin/python benchmarks/selection_quality.py --steps 300 --seeds 5 --max-length 256 --batch-size 16 \\
         --eval-examples 1000 --calibration-batches 8 --device cuda --name selection_quality_full
     .venv/bin/python benchmarks/selection_quality.py --metrics taylor hessian magnitude random   # more rows
