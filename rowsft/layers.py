@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .selection_types import LayerChoice
-from .rebuild import source_of
+from .rebuild import global_forward_hooks, source_of
 from .sparse_autograd import add_sparse_update, input_columns, sparse_linear
 from .targets import is_linear_like, is_transposed, linear_shape, weight_out_in
 
@@ -38,11 +38,6 @@ try:
     _PLAIN_LINEAR = (nn.Linear, _Conv1D)
 except Exception:  # pragma: no cover
     _PLAIN_LINEAR = (nn.Linear,)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as _module
-    return bool(getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None))
 
 
 def _check_base(base_layer: nn.Module) -> tuple[int, int]:
@@ -142,7 +137,7 @@ class SparseLinear(nn.Module):
         base = self.base_layer
         return (type(base) in _PLAIN_LINEAR and not base.weight.requires_grad
                 and (base.bias is None or not base.bias.requires_grad)
-                and not (base._forward_hooks or base._forward_pre_hooks or _global_hooks()))
+                and not (base._forward_hooks or base._forward_pre_hooks or global_forward_hooks()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -35,7 +35,8 @@ from torch import nn
 _TAG = "_rowsft_source"
 
 
-def _global_hooks() -> bool:
+def global_forward_hooks() -> bool:
+    """Whether global module forward (pre-)hooks are registered (``nn.modules.module.register_module_forward_hook``)."""
     from torch.nn.modules import module as _module
     return bool(getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None))
 
@@ -110,7 +111,7 @@ def _tag_norm_output(module: nn.Module, inputs: tuple, output) -> None:
     h = inputs[0]
     if not h.requires_grad or not (isinstance(module, nn.LayerNorm) or h.dtype == torch.float32):
         return   # the norm keeps h only when h needs grad (and an RMSNorm keeps h itself only in float32)
-    if module._forward_pre_hooks or len(module._forward_hooks) > 1 or _global_hooks() or len(inputs) != 1 \
+    if module._forward_pre_hooks or len(module._forward_hooks) > 1 or global_forward_hooks() or len(inputs) != 1 \
             or h.shape != output.shape or h.element_size() > output.element_size():
         return   # other hooks (they might change the output), extra arguments, a wider input: keep x itself
     device_type = h.device.type
