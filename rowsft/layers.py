@@ -198,7 +198,9 @@ class SparseLinear(nn.Module):
         """Bytes of activations the update path keeps for backward for an input of ``input_shape``
         (``(..., d_in)``) in ``dtype`` (default: the base weight's dtype). The row layer keeps the input
         ``x`` itself (often shared with other consumers of the same input), the column layer only its
-        ``k`` selected columns, the element layer ``x`` or its touched columns (:meth:`kept_input_width`)."""
+        ``k`` selected columns, the element layer ``x`` or its touched columns (:meth:`kept_input_width`).
+        Where the frozen graph lets the input be rebuilt (`rowsft.rebuild`), row and element layers keep none
+        of it at run time; this figure is what they keep otherwise."""
         dtype = dtype or self.base_layer.weight.dtype
         tokens = math.prod(tuple(input_shape)[:-1])
         return tokens * self.kept_input_width() * torch.empty((), dtype=dtype).element_size()

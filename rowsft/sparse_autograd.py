@@ -159,7 +159,7 @@ def _saved(ctx, cls):
         x = ctx.shared.take(ctx.rebuild, tensors)          # (..., d_in), bit for bit; built once for q/k/v
         if tuple(x.shape) != tuple(ctx.x_shape) or x.dtype != ctx.x_dtype:    # pragma: no cover - a broken rule
             raise RuntimeError(f"rowsft.rebuild rebuilt an input of shape {tuple(x.shape)} {x.dtype}, expected "
-                               f"{tuple(ctx.x_shape)} {ctx.x_dtype}; report this model, and pass rebuild_input=False")
+                               f"{tuple(ctx.x_shape)} {ctx.x_dtype}; report this model, and apply the selection with rowsft.apply(..., rebuild_inputs=False)")
         kept = cls._kept_from_input(ctx, x, index)
     return kept, update, index, weight
 
