@@ -2,13 +2,14 @@
 
 For each (tokens per batch, LoRA-rank budget) point, on the bundled SmolLM2-135M, in one run:
 row-sparse (inputs rebuilt in backward where the frozen graph allows, `rowsft.rebuild`, the default),
-the same rows keeping their inputs (``row-kept``, ``rebuild_inputs=False``), column-sparse, the lean unit choice (per module type the unit that saves fewer
-activations), SPEFT element masks (ours: recompute, no dense copy kept), the dense-scatter element
-reference (a dense weight copy per forward, as SPEFT's code does), LoRA through peft at that rank,
-and full fine-tuning. Row and column selections use ``random`` scores: which rows are chosen changes
-neither memory nor time. Element masks use SPEFT's recommended static mask, ``gradient`` salience
-(global top-k) on the measured batch: salience masks crowd onto a few input features, and an element
-layer touching at most half of its input columns keeps only those for backward. Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>.fig.json``.
+the same rows keeping their inputs (``row-kept``, ``rebuild_inputs=False``), column-sparse, the lean
+unit choice (per module type the unit that saves fewer activations), SPEFT element masks (ours:
+recompute, no dense copy kept), the dense-scatter element reference (a dense weight copy per forward,
+as SPEFT's code does), LoRA through peft at that rank, and full fine-tuning. Row and column selections
+use ``random`` scores: which rows are chosen changes neither memory nor time. Element masks use SPEFT's
+recommended static mask, ``gradient`` salience (global top-k) on the measured batch; an element layer
+keeps no input copy where it is rebuilt, else its touched input columns when they are at most half.
+Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>.fig.json``.
 
     .venv/bin/python benchmarks/methods.py                      # the headline: batch 4 × 256, rank 8
     .venv/bin/python benchmarks/methods.py --seqs 128 256 512 1024 --ranks 8 --name sweep_tokens
@@ -30,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 ALL = ("row", "row-kept", "column", "lean", "element", "dense-scatter", "lora", "full")
-COLORS = {"row": "#1f77b4", "row-kept": "#aec7e8", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e", "dense-scatter": "#d62728",
-          "lora": "#9467bd", "full": "#7f7f7f"}
+COLORS = {"row": "#1f77b4", "row-kept": "#aec7e8", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e",
+          "dense-scatter": "#d62728", "lora": "#9467bd", "full": "#7f7f7f"}
 
 
 def build_methods(model_name: str, batch: dict, rank: int, methods):

@@ -236,6 +236,7 @@ def run_benchmark(args, variants, extra: dict | None = None) -> dict:
     payload = {"settings": settings, "variants": [asdict(v) for v in variants], "runs": [], "summary": [],
                "zero_shot_accuracy": None, "zero_shot_choice_loss": None, "complete": False, **(extra or {})}
     t0 = time.perf_counter()
+    untuned = None
     if not args.no_zero_shot:
         untuned = zero_shot(args)
         payload["zero_shot_accuracy"], payload["zero_shot_choice_loss"] = untuned["accuracy"], untuned["choice_loss"]
@@ -262,8 +263,6 @@ def run_benchmark(args, variants, extra: dict | None = None) -> dict:
     payload["complete"], payload["total_s"] = True, time.perf_counter() - t0
     path = harness.write_results(args.name, payload)
     print()
-    untuned = None if payload["zero_shot_accuracy"] is None else {"accuracy": payload["zero_shot_accuracy"],
-                                                                   "choice_loss": payload["zero_shot_choice_loss"]}
     print(table(payload["summary"], untuned))
     print(f"\nresults: {path}  ({payload['total_s']:.0f} s)")
     return payload

@@ -65,7 +65,8 @@ def _progress(total: int, enabled: bool, what: str):
     return tqdm(total=total, disable=not enabled, desc=what, unit="ex", leave=False)
 
 
-def _classifier_correct(model, tokenizer, dataset, n, batch_size, max_length, progress) -> int:
+def _classifier_correct(model, tokenizer, dataset, n, batch_size, max_length, progress) -> tuple[int, float]:
+    """Right answers and the summed cross-entropy of the labels over the first ``n`` rows."""
     rows = rows_at(dataset, list(range(n)))
     collate = Batches(rows, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False,
                       kind="classification").collate
@@ -82,7 +83,8 @@ def _classifier_correct(model, tokenizer, dataset, n, batch_size, max_length, pr
     return correct, loss
 
 
-def _causal_correct(model, tokenizer, dataset, n, batch_size, max_length, progress) -> int:
+def _causal_correct(model, tokenizer, dataset, n, batch_size, max_length, progress) -> tuple[int, float]:
+    """Right answers and the summed ``-log softmax(choice scores)[label]`` over the first ``n`` rows."""
     missing = {"prompt", "choices", "label"} - column_names(dataset)
     if missing:
         raise ValueError(f"a causal LM is evaluated on prompt/choices/label rows; the dataset lacks {sorted(missing)}")

@@ -123,15 +123,11 @@ def track_norm_outputs(model: nn.Module) -> list:
     return [m.register_forward_hook(_tag_norm_output) for m in model.modules() if is_norm(m)]
 
 
-def _mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return a * b
-
-
-def _unary(fn):
-    def rebuild(h: torch.Tensor) -> torch.Tensor:
+def _no_grad(fn):
+    """``fn`` run under ``no_grad``: the rebuild of a product or an activation from its kept tensors."""
+    def rebuild(*tensors: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return fn(h)
+            return fn(*tensors)
     return rebuild
 
 
@@ -175,12 +171,12 @@ def _from_graph(x: torch.Tensor) -> Source | None:
     if node is None:
         return None
     if node.name() == "MulBackward0":
-        return _graph_source((_saved(node, "_saved_self"), _saved(node, "_saved_other")), _mul, "product", x,
+        return _graph_source((_saved(node, "_saved_self"), _saved(node, "_saved_other")), _no_grad(torch.mul), "product", x,
                              lambda a, b: torch.broadcast_shapes(a.shape, b.shape) == x.shape
                              and torch.result_type(a, b) == x.dtype)
     fn = _activation(node)
     if fn is not None:
-        return _graph_source((_saved(node, "_saved_self"),), _unary(fn), "activation", x,
+        return _graph_source((_saved(node, "_saved_self"),), _no_grad(fn), "activation", x,
                              lambda h: h.shape == x.shape and h.dtype == x.dtype)
     return None
 
