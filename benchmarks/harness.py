@@ -9,6 +9,7 @@ Results are printed as a table and written to ``benchmarks/results/<name>.json``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -45,11 +46,20 @@ def machine() -> dict:
     return info
 
 
+def precision(autocast: str | None):
+    """The context every step runs in: ``torch.autocast`` to ``autocast`` ("bf16", "fp16") on the
+    model's device type, or nothing (the models' own dtype, float32 here)."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[autocast])
+
+
 class _Stepper:
     """One model with its AdamW over the trainable parameters, stepping on a fixed batch."""
 
-    def __init__(self, model, batch: dict, lr: float = 1e-4):
-        self.model, self.batch = model, batch
+    def __init__(self, model, batch: dict, lr: float = 1e-4, autocast: str | None = None):
+        self.model, self.batch, self.autocast = model, batch, autocast
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         model.train()
 
@@ -57,7 +67,9 @@ class _Stepper:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        training_loss(self.model, self.batch).backward()   # as rowsft.train computes it (LM head at labelled positions)
+        with precision(self.autocast):
+            loss = training_loss(self.model, self.batch)   # as rowsft.train computes it (LM head at labelled positions)
+        loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
@@ -66,18 +78,22 @@ class _Stepper:
 
 
 def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], batch: dict, steps: int = 3,
-                    warmup: int = 1, extras: list[dict] | None = None, compile_model: bool = False) -> list[MethodResult]:
+                    warmup: int = 1, extras: list[dict] | None = None, compile_model: bool = False,
+                    autocast: str | None = None) -> list[MethodResult]:
     """Measure several methods side by side.
 
     Every model is built first; then the timed steps are interleaved round-robin (A B C A B C …), so
     background load on a shared machine falls on all methods alike and the ratios stay fair. Peak
     memory is measured afterwards, one model at a time, with `rowsft.memory.measure_peak`.
     ``compile_model``: wrap each model in ``torch.compile`` (inductor); the first step's time, which
-    includes compiling forward and backward, goes to ``extra["first_step_s"]``.
+    includes compiling forward and backward, goes to ``extra["first_step_s"]``. ``autocast``: run every
+    step, the measured one included, under `precision` (weights stay as loaded; no analytic figure then,
+    since `rowsft.memory.breakdown` prices the models' own dtype).
     """
     from rowsft import memory
     extras = [dict(e) for e in (extras or [{}] * len(builders))]
-    steppers = [_Stepper(torch.compile(build()) if compile_model else build(), batch) for _, build in builders]
+    steppers = [_Stepper(torch.compile(build()) if compile_model else build(), batch, autocast=autocast)
+                for _, build in builders]
     times: list[list[float]] = [[] for _ in steppers]
     for i in range(warmup + steps):
         for j, st in enumerate(steppers):
@@ -91,10 +107,11 @@ def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], b
         model = st.model
         st.opt = None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        peak = memory.measure_peak(model, batch)
-        report = memory.breakdown(model, batch)
+        with precision(autocast):
+            peak = memory.measure_peak(model, batch)
+        analytic = memory.breakdown(model, batch).byte_counts() if autocast is None else {}
         results.append(MethodResult(name, trainable, int(peak["peak"]), statistics.median(times[j]), times[j],
-                                    report.byte_counts(), extras[j]))
+                                    analytic, extras[j]))
         steppers[j] = None
         del model, st
     return results
@@ -107,8 +124,8 @@ def table(results: list[MethodResult], reference: str | None = None) -> str:
         head += f"{'mem ×ref':>10}{'time ×ref':>11}"
     lines = [head, "-" * len(head)]
     for r in results:
-        analytic = r.analytic.get("total", 0) / 2**20
-        line = f"{r.method:<40}{r.trainable_parameters:>12,}{r.peak_bytes / 2**20:>11.1f}{analytic:>14.1f}{r.median_step_s:>9.3f}"
+        analytic = f"{r.analytic['total'] / 2**20:.1f}" if "total" in r.analytic else "-"
+        line = f"{r.method:<40}{r.trainable_parameters:>12,}{r.peak_bytes / 2**20:>11.1f}{analytic:>14}{r.median_step_s:>9.3f}"
         if ref:
             line += f"{r.peak_bytes / ref.peak_bytes:>10.3f}{r.median_step_s / ref.median_step_s:>11.3f}"
         lines.append(line)

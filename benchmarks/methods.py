@@ -5,7 +5,10 @@ row-sparse (inputs rebuilt in backward where the frozen graph allows, `rowsft.re
 the same rows keeping their inputs (``row-kept``, ``rebuild_inputs=False``), column-sparse, the lean
 unit choice (per module type the unit that saves fewer activations), SPEFT element masks (ours:
 recompute, no dense copy kept), the dense-scatter element reference (a dense weight copy per forward,
-as SPEFT's code does), LoRA through peft at that rank, and full fine-tuning. Row and column selections
+as SPEFT's code does), LoRA through peft at that rank, full fine-tuning, and the floor: the frozen
+model's own forward and backward through every block (`frozen_floor`), which every method that trains
+all blocks pays before its update costs anything; the step-time ratios no method can beat follow from
+it and are printed. Row and column selections
 use ``random`` scores: which rows are chosen changes neither memory nor time. Element masks use SPEFT's
 recommended static mask, ``gradient`` salience (global top-k) on the measured batch; an element layer
 keeps no input copy where it is rebuilt, else its touched input columns when they are at most half.
@@ -15,6 +18,7 @@ Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>.fig.json`
     .venv/bin/python benchmarks/methods.py --seqs 128 256 512 1024 --ranks 8 --name sweep_tokens
     .venv/bin/python benchmarks/methods.py --seqs 256 --ranks 4 8 16 32 64 --name sweep_budget
     .venv/bin/python benchmarks/methods.py --methods row lean lora --compile --name compiled
+    .venv/bin/python benchmarks/methods.py --autocast bf16 --name methods-bf16   # every method under autocast
     .venv/bin/python benchmarks/methods.py --seqs 64 128 256 512 1024 --methods element dense-scatter \
         --update benchmarks/results/sweep_tokens.json     # re-measure some methods of an existing sweep
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,9 +35,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
-ALL = ("row", "row-kept", "column", "lean", "element", "dense-scatter", "lora", "full")
+ALL = ("row", "row-kept", "column", "lean", "element", "dense-scatter", "lora", "full", "floor")
 COLORS = {"row": "#1f77b4", "row-kept": "#aec7e8", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e",
-          "dense-scatter": "#d62728", "lora": "#9467bd", "full": "#7f7f7f"}
+          "dense-scatter": "#d62728", "lora": "#9467bd", "full": "#7f7f7f", "floor": "#bcbd22"}
+
+
+def frozen_floor(model):
+    """Everything frozen except the first block's first norm weight (a few hundred parameters).
+
+    The backward must still run down through every block, computing each frozen layer's input gradient
+    and keeping what those need, as every method that trains all blocks must: this is the time and
+    memory no such method can go below (before the cost of its own update). Returns ``model``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    first = next((p for n, p in model.named_parameters()
+                  if p.dim() == 1 and re.search(r"\.0\.(?:\w+\.)?(?:input_layernorm|ln_1|norm1?)\.weight$", n)), None)
+    if first is None:
+        raise ValueError("no norm weight found in the first block; the floor needs a model with pre-norm blocks")
+    first.requires_grad_(True)
+    return model
 
 
 def build_methods(model_name: str, batch: dict, rank: int, methods):
@@ -78,6 +99,8 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
             builders[m] = (f"LoRA r={rank} (peft)", lambda: baselines.lora(fresh(), rank=rank))
         elif m == "full":
             builders[m] = ("full fine-tuning", lambda: baselines.full_finetune(fresh()))
+        elif m == "floor":
+            builders[m] = ("floor: frozen forward + backward", lambda: frozen_floor(fresh()))
     meta = {k: {"trainable": s.trainable_parameters, "unit_choice": s.meta.get("unit_choice")} for k, s in selections.items()}
     return builders, meta
 
@@ -132,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="methods")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (inductor); reports the first "
                     "step, which compiles, apart")
+    ap.add_argument("--autocast", choices=("bf16", "fp16"), help="run every method's steps under torch.autocast "
+                    "to this dtype (weights stay float32, as do rowsft's updates and LoRA's adapters)")
     ap.add_argument("--replot", type=Path, help="only redraw the figure of an existing results file")
     ap.add_argument("--update", type=Path, help="an existing results file whose points of the measured methods "
                     "(same tokens and rank) are replaced by this run's; the file records which were re-measured when")
@@ -149,15 +174,17 @@ def main(argv=None) -> int:
             builders, meta = build_methods(args.model, batch, rank, args.methods)
             results = harness.measure_methods([(label, build) for label, build in builders.values()], batch,
                                               args.steps, extras=[{"key": key} for key in builders],
-                                              compile_model=args.compile)
+                                              compile_model=args.compile, autocast=args.autocast)
             ref = next((r.method for r in results if r.extra["key"] == "lora"), None)
-            print(f"\n{args.model}: batch {args.batch} × {seq} tokens, LoRA-rank-{rank} parity")
+            print(f"\n{args.model}: batch {args.batch} × {seq} tokens, LoRA-rank-{rank} parity"
+                  + (f", autocast {args.autocast}" if args.autocast else ""))
             print(harness.table(results, reference=ref))
             for r in results:
                 points.append({"method": r.extra["key"], "label": r.method, "tokens": args.batch * seq, "seq": seq,
                                "rank": rank, "trainable_parameters": r.trainable_parameters, "peak_bytes": r.peak_bytes,
                                "median_step_s": r.median_step_s, "analytic": r.analytic,
                                "first_step_s": r.extra.get("first_step_s"), "compiled": args.compile,
+                               "autocast": args.autocast,
                                "unit_choice": meta.get(r.extra["key"], {}).get("unit_choice")})
             by = {r.extra["key"]: r for r in results}
             if {"lora", "full"} <= by.keys():
@@ -170,6 +197,13 @@ def main(argv=None) -> int:
                             ("step ≤ 0.80 × LoRA", best.median_step_s / lora.median_step_s, 0.80),
                             ("step ≤ 0.65 × full", best.median_step_s / full.median_step_s, 0.65)):
                         print(f"{'PASS' if value <= limit else 'MISS'}  {label}: {value:.3f}")
+                    if "floor" in by:   # what no method that trains every block can beat, before its own update
+                        floor = by["floor"]
+                        print(f"floor (frozen forward + backward): step {floor.median_step_s / lora.median_step_s:.3f} × LoRA, "
+                              f"{floor.median_step_s / full.median_step_s:.3f} × full; peak "
+                              f"{floor.peak_bytes / lora.peak_bytes:.3f} × LoRA. {best.method}'s own update costs "
+                              f"{best.median_step_s - floor.median_step_s:+.3f} s, LoRA's "
+                              f"{lora.median_step_s - floor.median_step_s:+.3f} s")
             if {"element", "dense-scatter"} <= by.keys():
                 v = by["element"].peak_bytes / by["dense-scatter"].peak_bytes
                 print(f"{'PASS' if v <= 0.7 else 'MISS'}  element peak ≤ 0.7 × dense-scatter peak: {v:.3f}")

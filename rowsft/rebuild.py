@@ -43,13 +43,19 @@ def global_forward_hooks() -> bool:
 
 class Shared:
     """One rebuilt input for the layers that read it (q/k/v, gate/up): built by the first of them to run
-    backward, handed to the others, dropped after the last (``users`` counts the layers still to come)."""
+    backward, handed to the others, dropped after the last (``users`` counts the layers still to come).
+
+    Backward reads the input only in the update's compute dtype, so it is handed over cast to that
+    dtype, once for all the layers (under autocast: one bf16 copy, not a cast per layer). A layer that
+    asks for another dtype gets a fresh rebuild, never a cast of a cast."""
 
     def __init__(self):
         self.users, self.value = 0, None
 
-    def take(self, rebuild, tensors) -> torch.Tensor:
-        value = self.value if self.value is not None else rebuild(*tensors)
+    def take(self, rebuild, tensors, dtype: torch.dtype) -> torch.Tensor:
+        value = self.value
+        if value is None or value.dtype != dtype:
+            value = rebuild(*tensors).to(dtype)
         self.users -= 1
         self.value = value if self.users > 0 else None
         return value

@@ -30,6 +30,8 @@ come back in the dtype of the tensor they belong to.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +59,17 @@ def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torc
     else:
         target.add_((a @ b.to(a.dtype)).to(target.dtype))
     return target
+
+
+def add_into_columns(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``target[..., index] += values`` in place (``index`` unique, ``values (..., k)``); returns ``target``.
+
+    Same bits as ``index_add_``, which on CPU in half precision converts the whole of ``target`` to
+    float and back (about 4× the time of gathering the ``k`` columns, adding, and writing them back)."""
+    if target.dtype in (torch.float16, torch.bfloat16) and target.device.type == "cpu":
+        target[..., index] = target[..., index] + values
+        return target
+    return target.index_add_(-1, index, values)
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool = False) -> torch.Tensor:
@@ -156,12 +169,19 @@ def _saved(ctx, cls):
     """``(kept, update, index, weight)`` as saved by `_save`, the kept input rebuilt where it has to be."""
     kept, update, index, weight, *tensors = ctx.saved_tensors
     if ctx.rebuild is not None:
-        x = ctx.shared.take(ctx.rebuild, tensors)          # (..., d_in), bit for bit; built once for q/k/v
-        if tuple(x.shape) != tuple(ctx.x_shape) or x.dtype != ctx.x_dtype:    # pragma: no cover - a broken rule
-            raise RuntimeError(f"rowsft.rebuild rebuilt an input of shape {tuple(x.shape)} {x.dtype}, expected "
-                               f"{tuple(ctx.x_shape)} {ctx.x_dtype}; report this model, and apply the selection with rowsft.apply(..., rebuild_inputs=False)")
+        rebuild = partial(_checked_rebuild, ctx.rebuild, tuple(ctx.x_shape), ctx.x_dtype)
+        x = ctx.shared.take(rebuild, tensors, ctx.dt)     # (..., d_in) in the update's dtype; built once for q/k/v
         kept = cls._kept_from_input(ctx, x, index)
     return kept, update, index, weight
+
+
+def _checked_rebuild(rebuild, shape, dtype, *tensors) -> torch.Tensor:
+    x = rebuild(*tensors)                                  # bit for bit the layer's input
+    if tuple(x.shape) != shape or x.dtype != dtype:        # pragma: no cover - a broken rule
+        raise RuntimeError(f"rowsft.rebuild rebuilt an input of shape {tuple(x.shape)} {x.dtype}, expected "
+                           f"{shape} {dtype}; report this model, and apply the selection with "
+                           f"rowsft.apply(..., rebuild_inputs=False)")
+    return x
 
 
 class _SparseUpdate(torch.autograd.Function):
@@ -175,12 +195,15 @@ class _SparseUpdate(torch.autograd.Function):
     @classmethod
     def _forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
         ctx.fallback = out is not None
+        dt = compute_dtype(x, update.dtype)
+        x_dt = None                                         # x in the update's compute dtype, when cast anyway
         if out is None:
-            out = frozen_linear(x, weight, bias, conv1d)    # (..., d_out), frozen base
+            base_x = x.to(compute_dtype(x, weight.dtype))   # cast once (autocast): the update's product reads it too
+            out = frozen_linear(base_x, weight, bias, conv1d)    # (..., d_out), frozen base
+            x_dt = base_x if base_x.dtype == dt else None
         else:
             ctx.mark_dirty(out)
-        dt = compute_dtype(x, update.dtype)
-        keep = cls._add(ctx, out, x, update, index, d_in, dt)   # what the update needs for backward
+        keep = cls._add(ctx, out, x, update, index, d_in, dt, x_dt)   # what the update needs for backward
         need_x, need_update = ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         ctx.dt, ctx.d_in, ctx.x_dtype, ctx.x_shape, ctx.update_dtype = dt, d_in, x.dtype, x.shape, update.dtype
         ctx.base_dt = compute_dtype(x, weight.dtype) if weight is not None else None
@@ -207,9 +230,9 @@ class RowUpdate(_SparseUpdate):
         return x
 
     @staticmethod
-    def _add(ctx, out, x, delta, index, d_in, dt):
-        contribution = F.linear(x.to(dt), delta.to(dt))                       # (..., k)
-        out.index_add_(-1, index, contribution.to(out.dtype))
+    def _add(ctx, out, x, delta, index, d_in, dt, x_dt=None):
+        contribution = F.linear(x.to(dt) if x_dt is None else x_dt, delta.to(dt))   # (..., k)
+        add_into_columns(out, index, contribution.to(out.dtype))
         return x
 
     @staticmethod
@@ -235,7 +258,7 @@ class ColumnUpdate(_SparseUpdate):
         return x.index_select(-1, index)                                      # (..., k)
 
     @staticmethod
-    def _add(ctx, out, x, delta, index, d_in, dt):
+    def _add(ctx, out, x, delta, index, d_in, dt, x_dt=None):
         x_cols = x.index_select(-1, index)                                    # (..., k)
         _add_product(out, x_cols.to(dt), delta.to(dt).T)
         return x_cols
@@ -248,7 +271,7 @@ class ColumnUpdate(_SparseUpdate):
             share = (g @ delta.to(ctx.dt)).to(ctx.x_dtype)                    # (..., k)
             if grad_x is None:
                 grad_x = grad_out.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
-            grad_x.index_add_(-1, index, share)
+            add_into_columns(grad_x, index, share)
         if ctx.needs_input_grad[4]:
             grad_delta = (_flat(g).T @ _flat(x_cols).to(ctx.dt)).to(ctx.update_dtype)  # (d_out, k)
         return grad_x, grad_delta
@@ -332,10 +355,10 @@ class ElementUpdate(_SparseUpdate):
         return None, grad_x, None, None, grad_values, None, None, None
 
     @staticmethod
-    def _add(ctx, out, x, values, index, d_in, dt):
+    def _add(ctx, out, x, values, index, d_in, dt, x_dt=None):
         touched, position, cols = element_rows(index, d_in)
         block = element_block(values, position, cols, touched.numel(), d_in, dt)  # (n_rows, d_in)
-        out.index_add_(-1, touched, F.linear(x.to(dt), block).to(out.dtype))
+        add_into_columns(out, touched, F.linear(x.to(dt) if x_dt is None else x_dt, block).to(out.dtype))
         return ElementUpdate._keep_input(ctx, x) if ctx.needs_input_grad[4] else None
 
     @staticmethod

@@ -362,6 +362,22 @@ def _autocast_case(unit, device, path="fused"):
     torch.testing.assert_close(layer.update.grad, grad_ref, rtol=5e-2, atol=0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_add_into_columns_equals_index_add(dtype, contiguous):
+    """The half-precision CPU path (gather, add, write back) gives index_add_'s bits, also into a view."""
+    from rowsft.sparse_autograd import add_into_columns
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 5, 40, generator=g).to(dtype)
+    if not contiguous:
+        target = torch.randn(3, 40, 5, generator=g).to(dtype).transpose(1, 2)
+    index = torch.tensor([1, 7, 8, 30])
+    values = torch.randn(3, 5, 4, generator=g).to(dtype)
+    expected = target.clone().index_add_(-1, index, values)
+    assert add_into_columns(target, index, values) is target
+    assert torch.equal(target, expected)
+
+
 @pytest.mark.parametrize("unit", ["row", "column", "element"])
 @PATHS
 def test_autocast_cpu(unit, path):

@@ -67,6 +67,25 @@ def test_gradients_are_bitwise_equal_with_and_without_rebuilding(arch, unit):
         assert torch.equal(with_rebuild[name], without[name]), name
 
 
+@pytest.mark.parametrize("unit", ["row", "element"])
+def test_bitwise_equal_under_bf16_autocast(unit):
+    """Under autocast the input is handed over already cast to the update's compute dtype (once per
+    sibling group): the gradients must still equal those of the kept-input path bit for bit."""
+    model = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=3)
+    tuner.apply(model, all_linear_selection(model, unit))
+    for layer in tuner.sparse_layers(model).values():
+        with torch.no_grad():
+            layer.update.normal_(std=0.05)
+    batch = random_batches(1, 2, 12, VOCAB, seed=1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_rebuild = gradients(model, batch, True)
+        without = gradients(model, batch, False)
+    assert with_rebuild.keys() == without.keys() and with_rebuild
+    for name in without:
+        assert with_rebuild[name].dtype == torch.float32, name        # fp32 updates keep fp32 gradients
+        assert torch.equal(with_rebuild[name], without[name]), name
+
+
 def test_llama_saves_exactly_the_rebuilt_inputs():
     """Rows on all seven projections of a float32 tiny Llama: without rebuilding, each block keeps its two
     norm outputs (q/k/v and gate/up inputs) and its down input; with it, none of them, except the first
