@@ -163,7 +163,7 @@ def _cannot_rebuild(*tensors):    # pragma: no cover - a count-only forward is n
     raise RuntimeError("this forward pass was run only to count its saved tensors; it cannot be backpropagated")
 
 
-def _graph_source(kept, rebuild, what, x, check) -> Source | None:
+def _graph_source(kept, rebuild, what, check) -> Source | None:
     if any(t is None for t in kept):
         return None                   # a factor that does not require grad is not saved by its node
     if any(t is _CountOnly for t in kept):
@@ -177,12 +177,12 @@ def _from_graph(x: torch.Tensor) -> Source | None:
     if node is None:
         return None
     if node.name() == "MulBackward0":
-        return _graph_source((_saved(node, "_saved_self"), _saved(node, "_saved_other")), _no_grad(torch.mul), "product", x,
+        return _graph_source((_saved(node, "_saved_self"), _saved(node, "_saved_other")), _no_grad(torch.mul), "product",
                              lambda a, b: torch.broadcast_shapes(a.shape, b.shape) == x.shape
                              and torch.result_type(a, b) == x.dtype)
     fn = _activation(node)
     if fn is not None:
-        return _graph_source((_saved(node, "_saved_self"),), _no_grad(fn), "activation", x,
+        return _graph_source((_saved(node, "_saved_self"),), _no_grad(fn), "activation",
                              lambda h: h.shape == x.shape and h.dtype == x.dtype)
     return None
 

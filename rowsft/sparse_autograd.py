@@ -196,9 +196,10 @@ class _SparseUpdate(torch.autograd.Function):
     def _forward(cls, ctx, out, x, weight, bias, update, index, d_in, conv1d=False):
         ctx.fallback = out is not None
         dt = compute_dtype(x, update.dtype)
-        x_dt = None                                         # x in the update's compute dtype, when cast anyway
+        x_dt = ctx.base_dt = None                           # x in the update's compute dtype, when cast anyway
         if out is None:
-            base_x = x.to(compute_dtype(x, weight.dtype))   # cast once (autocast): the update's product reads it too
+            ctx.base_dt = compute_dtype(x, weight.dtype)
+            base_x = x.to(ctx.base_dt)                      # cast once (autocast): the update's product reads it too
             out = frozen_linear(base_x, weight, bias, conv1d)    # (..., d_out), frozen base
             x_dt = base_x if base_x.dtype == dt else None
         else:
@@ -206,7 +207,6 @@ class _SparseUpdate(torch.autograd.Function):
         keep = cls._add(ctx, out, x, update, index, d_in, dt, x_dt)   # what the update needs for backward
         need_x, need_update = ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         ctx.dt, ctx.d_in, ctx.x_dtype, ctx.x_shape, ctx.update_dtype = dt, d_in, x.dtype, x.shape, update.dtype
-        ctx.base_dt = compute_dtype(x, weight.dtype) if weight is not None else None
         _save(ctx, keep if need_update else None, update if need_x else None, index, weight if need_x else None)
         return out
 
