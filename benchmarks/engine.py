@@ -29,7 +29,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import rowsft
-    from rowsft import baselines, scoring, selection as sel, tuner
+    from rowsft import baselines
+    from rowsft.scoring import scorer as scoring
+    from rowsft.selection import strategies as sel
+    from rowsft.layers import tuner
 
     _, tokenizer = rowsft.load_model(args.model)
     batch = harness.real_batch(tokenizer, args.batch, args.seq)

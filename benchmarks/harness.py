@@ -22,7 +22,7 @@ from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads on a shared machine
 import torch  # noqa: E402
-from rowsft.lean_loss import training_loss  # noqa: E402
+from rowsft.lean_loss import training_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -90,7 +90,7 @@ def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], b
     step, the measured one included, under `precision` (weights stay as loaded; no analytic figure then,
     since `rowsft.memory.breakdown` prices the models' own dtype).
     """
-    from rowsft import memory
+    from rowsft.memory import report as memory
     extras = [dict(e) for e in (extras or [{}] * len(builders))]
     steppers = [_Stepper(torch.compile(build()) if compile_model else build(), batch, autocast=autocast)
                 for _, build in builders]
@@ -144,7 +144,7 @@ def write_results(name: str, payload: dict) -> Path:
 
 def real_batch(tokenizer, batch_size: int, seq_len: int, task: str = "boolq", seed: int = 0) -> dict:
     """A training batch of real task text, padded/truncated to exactly ``seq_len`` tokens."""
-    from rowsft import zoo
+    from rowsft.data import models as zoo
     data = zoo.load_dataset(task, seed=seed)
     batches = zoo.batches(data["train"], tokenizer, batch_size=batch_size, max_length=seq_len, seed=seed)
     batch = next(iter(batches))

@@ -1,7 +1,7 @@
 """Methods benchmark (issues 5 and 10): memory and step time of every method at LoRA-rank parity.
 
 For each (tokens per batch, LoRA-rank budget) point, on the bundled SmolLM2-135M, in one run:
-row-sparse (inputs rebuilt in backward where the frozen graph allows, `rowsft.rebuild`, the default),
+row-sparse (inputs rebuilt in backward where the frozen graph allows, `rowsft.layers.rebuild`, the default),
 the same rows keeping their inputs (``row-kept``, ``rebuild_inputs=False``), column-sparse, the lean
 unit choice (per module type the unit that saves fewer activations), SPEFT element masks (ours:
 recompute, no dense copy kept), the dense-scatter element reference (a dense weight copy per forward,
@@ -58,7 +58,10 @@ def frozen_floor(model):
 
 def build_methods(model_name: str, batch: dict, rank: int, methods):
     import rowsft
-    from rowsft import baselines, scoring, selection as sel, tuner
+    from rowsft import baselines
+    from rowsft.scoring import scorer as scoring
+    from rowsft.selection import strategies as sel
+    from rowsft.layers import tuner
 
     def fresh():
         return rowsft.load_model(model_name)[0]

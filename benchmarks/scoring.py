@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import rowsft
-    from rowsft.memory_measure import region_peak, unique_storage_bytes
+    from rowsft.memory.measure import region_peak, unique_storage_bytes
     from rowsft.lean_loss import training_loss
     from rowsft.targets import find_targets, is_transposed
 

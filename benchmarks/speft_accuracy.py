@@ -6,7 +6,7 @@ steps, with the same data order per seed, and is scored by BoolQ choice log-like
 
 - ``static gradient``: SPEFT's gradient salience ``|G|`` on the calibration batches, chosen once;
 - ``random``: a seeded random mask of the same size (a different mask per seed);
-- ``dynamic gradient``: as static, re-chosen every ``--every`` steps by `rowsft.dynamic.DynamicMask`
+- ``dynamic gradient``: as static, re-chosen every ``--every`` steps by `rowsft.training.dynamic.DynamicMask`
   (updates folded into the weights, kept entries keep their AdamW moments, new ones start at zero).
 
 Several seeds; the table gives mean, standard deviation, min and max accuracy per variant. Results
@@ -25,7 +25,7 @@ These few steps only smoke-test the comparison; the flags make the real one.
     .venv/bin/python benchmarks/speft_accuracy.py --model tiny-llama --steps 4 --every 2 --seeds 2 \\
         --eval-examples 8 --max-length 64 --name smoke_speft          # end-to-end smoke test
 
-Each run mirrors `rowsft.pipeline.run_job` (its `JobConfig` carries the shared settings, its
+Each run mirrors `rowsft.cli.job.run_job` (its `JobConfig` carries the shared settings, its
 `parse_budget` reads the budget) but is written out here: ``run_job`` does not pass the seed to
 random scoring (every seed would get the same random mask) and builds its calibration batches
 inside, where a DynamicMask cannot reach them. The helpers below are shared with
@@ -58,7 +58,7 @@ class Variant:
     label: str
     unit: str              # row | column | element
     metric: str            # a rowsft.score metric
-    dynamic: bool = False  # re-chosen every `every` steps by rowsft.dynamic.DynamicMask
+    dynamic: bool = False  # re-chosen every `every` steps by rowsft.training.dynamic.DynamicMask
 
 
 SPEFT_VARIANTS = (Variant("static gradient", "element", "gradient"), Variant("random", "element", "random"),
@@ -89,8 +89,8 @@ def add_common_arguments(ap: argparse.ArgumentParser, name: str, strategy: str, 
 
 
 def job_config(args, seed: int, variant: Variant):
-    """The run's settings as a `rowsft.pipeline.JobConfig` (validated there)."""
-    from rowsft.pipeline import JobConfig
+    """The run's settings as a `rowsft.cli.job.JobConfig` (validated there)."""
+    from rowsft.cli.job import JobConfig
     method = {"row": "rowsft", "column": "column", "element": "element"}[variant.unit]
     return JobConfig(model=args.model, task=args.task, method=method, metric=variant.metric, budget=args.budget,
                      strategy=args.strategy, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -109,7 +109,7 @@ def held_out(model, tokenizer, data, cfg) -> dict:
 def zero_shot(args) -> dict:
     """Accuracy and choice loss of the untuned model (same evaluation as every run)."""
     import torch
-    from rowsft import zoo
+    from rowsft.data import models as zoo
     cfg = job_config(args, 0, Variant("zero-shot", "element", "random"))
     model, tokenizer = zoo.load_model(cfg.model)
     model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -119,9 +119,12 @@ def zero_shot(args) -> dict:
 def run_once(cfg, variant: Variant, every: int | None = None) -> dict:
     """Load, score, select, apply, train (with a DynamicMask for dynamic variants), evaluate."""
     import torch
-    from rowsft import scoring, selection as sel, tuner, zoo
-    from rowsft.dynamic import DynamicMask
-    from rowsft.pipeline import parse_budget
+    from rowsft.scoring import scorer as scoring
+    from rowsft.selection import strategies as sel
+    from rowsft.layers import tuner
+    from rowsft.data import models as zoo
+    from rowsft.training.dynamic import DynamicMask
+    from rowsft.selection.budgets import parse_budget
     from rowsft.training import train
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)

@@ -1,6 +1,6 @@
 """The study (issue 8): accuracy, memory and time of every method on every task, resumable.
 
-Each run is one `rowsft.pipeline.run_job` (same code as the CLI and the tutorials): fine-tune under
+Each run is one `rowsft.cli.job.run_job` (same code as the CLI and the tutorials): fine-tune under
 the same step budget, evaluate on the task's validation split, record accuracy, trainable
 parameters, analytic and measured peak training memory, median step time and wall time. One JSON
 line per run in ``benchmarks/results/study-<mode>.jsonl``; the file is rewritten atomically after
@@ -115,9 +115,9 @@ def save_rows(path: Path, rows: list[dict]) -> list[dict]:
 
 
 def execute(run: dict, mode: Mode, device: str | None) -> dict:
-    from rowsft import zoo
+    from rowsft.data import models as zoo
     from rowsft.evaluation import evaluate
-    from rowsft.pipeline import JobConfig, run_job
+    from rowsft.cli.job import JobConfig, run_job
     import torch
     t0 = time.perf_counter()
     if run["method"] == "none":

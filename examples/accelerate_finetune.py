@@ -34,7 +34,7 @@ from accelerate.utils import gather_object
 
 import rowsft
 from rowsft.distributed import ShardedBatches, check_same_selection, wrapper_kind
-from rowsft.pipeline import parse_budget
+from rowsft.cli.job import parse_budget
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,11 +1,11 @@
 """Shared setup of the rowsft tutorials: the knobs of FAST and default mode, plotting, answer checks.
 
-Every notebook's first cell reads ``ROWSFT_FAST`` itself, imports this module (before torch) and calls
-:func:`settings`::
+Every notebook's first cell imports this module (before torch) and calls :func:`settings`, which takes
+the knobs from :func:`rowsft.notebook.settings` (the one place that reads ``ROWSFT_FAST``)::
 
-    FAST = os.environ.get("ROWSFT_FAST", "").strip().lower() in ("1", "true", "yes", "on")
     import _setup
-    S = _setup.settings(FAST)
+    S = _setup.settings()
+    FAST = S.fast
 
 Default mode runs the bundled real models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) on real data
 with budgets that finish in a few minutes on a 2-core laptop; FAST mode (``ROWSFT_FAST=1``, used by
@@ -16,70 +16,18 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict, dataclass, replace
 
 # Before torch loads (import this module first): idle OpenMP threads sleep instead of spinning. On a small
 # machine shared with other processes, spinning threads made every step many times slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-FAST_VALUES = ("1", "true", "yes", "on")
+from rowsft.notebook.settings import NotebookSettings  # noqa: E402  (no torch behind it)
+from rowsft.notebook.settings import settings as notebook_settings  # noqa: E402
 
-
-def fast_from_env() -> bool:
-    """True when the environment variable ``ROWSFT_FAST`` asks for FAST mode."""
-    return os.environ.get("ROWSFT_FAST", "0").strip().lower() in FAST_VALUES
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The knobs the tutorials share; one instance for FAST mode, one for default mode."""
-    fast: bool
-    model: str               # causal LM the tutorials fine-tune
-    classifier: str          # encoder + new classification head (notebook 05's live comparison)
-    task: str                # dataset name for rowsft.load_dataset
-    max_train: int           # training rows kept
-    batch_size: int          # examples per step
-    max_length: int          # tokens per example
-    calibration_batches: int  # batches used to score importance
-    steps: int               # optimizer steps of a fine-tune
-    lr: float                # peak learning rate of the row-sparse fine-tunes
-    budget: int              # rows per layer
-    lora_rank: int           # LoRA rank used for the parity budget
-    eval_examples: int       # validation examples for accuracy
-    train_blocks: int | None = None  # train only the last this many blocks (None: all); see top_blocks
-    seed: int = 0
-
-    def top_blocks(self, num_blocks: int) -> list[int] | None:
-        """The block indices the tutorials train: the last ``train_blocks`` of ``num_blocks`` (None: all).
-
-        The backward pass stops at the first block that trains, so training only the upper blocks of
-        SmolLM2 roughly halves the time of a step on a CPU; the tutorials say so where they use it.
-        """
-        if not self.train_blocks or self.train_blocks >= num_blocks:
-            return None
-        return list(range(num_blocks - self.train_blocks, num_blocks))
-
-    def summary(self) -> str:
-        mode = "FAST (tiny model, few rows, few steps)" if self.fast else "default (bundled real models and data)"
-        lines = [f"mode: {mode}"] + [f"  {k:20s} {v}" for k, v in asdict(self).items() if k != "fast"]
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return self.summary()
-
-
-DEFAULT = Settings(fast=False, model="smollm2-135m", classifier="minilm-l6", task="boolq", max_train=2000,
-                   batch_size=4, max_length=128, calibration_batches=4, steps=40, lr=5e-4, budget=64,
-                   lora_rank=8, eval_examples=200, train_blocks=10)
-FAST = replace(DEFAULT, fast=True, model="tiny-llama", classifier="tiny-bert", max_train=48, max_length=64,
-               calibration_batches=2, steps=4, budget=8, lora_rank=2, eval_examples=16, train_blocks=None)
-
-
-def settings(fast: bool | None = None, **overrides) -> Settings:
-    """The tutorial settings for FAST or default mode (``fast=None`` reads ``ROWSFT_FAST``), then
-    configures the session: seeds, CPU threads, quiet libraries and the plotly renderer."""
-    fast = fast_from_env() if fast is None else bool(fast)
-    chosen = replace(FAST if fast else DEFAULT, **overrides)
+def settings(fast: bool | None = None, **overrides) -> NotebookSettings:
+    """The tutorial settings (`rowsft.notebook.settings`: FAST mode when ``fast``, default: ``ROWSFT_FAST``),
+    then configures the session: seeds, CPU threads, quiet libraries and the plotly renderer."""
+    chosen = notebook_settings(fast, **overrides)
     configure(seed=chosen.seed)
     return chosen
 

@@ -15,25 +15,33 @@ Submodules are imported lazily so that ``import rowsft`` stays fast.
 """
 from __future__ import annotations
 
-from ._lazy import lazy_exports
+from rowsft._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it (imported on first use)
 _VERBS = {
-    # zoo
-    "load_model": "zoo", "load_dataset": "zoo", "batches": "zoo", "tiny_model": "zoo",
-    # scoring / selection
-    "score": "scoring", "Scores": "scoring",
-    "select": "selection", "lora_parity": "selection", "TotalParams": "selection", "ScoreConfig": "scoring", "Selection": "selection_types",
-    # engine
-    "apply": "tuner", "merge": "tuner", "unmerge": "tuner", "unload": "tuner", "merge_and_unload": "tuner",
-    "save_adapter": "tuner", "load_adapter": "tuner", "trainable_parameters": "tuner",
-    "print_trainable_parameters": "tuner", "sparse_layers": "tuner", "current_selection": "tuner",
-    "train": "training", "evaluate": "evaluation", "History": "training", "TrainConfig": "training",
-    "DynamicMask": "dynamic", "Callback": "training", "TrainState": "training", "MemoryReport": "memory", "full_finetune": "baselines",
+    # data
+    "load_model": "data.models", "tiny_model": "data.models", "load_dataset": "data.tasks",
+    "batches": "data.batching",
+    # scoring
+    "score": "scoring.scorer", "ScoreConfig": "scoring.scorer", "Scores": "scoring.scores",
+    # selection
+    "select": "selection.strategies", "lora_parity": "selection.budgets", "TotalParams": "selection.budgets",
+    "Selection": "selection.choice",
+    # layers
+    "apply": "layers.tuner", "merge": "layers.tuner", "unmerge": "layers.tuner", "unload": "layers.tuner",
+    "merge_and_unload": "layers.tuner", "trainable_parameters": "layers.tuner",
+    "print_trainable_parameters": "layers.tuner", "sparse_layers": "layers.tuner",
+    "current_selection": "layers.tuner", "save_adapter": "layers.adapters", "load_adapter": "layers.adapters",
+    # training
+    "train": "training.loop", "TrainState": "training.loop", "TrainConfig": "training.config",
+    "History": "training.history", "Callback": "training.callbacks", "DynamicMask": "training.dynamic",
+    # memory, evaluation, baselines
+    "MemoryReport": "memory.report", "evaluate": "evaluation.choices", "full_finetune": "baselines",
 }
-_SUBMODULES = ("targets", "scoring", "selection", "layers", "tuner", "training", "memory", "baselines", "zoo",
-               "distributed", "integrations", "pipeline", "evaluation", "viz", "notebook", "dynamic", "lean_loss")
+_SUBMODULES = ("targets", "data", "scoring", "selection", "layers", "training", "memory", "evaluation", "baselines",
+               "lean_loss", "distributed", "integrations", "cli", "viz", "notebook")
 
 __all__ = sorted(_VERBS) + list(_SUBMODULES)
 

@@ -16,11 +16,10 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .selection_types import Selection
-from .targets import find_targets, is_transposed, linear_shape, weight_out_in
+from rowsft.selection.choice import Selection
+from rowsft.targets import find_targets, is_transposed, linear_shape, weight_out_in
 
 
 def full_finetune(model: nn.Module) -> nn.Module:
@@ -103,7 +102,7 @@ class DenseScatterLinear(nn.Module):
     """Reference sparse layer that materialises ``W + scatter(values)`` as a dense copy every forward.
 
     ``values``: row ``(k, d_in)``, column ``(d_out, k)`` or element ``(k,)``, zero at start; ``indices``
-    as in `rowsft.selection_types.LayerChoice`. The base layer stays frozen as ``.base_layer``.
+    as in `rowsft.selection.choice.LayerChoice`. The base layer stays frozen as ``.base_layer``.
     """
 
     def __init__(self, base_layer: nn.Module, unit: str, indices):
@@ -122,19 +121,29 @@ class DenseScatterLinear(nn.Module):
         self.values = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
 
     def dense_weight(self) -> torch.Tensor:
-        """``W + update`` as a new dense ``(d_out, d_in)`` tensor."""
-        w = weight_out_in(self.base_layer)                                        # (d_out, d_in)
-        if self.unit == "row":
-            return w.index_add(0, self.indices, self.values)
-        if self.unit == "column":
-            return w.index_add(1, self.indices, self.values)
-        return w.reshape(-1).scatter_add(0, self.indices, self.values).view(w.shape)
+        """``W + update`` as a new dense ``(d_out, d_in)`` tensor, laid out in memory as the base layer
+        stores its weight (HF ``Conv1D`` keeps ``(d_in, d_out)``), so that its own kernels run on it."""
+        if not is_transposed(self.base_layer):
+            w = self.base_layer.weight                                           # (d_out, d_in)
+            if self.unit == "element":
+                return w.reshape(-1).scatter_add(0, self.indices, self.values).view(w.shape)
+            return w.index_add(0 if self.unit == "row" else 1, self.indices, self.values)
+        stored = self.base_layer.weight                                          # (d_in, d_out)
+        d_in, d_out = stored.shape
+        if self.unit == "element":                                               # out-in flat index -> stored one
+            flat = (self.indices % d_in) * d_out + self.indices // d_in
+            return stored.reshape(-1).scatter_add(0, flat, self.values).view(d_in, d_out).t()
+        return stored.index_add(1 if self.unit == "row" else 0, self.indices, self.values.t()).t()
 
     def delta_weight(self) -> torch.Tensor:
         return (self.dense_weight() - weight_out_in(self.base_layer)).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                        # (..., d_in) -> (..., d_out)
-        return F.linear(x, self.dense_weight(), getattr(self.base_layer, "bias", None))
+        weight = self.dense_weight()                                             # (d_out, d_in)
+        if is_transposed(self.base_layer):
+            weight = weight.t()                                                  # the layer's own (d_in, d_out)
+        # the base layer's own forward with the dense weight swapped in: the same kernels, so the same bits at 0
+        return torch.func.functional_call(self.base_layer, {"weight": weight}, (x,))
 
 
 def dense_scatter_reference(model: nn.Module, selection: Selection) -> nn.Module:

@@ -170,10 +170,9 @@ def broadcast_selection(selection, src: int = 0):
     """Rank ``src``'s Selection on every rank (the selection itself in a single process)."""
     if not is_distributed():
         return selection
-    from .selection_types import Selection
     payload = [selection.to_dict() if rank() == src else None]
     torch.distributed.broadcast_object_list(payload, src=src)
-    return Selection.from_dict(payload[0])
+    return type(selection).from_dict(payload[0])
 
 
 # ---------------------------------------------------------------- data sharding

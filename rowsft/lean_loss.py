@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .distributed import unwrap
-from .train_parts import loss_of
+from rowsft.distributed import unwrap
 
 IGNORE_INDEX = -100
 
@@ -98,3 +98,13 @@ def lean_forward(model: torch.nn.Module, batch: dict, lean: bool = True):
 def training_loss(model: torch.nn.Module, batch: dict, lean: bool = True) -> torch.Tensor:
     """The scalar loss of ``batch`` under ``model`` (see :func:`lean_forward`)."""
     return loss_of(lean_forward(model, batch, lean))
+
+
+def loss_of(output: Any) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if loss is None and isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]) and output[0].dim() == 0:
+        loss = output[0]
+    if loss is None:
+        raise ValueError("the model returned no loss: batches need a 'labels' key (causal LM: input_ids with -100 "
+                         "on prompt and padding; classification: class ids)")
+    return loss

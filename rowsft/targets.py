@@ -138,15 +138,6 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear",
     return chosen
 
 
-def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """The module called ``name``, with an error that lists close names when it does not exist."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        close = [n for n in linear_modules(model) if module_type(n) == module_type(name)][:5]
-        raise KeyError(f"the model has no module {name!r}" + (f"; similar: {close}" if close else "")) from None
-
-
 # ---------------------------------------------------------------- coupled neuron groups
 @dataclass(frozen=True)
 class GroupMember:
@@ -231,3 +222,26 @@ def neuron_groups(model: nn.Module) -> list[NeuronGroup]:
                 groups.append(NeuronGroup(block + ".mlp", "mlp", width, (
                     GroupMember(f"{p}.dense", "row"), GroupMember(f"{block}.output.dense", "column"))))
     return groups
+
+
+# ---------------------------------------------------------------- roles
+QKV = {"q_proj", "k_proj", "v_proj", "c_attn", "query", "key", "value", "qkv_proj", "Wqkv"}
+ATTN_OUT = {"o_proj", "out_proj", "attention.output.dense", "attn.c_proj"}
+UP = {"gate_proj", "up_proj", "c_fc", "intermediate.dense", "fc1", "w1", "w3"}
+DOWN = {"down_proj", "output.dense", "fc2", "w2", "mlp.c_proj"}
+
+
+def role(name: str) -> str:
+    """``"qkv" | "o" | "up" | "down" | "head" | "other"`` of a linear module name."""
+    t = module_type(name)
+    if is_output_head(name):
+        return "head"
+    if t in QKV:
+        return "qkv"
+    if t in ATTN_OUT or (t == "c_proj" and ".attn." in f".{name}."):
+        return "o"
+    if t in UP:
+        return "up"
+    if t in DOWN or t == "c_proj":
+        return "down"
+    return "other"

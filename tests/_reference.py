@@ -17,3 +17,18 @@ def dense_loss(model, batch: dict) -> torch.Tensor:
     if logits.dtype != torch.float64:
         logits = logits.float()
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def random_batches(n: int = 4, batch_size: int = 2, seq_len: int = 16, vocab_size: int = 128, seed: int = 0,
+                   first_token: int = 3) -> list[dict]:
+    """``n`` causal-LM batches of seeded random tokens, every position labelled (labels = inputs).
+
+    For tests and memory/time measurements where the text does not matter; token ids start at
+    ``first_token`` to stay clear of the tiny models' pad/bos/eos ids (0, 1, 2).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(first_token, vocab_size, (batch_size, seq_len), generator=g)  # (batch, seq)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out

@@ -67,8 +67,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         before = base(input_ids=ids).logits
         rowsft.load_adapter(base, out)
         after = base(input_ids=ids).logits
-    layers = rowsft.tuner.sparse_layers(base)
+    layers = rowsft.layers.tuner.sparse_layers(base)
     assert layers and all(layer.k == 4 for layer in layers.values())
     assert any(float(layer.delta.detach().abs().max()) > 0 for layer in layers.values())
     assert not torch.allclose(before, after)
-    assert selection_digest(rowsft.tuner.current_selection(base)) == digests[0]
+    assert selection_digest(rowsft.layers.tuner.current_selection(base)) == digests[0]

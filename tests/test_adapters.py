@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 import rowsft
-from rowsft import adapters, tuner
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.layers import adapters, tuner
+from rowsft.selection.choice import LayerChoice, Selection
 
 VOCAB = 128
 SELECTIONS = {
@@ -52,24 +52,24 @@ def test_save_then_load_into_fresh_model_is_bit_exact(tmp_path, arch, kwargs):
     model = trained_model(arch, **kwargs)
     with torch.no_grad():
         expected = model(**inputs()).logits
-    tuner.save_adapter(model, tmp_path / "adapter")
+    adapters.save_adapter(model, tmp_path / "adapter")
     fresh = rowsft.tiny_model(arch, vocab_size=VOCAB)
     with torch.no_grad():
         assert not torch.equal(fresh(**inputs()).logits, expected)
-    tuner.load_adapter(fresh, tmp_path / "adapter")
+    adapters.load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(fresh(**inputs()).logits, expected)
     assert tuner.current_selection(fresh).to_dict() == tuner.current_selection(model).to_dict()
     assert tuner.trainable_parameters(fresh) == tuner.trainable_parameters(model)
     # loading into a model that already carries the same selection works too
-    tuner.load_adapter(fresh, tmp_path / "adapter")
+    adapters.load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(fresh(**inputs()).logits, expected)
 
 
 def test_written_format(tmp_path):
     model = trained_model("bert", train_heads=True)
-    tuner.save_adapter(model, tmp_path / "a", base_model_name="my/bert")
+    adapters.save_adapter(model, tmp_path / "a", base_model_name="my/bert")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ROWSFT" and config["format_version"] == 1
@@ -88,46 +88,46 @@ def test_written_format(tmp_path):
     assert tensors["bert.encoder.layer.1.output.dense.delta"].shape == (64, 1)
     assert torch.equal(tensors["heads.classifier.weight"], model.classifier.weight.detach())
     # element indices are stored as int32
-    tuner.save_adapter(trained_model("llama"), tmp_path / "b")
+    adapters.save_adapter(trained_model("llama"), tmp_path / "b")
     element = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))["model.layers.1.mlp.down_proj.indices"]
     assert element.dtype == torch.int32 and element.tolist() == [4, 700, 8000]
 
 
 def test_adapter_for_another_model_is_refused(tmp_path):
-    tuner.save_adapter(trained_model("llama"), tmp_path / "a")
+    adapters.save_adapter(trained_model("llama"), tmp_path / "a")
     other = rowsft.tiny_model("llama", vocab_size=VOCAB, hidden=32)
     with pytest.raises(ValueError, match=r"adapter was saved for a model .*whose model\.layers\.0\.self_attn\.q_proj "
                                          r"is \(64, 64\), this one has \(32, 32\)"):
-        tuner.load_adapter(other, tmp_path / "a")
+        adapters.load_adapter(other, tmp_path / "a")
     assert not tuner.sparse_layers(other)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.* do not exist in this one"):
-        tuner.load_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB, layers=1), tmp_path / "a")
+        adapters.load_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB, layers=1), tmp_path / "a")
     with pytest.raises(ValueError, match=r"do not exist in this one.*this model is tiny-gpt2"):
-        tuner.load_adapter(rowsft.tiny_model("gpt2", vocab_size=VOCAB), tmp_path / "a")
+        adapters.load_adapter(rowsft.tiny_model("gpt2", vocab_size=VOCAB), tmp_path / "a")
 
 
 def test_model_with_a_different_selection_is_refused(tmp_path):
-    tuner.save_adapter(trained_model("llama"), tmp_path / "a")
+    adapters.save_adapter(trained_model("llama"), tmp_path / "a")
     model = rowsft.tiny_model("llama", vocab_size=VOCAB)
     tuner.apply(model, Selection({"model.layers.1.mlp.up_proj": LayerChoice("row", [0], (128, 64))}))
     with pytest.raises(ValueError, match="unload"):
-        tuner.load_adapter(model, tmp_path / "a")
+        adapters.load_adapter(model, tmp_path / "a")
 
 
 def test_missing_files_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter at"):
-        tuner.load_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB), tmp_path / "nowhere")
+        adapters.load_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB), tmp_path / "nowhere")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "adapter_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
-        tuner.load_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB), tmp_path / "half")
+        adapters.load_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB), tmp_path / "half")
     with pytest.raises(ValueError, match="no rowsft sparse layers"):
-        tuner.save_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB), tmp_path / "x")
+        adapters.save_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB), tmp_path / "x")
 
 
 def test_failed_save_keeps_the_earlier_adapter(tmp_path, monkeypatch):
     model = trained_model("llama")
-    tuner.save_adapter(model, tmp_path / "a")
+    adapters.save_adapter(model, tmp_path / "a")
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
 
     def crash(*args, **kwargs):
@@ -138,7 +138,7 @@ def test_failed_save_keeps_the_earlier_adapter(tmp_path, monkeypatch):
     with torch.no_grad():
         next(iter(tuner.sparse_layers(model).values())).update.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
-        tuner.save_adapter(model, tmp_path / "a")
+        adapters.save_adapter(model, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "no half-written folder is left"
 
@@ -147,7 +147,7 @@ def test_merged_model_cannot_be_saved_until_unmerged(tmp_path):
     model = trained_model("llama")
     tuner.merge(model)
     with pytest.raises(RuntimeError, match="unmerge"):
-        tuner.save_adapter(model, tmp_path / "a")
+        adapters.save_adapter(model, tmp_path / "a")
     tuner.unmerge(model)
-    tuner.save_adapter(model, tmp_path / "a")
+    adapters.save_adapter(model, tmp_path / "a")
     assert adapters.read_adapter_config(tmp_path / "a")["peft_type"] == "ROWSFT"

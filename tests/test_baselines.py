@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _reference import random_batches
 
 import rowsft
 from rowsft import baselines
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import find_targets, is_transposed, linear_shape, weight_out_in
-from rowsft.zoo import random_batches
 
 VOCAB = 128
 

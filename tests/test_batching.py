@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import rowsft
-from rowsft import zoo
-from rowsft.batching import IGNORE_INDEX, Batches
+from rowsft.data import models as zoo
+from rowsft.data.batching import IGNORE_INDEX, Batches
 
 
 def byte_ids(text: str, offset: int) -> list[int]:

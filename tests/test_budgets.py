@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rowsft.budgets import Pool, global_counts
+from rowsft.selection.budgets import Pool, global_counts
 
 
 def pools_with_ties(seed):

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import rowsft
-from rowsft import scoring, selection, tuner
+from rowsft.layers import tuner
 from rowsft.lean_loss import training_loss
+from rowsft.scoring import scorer as scoring
+from rowsft.selection import strategies as selection
 
 VOCAB = 300
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _reference import random_batches
 
 import rowsft
+from rowsft.data.models import tiny_model
 from rowsft.distributed import (
     ShardedBatches,
     broadcast_selection,
@@ -25,8 +27,6 @@ from rowsft.distributed import (
     wrapper_kind,
 )
 from rowsft.targets import weight_out_in
-from rowsft.zoo import tiny_model
-from rowsft.zoo import random_batches
 
 VOCAB, B, T = 128, 2, 12
 WORLD, STEPS, LR, BUDGET = 2, 3, 0.5, 4
@@ -64,7 +64,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         check_supported_wrapper(ddp)                # DDP is the supported path: no error
         history = rowsft.train(ddp, ShardedBatches(TRAIN, rank, WORLD), steps=STEPS, lr=LR, optimizer="sgd",
                                max_grad_norm=None, schedule="constant", progress=False, seed=0)
-        deltas = {n: layer.delta.detach().clone() for n, layer in rowsft.tuner.sparse_layers(unwrap(ddp)).items()}
+        deltas = {n: layer.delta.detach().clone() for n, layer in rowsft.layers.tuner.sparse_layers(unwrap(ddp)).items()}
         errors["fsdp2"] = _fsdp2_message()
         # ranks that chose differently are caught
         different = rowsft.select(scores, BUDGET + rank)

@@ -1,4 +1,4 @@
-"""Dynamic SPEFT masks (rowsft.dynamic) against an independent dense float64 reference.
+"""Dynamic SPEFT masks (rowsft.training.dynamic) against an independent dense float64 reference.
 
 The reference fine-tunes the dense target weights of a copy of the model with AdamW written out by
 hand, a gradient mask, the loop's gradient clipping and linear learning-rate decay; at a
@@ -15,12 +15,14 @@ import pytest
 import torch
 from _reference import dense_loss
 
-from rowsft import memory, tuner, zoo
-from rowsft.dynamic import DynamicMask, reselect_mask
+from rowsft.data import models as zoo
+from rowsft.layers import tuner
+from rowsft.memory import report as memory
 from rowsft.selection import TotalParams
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import find_targets, linear_shape, weight_out_in
 from rowsft.training import train
+from rowsft.training.dynamic import DynamicMask, reselect_mask
 
 VOCAB = 128
 LR, WD, BETAS, EPS, CLIP = 1e-2, 0.1, (0.9, 0.999), 1e-8, 0.3  # clipping binds on some steps

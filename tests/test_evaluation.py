@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rowsft
-from rowsft import zoo
+from rowsft.data import models as zoo
 from rowsft.evaluation import evaluate
 
 
@@ -60,7 +60,7 @@ def test_causal_accuracy_matches_the_reference(arch, byte_tokenizer, mc_rows):
 
 
 def test_choice_scores_equal_the_reference(byte_tokenizer, mc_rows):
-    from rowsft.evaluation import _choice_loglikelihoods, _choice_sequences
+    from rowsft.evaluation.choices import _choice_loglikelihoods, _choice_sequences
     model = zoo.tiny_model("llama", vocab_size=len(byte_tokenizer), seed=4)
     rows = mc_rows[:3] + [{"prompt": "Pick:", "choices": ["y", "n"], "label": 0}]
     sequences = _choice_sequences(byte_tokenizer, rows, [], max_length=512)

@@ -10,10 +10,10 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import rowsft
+from rowsft.data.models import tiny_model
 from rowsft.integrations import RowSFTModel, RowSFTTrainerCallback
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import find_targets, linear_shape
-from rowsft.zoo import tiny_model
 
 VOCAB, SEQ = 128, 12
 
@@ -84,13 +84,13 @@ def trained(tmp_path_factory):
 
 def test_only_deltas_are_optimised(trained):
     model, trainer = trained["model"], trained["trainer"]
-    deltas = {id(layer.delta) for layer in rowsft.tuner.sparse_layers(model).values()}
+    deltas = {id(layer.delta) for layer in rowsft.layers.tuner.sparse_layers(model).values()}
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == deltas
     for name, p in model.named_parameters():
         if name in trained["before"]:
             assert torch.equal(p, trained["before"][name]), f"frozen {name} changed"
-    assert all(float(layer.delta.detach().abs().sum()) > 0 for layer in rowsft.tuner.sparse_layers(model).values())
+    assert all(float(layer.delta.detach().abs().sum()) > 0 for layer in rowsft.layers.tuner.sparse_layers(model).values())
 
 
 def test_rowsft_callbacks_hear_the_trainer(trained):
@@ -102,7 +102,7 @@ def test_rowsft_callbacks_hear_the_trainer(trained):
     assert all(s["lr"] == pytest.approx(1e-2) for s in rec.steps)
     # the memory callback filled state.memory from the Trainer's model and optimizer
     mem = rec.steps[-1]["memory"]
-    n_delta = sum(layer.delta.numel() for layer in rowsft.tuner.sparse_layers(trained["model"]).values())
+    n_delta = sum(layer.delta.numel() for layer in rowsft.layers.tuner.sparse_layers(trained["model"]).values())
     assert mem["trainable"] == n_delta * 4 and mem["optimizer"] == 2 * n_delta * 4 and mem["activations"] > 0
     # the per-step loss equals the Trainer's own logged loss (computed by the Trainer, not by the bridge)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]

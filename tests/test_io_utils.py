@@ -28,6 +28,7 @@ def test_directory_replace_and_text(tmp_path):
 
 def test_saved_files_and_folders_get_the_usual_permissions(tmp_path):
     import os
+
     from rowsft.io_utils import atomic_directory, atomic_write_text
     old = os.umask(0o022)
     try:

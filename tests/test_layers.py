@@ -366,7 +366,7 @@ def _autocast_case(unit, device, path="fused"):
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_add_into_columns_equals_index_add(dtype, contiguous):
     """The half-precision CPU path (gather, add, write back) gives index_add_'s bits, also into a view."""
-    from rowsft.sparse_autograd import add_into_columns
+    from rowsft.layers.autograd import add_into_columns
     g = torch.Generator().manual_seed(0)
     target = torch.randn(3, 5, 40, generator=g).to(dtype)
     if not contiguous:
@@ -459,7 +459,7 @@ def test_train_bias_needs_a_bias():
 @pytest.mark.parametrize("fuse_fraction", [0.0, 1.0])   # always fused W + D / never fused
 @pytest.mark.parametrize("lean_fraction", [0.0, 1.0])   # keep the whole input / only its touched columns
 def test_element_fused_and_unfused_paths_equal_dense_reference(kind, fuse_fraction, lean_fraction, monkeypatch):
-    from rowsft.sparse_autograd import ElementUpdate
+    from rowsft.layers.autograd import ElementUpdate
     monkeypatch.setattr(ElementUpdate, "FUSE_FRACTION", fuse_fraction)
     monkeypatch.setattr(ElementUpdate, "LEAN_COLUMN_FRACTION", lean_fraction)
     base = make_base(kind)
@@ -500,10 +500,10 @@ def test_element_layer_keeps_only_touched_columns_when_few(kind, path):
 def test_element_layers_keep_column_subsets_only_where_the_input_has_no_other_keeper():
     """q/k/v and gate/up share an input, o_proj's is the attention kernel's saved output: a subset there
     would be paid on top of the whole input. down_proj's input (the gated activation) has no other keeper."""
-    from rowsft import tuner
-    from rowsft.selection_types import LayerChoice, Selection
+    from rowsft.data.models import tiny_model
+    from rowsft.layers import tuner
+    from rowsft.selection.choice import LayerChoice, Selection
     from rowsft.targets import find_targets, linear_shape
-    from rowsft.zoo import tiny_model
     model = tiny_model("llama", layers=1)
     layers = {n: LayerChoice("element", torch.tensor([0, 1]), linear_shape(m)) for n, m in find_targets(model).items()}
     tuner.apply(model, Selection(layers))

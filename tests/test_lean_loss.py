@@ -8,7 +8,7 @@ from _reference import dense_loss
 import rowsft
 from rowsft.lean_loss import accepts_logits_to_keep, kept_positions, lean_forward, training_loss
 from rowsft.memory import activation_bytes
-from rowsft.memory_predict import predict
+from rowsft.memory.prediction import predict
 
 VOCAB = 300
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import rowsft
-from rowsft.memory import MemoryCallback, MemoryReport, SavedTensorCounter, breakdown, measure_peak, predict
-from rowsft.memory_measure import cpu_peak, unique_storage_bytes
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.memory import MemoryReport, SavedTensorCounter, breakdown, measure_peak, predict
+from rowsft.memory.measure import cpu_peak, unique_storage_bytes
+from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import find_targets, linear_shape
 
 VOCAB = 128
@@ -223,6 +223,7 @@ def test_unique_storage_bytes_counts_views_once():
 def test_counting_activations_leaves_no_graph_alive():
     """A count-only forward must not keep its graph (activations and the weights it saved) after it returns."""
     import gc
+
     import rowsft
     from rowsft.memory import activation_bytes
     model = rowsft.tiny_model("llama", vocab_size=300)

@@ -8,11 +8,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_notebook_fakes import (
+    fake_lora_parity,
+    fake_predict,
+    fake_score,
+    fake_select,
+    parity_rows,
+    random_batches,
+    tiny_llama,
+)
 
 from rowsft import notebook as nb
 from rowsft import viz
-from test_notebook_fakes import (fake_lora_parity, fake_predict, fake_score, fake_select, parity_rows,
-                                 random_batches, tiny_llama)
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -82,11 +89,11 @@ def test_budget_rows_change_selection_marks_and_memory(model, scores):
     q0, up1 = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"
     assert control.status.kind is None
     assert control.selection[q0].tolist() == top_rows(scores, q0, 4)
-    assert marks(heatmap, "self_attn.q_proj") == sorted(
+    assert marks(heatmap, "q_proj") == sorted(
         [(i, 0) for i in top_rows(scores, q0, 4)] + [(i, 1) for i in top_rows(scores, "model.layers.1.self_attn.q_proj", 4)])
     control.rows.value = 9
     assert control.selection[up1].tolist() == top_rows(scores, up1, 9)
-    assert len(marks(heatmap, "mlp.up_proj")) == 2 * 9
+    assert len(marks(heatmap, "up_proj")) == 2 * 9
     # predicted memory: 4 bytes per trainable parameter, ×2 gradients+weights... (fake_predict's rule)
     d_in = {n: scores.shapes[n][1] for n in scores}
     trainable = sum(9 * d_in[n] for n in scores)
@@ -116,7 +123,7 @@ def test_budget_follows_the_layer_picker(model, scores):
     control, heatmap = budget_control(model, scores, rows=4)
     control.picker.all_attention.click()
     assert sorted({n.split(".")[-1] for n in control.selection}) == sorted(ATTENTION)
-    assert marks(heatmap, "mlp.up_proj") == []            # marks left MLP panels
+    assert marks(heatmap, "up_proj") == []            # marks left MLP panels
     control.picker.block_buttons[1].value = False
     assert all(".layers.0." in n for n in control.selection)
 

@@ -10,11 +10,18 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from test_notebook_fakes import (
+    fake_lora_parity,
+    fake_predict,
+    fake_score,
+    fake_select,
+    fake_train,
+    random_batches,
+    tiny_llama,
+)
 
 from rowsft import notebook as nb
-from rowsft import tuner
-from test_notebook_fakes import (fake_lora_parity, fake_predict, fake_score, fake_select, fake_train,
-                                 random_batches, tiny_llama)
+from rowsft.layers import tuner
 
 
 def fake_dashboard(model, **kwargs):
@@ -39,16 +46,16 @@ def test_dashboard_scores_selects_marks_and_trains_in_place():
     q0 = "model.layers.0.self_attn.q_proj"
     top4 = sorted(torch.topk(dash.scores[q0], 4).indices.tolist())
     assert dash.selection[q0].tolist() == top4
-    assert [(x, y) for x, y in marks(dash, "self_attn.q_proj") if y == 0] == [(i, 0) for i in top4]
+    assert [(x, y) for x, y in marks(dash, "q_proj") if y == 0] == [(i, 0) for i in top4]
 
     dash.budget.rows.value = 6                              # budget → selection → marks
     assert all(v.numel() == 6 for v in dash.selection.values())
-    assert len(marks(dash, "mlp.up_proj")) == 2 * 6
+    assert len(marks(dash, "up_proj")) == 2 * 6
 
-    before = heat(dash, "mlp.up_proj")
+    before = heat(dash, "up_proj")
     dash.chooser.metric.value = "random"
     dash.chooser.button.click()                             # re-score → new heatmap, same marks count
-    assert dash.scores.metric == "random" and not np.allclose(heat(dash, "mlp.up_proj"), before)
+    assert dash.scores.metric == "random" and not np.allclose(heat(dash, "up_proj"), before)
     up0 = "model.layers.0.mlp.up_proj"
     assert dash.selection[up0].tolist() == sorted(torch.topk(dash.scores[up0], 6).indices.tolist())
 
@@ -93,11 +100,11 @@ def test_dashboard_error_cases_show_messages_and_stay_usable():
     dash.chooser.metric.value, dash.chooser.unit.value = "activation", "element"
     dash.chooser.button.click()                             # unavailable metric for the unit
     assert dash.chooser.status.kind == "error" and dash.scores.metric == "magnitude"
-    dash.heatmap_type.value = "mlp.down_proj"               # one panel only, marks kept
-    assert [t.name for t in dash.heatmap.data] == ["scores:mlp.down_proj", "selected:mlp.down_proj"]
-    assert len(marks(dash, "mlp.down_proj")) == 2 * 3
+    dash.heatmap_type.value = "down_proj"               # one panel only, marks kept
+    assert [t.name for t in dash.heatmap.data] == ["scores:down_proj", "selected:down_proj"]
+    assert len(marks(dash, "down_proj")) == 2 * 3
     dash.heatmap_order.value = "sorted"
-    assert np.all(np.diff(heat(dash, "mlp.down_proj"), axis=1) <= 1e-6)
+    assert np.all(np.diff(heat(dash, "down_proj"), axis=1) <= 1e-6)
     with pytest.raises(ValueError, match="tokenizer"):
         nb.as_batches([{"text": "hello", "label": 1}], None, 2, 16)
 
@@ -151,7 +158,7 @@ def test_dashboard_with_the_real_verbs_on_tiny_llama():
 @pytest.mark.skipif(not REAL, reason="rowsft.scoring / selection / memory / training not written yet")
 def test_dashboard_from_raw_data_and_tokenizer_reports_accuracy():
     import rowsft
-    from rowsft.zoo import MissingAssetError
+    from rowsft.data.assets import MissingAssetError
     try:
         model, tokenizer = rowsft.load_model("tiny-llama")
         data = rowsft.load_dataset("boolq", max_train=16, max_validation=8)

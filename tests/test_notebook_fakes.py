@@ -16,17 +16,17 @@ from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+from _reference import random_batches as zoo_random_batches
 
-from rowsft.scores import Scores
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.scoring.scores import Scores
+from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import find_targets, layer_index, linear_shape, module_type, weight_out_in
-from rowsft.zoo import random_batches as zoo_random_batches
 
 VOCAB = 128
 
 
 def tiny_llama(seed: int = 0):
-    from rowsft.zoo import tiny_model
+    from rowsft.data.models import tiny_model
     return tiny_model("llama", vocab_size=VOCAB, seed=seed)
 
 

@@ -10,13 +10,13 @@ import time
 
 import pytest
 import torch
+from test_notebook_fakes import FakeState, fake_score, fake_select, fake_train, random_batches, tiny_llama
 
 from rowsft import notebook as nb
-from test_notebook_fakes import FakeState, fake_score, fake_select, fake_train, random_batches, tiny_llama
 
 
 def sparse_model(rows: int = 4):
-    from rowsft import tuner
+    from rowsft.layers import tuner
     model = tiny_llama()
     tuner.apply(model, fake_select(fake_score(model, [], num_batches=1), rows))
     return model

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+import rowsft.notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["01_quickstart", "02_neuron_importance", "03_row_budgets_and_memory", "04_finetune_in_place",
          "05_methods_compared", "06_classroom"]
 MAX_BYTES = 2 * 1024 * 1024
@@ -98,11 +101,21 @@ def test_answer_checker_says_right_wrong_and_blank(setup_helper, capsys):
 
 
 def test_fast_and_default_settings(setup_helper, monkeypatch):
+    monkeypatch.setattr(setup_helper, "configure", lambda seed=0: None)   # no global seeding in the test process
     monkeypatch.setenv("ROWSFT_FAST", "1")
-    assert setup_helper.fast_from_env()
-    fast = setup_helper.FAST
-    default = setup_helper.DEFAULT
+    fast = setup_helper.settings()
+    monkeypatch.setenv("ROWSFT_FAST", "0")
+    default = setup_helper.settings()
+    assert fast.fast and not default.fast
     assert fast.model.startswith("tiny-") and not default.model.startswith("tiny-")
     assert fast.steps < default.steps and fast.max_train < default.max_train
-    monkeypatch.setenv("ROWSFT_FAST", "0")
-    assert not setup_helper.fast_from_env()
+    assert fast == rowsft.notebook.FAST_SETTINGS and default == rowsft.notebook.FULL_SETTINGS   # one settings class
+
+
+def test_fast_mode_is_read_in_one_place():
+    """Only rowsft.notebook.settings.fast_mode reads ROWSFT_FAST; the notebooks and their helper ask it."""
+    reads = re.compile(r"(os\.environ|getenv)[^\n]*ROWSFT_FAST")
+    sources = [*(ROOT / "rowsft").rglob("*.py"), ROOT / "notebooks" / "_setup.py",
+               *(ROOT / "notebooks").glob("*.ipynb")]
+    assert [str(p.relative_to(ROOT)) for p in sources if reads.search(p.read_text())] == []
+    assert "os.environ.get(FAST_ENV" in (ROOT / "rowsft" / "notebook" / "settings.py").read_text()

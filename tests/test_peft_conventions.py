@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import rowsft
+from rowsft.data.models import tiny_model
 from rowsft.integrations import RowSFTConfig, RowSFTModel, get_rowsft_model
 from rowsft.layers import SparseLinear
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import find_targets, linear_shape, weight_out_in
-from rowsft.zoo import tiny_model
 
 VOCAB = 128
 PEFT_LINE = re.compile(r"^trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: (\d+\.\d{4})$")
@@ -32,7 +32,7 @@ def selection_for(model, k=3, seed=0) -> Selection:
 def fill_deltas(model, seed=1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in rowsft.tuner.sparse_layers(model).values():
+        for layer in rowsft.layers.tuner.sparse_layers(model).values():
             layer.delta.copy_(0.05 * torch.randn(layer.delta.shape, generator=gen, dtype=layer.delta.dtype))
 
 
@@ -93,7 +93,7 @@ def test_save_pretrained_folder_layout(wrapped, tmp_path):
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     name = next(iter(selection))
     assert torch.equal(tensors[f"{name}.indices"], selection[name])
-    assert torch.equal(tensors[f"{name}.delta"], rowsft.tuner.sparse_layers(model.base_model)[name].delta.detach())
+    assert torch.equal(tensors[f"{name}.delta"], rowsft.layers.tuner.sparse_layers(model.base_model)[name].delta.detach())
     model.save_pretrained(tmp_path / "skipped", is_main_process=False)   # non-main ranks write nothing
     assert not (tmp_path / "skipped").exists()
 
@@ -110,12 +110,12 @@ def test_from_pretrained_reproduces_outputs(wrapped, tmp_path):
     trainable = RowSFTModel.from_pretrained(tiny_model("llama", vocab_size=VOCAB, seed=0, dtype=torch.float64),
                                             tmp_path / "adapter", is_trainable=True)
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
-        {f"base_model.{n}.delta" for n in rowsft.tuner.sparse_layers(trainable.base_model)}
+        {f"base_model.{n}.delta" for n in rowsft.layers.tuner.sparse_layers(trainable.base_model)}
 
 
 def test_merge_and_unload_equals_dense_reference(wrapped):
     model, selection = wrapped
-    deltas = {n: layer.delta.detach().clone() for n, layer in rowsft.tuner.sparse_layers(model.base_model).items()}
+    deltas = {n: layer.delta.detach().clone() for n, layer in rowsft.layers.tuner.sparse_layers(model.base_model).items()}
     # independent reference: add the rows into a fresh model's dense weights by hand
     reference = tiny_model("llama", vocab_size=VOCAB, seed=0, dtype=torch.float64)
     with torch.no_grad():

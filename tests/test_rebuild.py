@@ -1,4 +1,4 @@
-"""rowsft.rebuild: layer inputs rebuilt in backward from what the frozen graph keeps.
+"""rowsft.layers.rebuild: layer inputs rebuilt in backward from what the frozen graph keeps.
 
 Rebuilding is bit-exact (the same kernels on the same inputs), so gradients with and without it must be
 *equal*, not close; the bytes it saves must be exactly the inputs it no longer keeps, counted by hand.
@@ -8,15 +8,14 @@ import copy
 
 import pytest
 import torch
+from _reference import random_batches
 from torch import nn
 
 import rowsft
-from rowsft import rebuild, tuner
-from rowsft.layers import RowSparseLinear, SparseLinear
+from rowsft.layers import RowSparseLinear, SparseLinear, rebuild, tuner
 from rowsft.memory import SavedTensorCounter, model_tensors
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import find_targets, linear_shape
-from rowsft.zoo import random_batches
 
 VOCAB = 128
 

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from rowsft.scores import Scores, normalization_scale, topk_indices
+from rowsft.data.models import tiny_model
 from rowsft.scoring import score
+from rowsft.scoring.agreement import topk_indices
+from rowsft.scoring.scores import Scores, normalization_scale
 from rowsft.targets import neuron_groups
-from rowsft.zoo import tiny_model
 
 
 def hand_scores(unit="row", seed=0, normalize="none"):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from _reference import dense_loss
 
+from rowsft.data.models import tiny_model
 from rowsft.scoring import allowed_metrics, group_scores, score
-from rowsft.scores import Scores
+from rowsft.scoring.scores import Scores
 from rowsft.targets import find_targets, is_transposed, neuron_groups, weight_out_in
-from rowsft.zoo import tiny_model
 
 VOCAB = 128
 
@@ -422,7 +422,7 @@ def test_a_layer_without_gradient_scores_zero_with_a_warning():
 # ---------------------------------------------------------------- block recomputation
 @pytest.mark.parametrize("arch,metric", [("llama", "taylor"), ("gpt2", "taylor"), ("bert", "hessian"), ("llama", "snip")])
 def test_recomputing_blocks_gives_the_same_scores(arch, metric):
-    from rowsft.recompute import transformer_blocks
+    from rowsft.scoring.recompute import transformer_blocks
     model, batches = model64(arch), make_batches(arch, pad=True)
     assert len(transformer_blocks(model)) == model.config.num_hidden_layers
     kept = score(model, batches, metric, recompute=False, **exact("row"))
@@ -435,7 +435,7 @@ def test_recomputing_blocks_gives_the_same_scores(arch, metric):
 def test_recomputing_blocks_keeps_far_fewer_bytes_alive():
     """Peak bytes allocated above the start (the profiler's allocation accounting) over one calibration pass:
     recomputation keeps block inputs, not every block's activations and layer inputs."""
-    from rowsft.memory_measure import cpu_peak
+    from rowsft.memory.measure import cpu_peak
     model = tiny_model("llama", vocab_size=VOCAB, layers=6)
     batches = make_batches("llama", n=1, b=4, t=64)
     peaks = {flag: cpu_peak(lambda: score(model, batches, "taylor", recompute=flag))["peak_delta"]
@@ -444,7 +444,7 @@ def test_recomputing_blocks_keeps_far_fewer_bytes_alive():
 
 
 def test_block_forwards_are_restored_after_a_failed_pass():
-    from rowsft.recompute import transformer_blocks
+    from rowsft.scoring.recompute import transformer_blocks
     model = tiny_model("llama", vocab_size=VOCAB, layers=2)
     good = make_batches("llama")
     broken = [{"input_ids": good[0]["input_ids"], "labels": good[0]["labels"][:, :2]}]

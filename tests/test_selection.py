@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from rowsft.scores import Scores
+from rowsft.data.models import tiny_model
 from rowsft.scoring import score
+from rowsft.scoring.scores import Scores
 from rowsft.selection import Selection, TotalParams, lora_parity, select
 from rowsft.targets import find_targets, linear_shape, neuron_groups
-from rowsft.zoo import tiny_model
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (16, 8), "model.layers.0.self_attn.o_proj": (8, 16),
           "model.layers.0.mlp.up_proj": (32, 8), "model.layers.1.mlp.up_proj": (32, 8)}
@@ -218,7 +218,7 @@ def test_lean_units_follow_the_activation_rule(llama):
 
 
 def test_lean_units_count_rebuilt_row_inputs(llama):
-    """Default rule (rowsft.rebuild): q/k/v rows pay their input once (the first block), gate/up and down
+    """Default rule (rowsft.layers.rebuild): q/k/v rows pay their input once (the first block), gate/up and down
     rows nothing, o rows d_in per block; 2 blocks of d_in 64 (i 128 for down) at LoRA-4 parity."""
     rows = score(llama, metric="magnitude", unit="row")
     cols = score(llama, metric="magnitude", unit="column")
@@ -234,10 +234,23 @@ def test_lean_units_count_rebuilt_row_inputs(llama):
 # ---------------------------------------------------------------- errors and records
 @pytest.mark.parametrize("budget,match", [(2000, r"budget 2000 rows exceeds .*\(16 rows\); use at most 16 or a ratio"),
                                           (0, "positive"), (-3, "positive"), (float("nan"), r"\(0, 1\]"),
-                                          (1.5, r"\(0, 1\]"), (True, "not understood"), ("64", "not understood")])
+                                          (1.5, r"\(0, 1\]"), (True, "not understood"), ("sixty-four", "not understood"),
+                                          ("lora:x", "not understood"), ("64", r"budget 64 rows exceeds")])
 def test_bad_budgets_say_what_is_allowed(budget, match):
     with pytest.raises(ValueError, match=match):
         select(random_scores(), budget)
+
+
+def test_budget_text_reads_as_the_command_line_writes_it():
+    """One parser for every budget: text as a CLI or YAML job writes it means the same as the objects."""
+    from rowsft.selection.budgets import parse_budget
+    assert parse_budget("8") == 8 and isinstance(parse_budget("8"), int)
+    assert parse_budget("0.25") == 0.25 and parse_budget(" LoRA:4 ") == lora_parity(4)
+    assert parse_budget("params:1e3") == TotalParams(1000)
+    scores = random_scores()
+    by_text, by_object = select(scores, "lora:2"), select(scores, lora_parity(2))
+    assert {n: c.indices.tolist() for n, c in by_text.layers.items()} == \
+        {n: c.indices.tolist() for n, c in by_object.layers.items()}
 
 
 def test_other_errors():

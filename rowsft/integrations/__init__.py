@@ -10,7 +10,7 @@ Names are imported lazily, so ``import rowsft.integrations`` does not import tra
 """
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from rowsft._lazy import lazy_exports
 
 _NAMES = {
     "RowSFTTrainerCallback": "hf_trainer", "save_adapter_into": "hf_trainer",

@@ -34,9 +34,11 @@ from typing import Any, Iterable
 import torch
 from transformers import TrainerCallback
 
-from ..callbacks import CallbackList
-from ..history import History
-from ..training import TrainState
+from rowsft.distributed import unwrap
+from rowsft.layers.adapters import save_adapter
+from rowsft.training.callbacks import CallbackList
+from rowsft.training.history import History
+from rowsft.training.loop import TrainState
 
 
 class RowSFTTrainerCallback(TrainerCallback):
@@ -192,8 +194,6 @@ def _current_lr(optimizer, lr_scheduler, default: float) -> float:
 def save_adapter_into(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:
     """Write the rowsft adapter files of ``model`` into an existing ``folder`` (e.g. a Trainer
     checkpoint) without touching its other files; returns the file names written."""
-    from ..distributed import unwrap
-    from ..tuner import save_adapter
     folder = os.fspath(folder)
     with tempfile.TemporaryDirectory(prefix=".rowsft-adapter-", dir=folder) as tmp:
         target = os.path.join(tmp, "adapter")

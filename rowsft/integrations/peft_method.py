@@ -40,7 +40,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .. import tuner
+from rowsft.layers import adapters, tuner
+from rowsft.layers.adapters import read_adapter_config
+from rowsft.scoring.scorer import score
+from rowsft.selection.strategies import select
 
 DATA_FREE_METRICS = ("magnitude", "magnitude-l1", "magnitude-l2", "random", "synflow")
 
@@ -92,8 +95,6 @@ def get_rowsft_model(model: nn.Module, config: RowSFTConfig | None = None,
             raise ValueError(f"metric {config.metric!r} needs calibration batches: "
                              f"get_rowsft_model(model, config, calibration=rowsft.batches(...)); "
                              f"or use a data-free metric {DATA_FREE_METRICS}")
-        from ..scoring import score
-        from ..selection import select
         scores = score(model, calibration, metric=config.metric, unit=config.unit, targets=config.targets,
                        num_batches=config.num_batches)
         selection = select(scores, config.budget, strategy=config.strategy)
@@ -154,7 +155,7 @@ class RowSFTModel(nn.Module):
         ``is_main_process=False`` which skips writing (as on non-zero ranks)."""
         if not kwargs.get("is_main_process", True):
             return
-        tuner.save_adapter(self.base_model, save_directory,
+        adapters.save_adapter(self.base_model, save_directory,
                            **({"base_model_name": self.rowsft_config.base_model_name_or_path}
                               if self.rowsft_config.base_model_name_or_path else {}))
 
@@ -163,9 +164,8 @@ class RowSFTModel(nn.Module):
         """Load the adapter folder ``model_id`` into the plain ``model``.
 
         As in PEFT, the adapter is frozen (inference) unless ``is_trainable=True``."""
-        from ..adapters import read_adapter_config
         config = read_adapter_config(model_id)
-        tuner.load_adapter(model, model_id)
+        adapters.load_adapter(model, model_id)
         if not is_trainable:
             for p in model.parameters():
                 p.requires_grad_(False)

@@ -22,12 +22,12 @@ so clear the widget state before committing an executed notebook. Static figures
 """
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from rowsft._lazy import lazy_exports
 
 # imported at once (no widgets there); the function ``settings`` must shadow its submodule's name for good
-from .settings import FAST_SETTINGS, FULL_SETTINGS, NotebookSettings, fast_mode, settings
+from rowsft.notebook.settings import FAST_SETTINGS, FULL_SETTINGS, NotebookSettings, fast_mode, settings
 
-# name -> submodule of the widgets, imported on first use, so that ``rowsft.notebook.figures`` (and
+# name -> submodule of the widgets, imported on first use, so that ``rowsft.viz`` (and
 # ``rowsft.viz``) need plotly but not ipywidgets
 _NAMES = {"StatusArea": "_widgets", "BudgetControl": "budget", "Dashboard": "dashboard", "as_batches": "dashboard",
           "RunSummary": "launcher", "TrainLauncher": "launcher", "LayerPicker": "layer_picker",

@@ -14,16 +14,26 @@ controls (it becomes ``None`` on error, so nothing stale is launched).
 from __future__ import annotations
 
 import functools
-
 from typing import Callable, Sequence
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from . import figures as viz
-from .figures._common import report_dict
-from ._widgets import Displayable, StatusArea, error_message, format_bytes, format_count, log, refresh_figure
-from .layer_picker import LayerPicker
+from rowsft import viz
+from rowsft.memory.prediction import predict
+from rowsft.notebook._widgets import (
+    Displayable,
+    StatusArea,
+    error_message,
+    format_bytes,
+    format_count,
+    log,
+    refresh_figure,
+)
+from rowsft.notebook.layer_picker import LayerPicker
+from rowsft.selection.budgets import lora_parity
+from rowsft.selection.strategies import select
+from rowsft.viz.style import report_dict
 
 MODES = (("count per layer", "rows"), ("ratio of each layer", "ratio"), ("LoRA-rank parity", "lora"))
 UNIT_NOUNS = {"row": "rows", "column": "columns", "group": "neurons", "element": "weights"}
@@ -31,7 +41,6 @@ UNIT_NOUNS = {"row": "rows", "column": "columns", "group": "neurons", "element":
 
 def _default_predict(model, what, batch_size: int, seq_len: int, rank: int, targets=None, logit_positions=None):
     """``rowsft.memory.predict`` for a Selection, ``"full"``, or ``"lora"`` of ``rank`` on ``targets``."""
-    from ..memory import predict
     if what == "lora":
         return predict(model, ("lora", int(rank)), batch_size, seq_len, targets=targets or "all-linear",
                        logit_positions=logit_positions)
@@ -98,14 +107,12 @@ class BudgetControl(Displayable):
     @property
     def select_fn(self) -> Callable:
         if self._select_fn is None:
-            from ..selection import select
             self._select_fn = select
         return self._select_fn
 
     @property
     def lora_parity_fn(self) -> Callable:
         if self._lora_parity_fn is None:
-            from ..selection import lora_parity
             self._lora_parity_fn = lora_parity
         return self._lora_parity_fn
 

@@ -16,14 +16,19 @@ from typing import Callable, Mapping
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from . import figures as viz
-from .figures._common import group_by_type, score_vectors
-from ._widgets import Displayable, StatusArea, refresh_figure, section
-from .budget import BudgetControl
-from .launcher import TrainLauncher
-from .live import LiveCurves
-from .metric import MetricChooser
-from .settings import NotebookSettings, settings as default_settings
+from rowsft import viz
+from rowsft.data.batching import batches
+from rowsft.evaluation.choices import evaluate
+from rowsft.layers import tuner
+from rowsft.lean_loss import logit_positions
+from rowsft.notebook._widgets import Displayable, StatusArea, refresh_figure, section
+from rowsft.notebook.budget import BudgetControl
+from rowsft.notebook.launcher import TrainLauncher
+from rowsft.notebook.live import LiveCurves
+from rowsft.notebook.metric import MetricChooser
+from rowsft.notebook.settings import NotebookSettings
+from rowsft.notebook.settings import settings as default_settings
+from rowsft.viz.style import group_by_type, score_vectors
 
 
 def as_batches(data, tokenizer, batch_size: int, max_length: int, batches_fn: Callable | None = None):
@@ -35,7 +40,7 @@ def as_batches(data, tokenizer, batch_size: int, max_length: int, batches_fn: Ca
             raise ValueError("the data are raw examples: pass tokenizer= so they can be batched, "
                              "or pass ready batches (rowsft.batches(...))")
         if batches_fn is None:
-            from ..batching import batches as batches_fn
+            batches_fn = batches
         return batches_fn(split, tokenizer, batch_size=batch_size, max_length=max_length)
     if isinstance(split, list) and not split:
         raise ValueError("the data are empty: pass at least one batch or example")
@@ -46,7 +51,6 @@ def default_eval_fn(data, tokenizer, cfg: NotebookSettings) -> Callable | None:
     """``model → accuracy`` on the validation split, when there is one and a tokenizer."""
     if tokenizer is None or not isinstance(data, Mapping) or "validation" not in data:
         return None
-    from ..evaluation import evaluate
 
     def eval_fn(model):
         return evaluate(model, tokenizer, data["validation"], batch_size=max(8, cfg.batch_size),
@@ -57,7 +61,6 @@ def default_eval_fn(data, tokenizer, cfg: NotebookSettings) -> Callable | None:
 def _batch_shape(batches, fallback: int) -> tuple[int, int | None]:
     """From the first batch (read once): its sequence length (``fallback`` if unknown) and the
     positions per example that reach the LM head in training (None: all). Defaults for memory estimates."""
-    from ..lean_loss import logit_positions
     try:
         first = next(iter(batches))
     except Exception:  # noqa: BLE001 - only defaults for memory estimates
@@ -165,7 +168,6 @@ class Dashboard(Displayable):
         if selection is None:
             message = self.budget.status.message if self.budget is not None else ""
             raise ValueError(message or "no valid selection yet: score the model, pick layers and a budget")
-        from .. import tuner
         if tuner.sparse_layers(model):
             current = tuner.current_selection(model)
             if set(current) == set(selection) and all(current[n].equal(selection[n]) for n in selection):

@@ -23,8 +23,10 @@ from typing import Callable, Iterable
 
 import ipywidgets as widgets
 
-from .figures._common import memory_value
-from ._widgets import Displayable, StatusArea, error_message, format_bytes, log
+from rowsft.memory.callback import MemoryCallback
+from rowsft.notebook._widgets import Displayable, StatusArea, error_message, format_bytes, log
+from rowsft.training.loop import train
+from rowsft.viz.style import memory_value
 
 
 @dataclass
@@ -131,7 +133,6 @@ class TrainLauncher(Displayable):
     @property
     def train_fn(self) -> Callable:
         if self._train_fn is None:
-            from ..training import train
             self._train_fn = train
         return self._train_fn
 
@@ -196,7 +197,6 @@ class TrainLauncher(Displayable):
             before = _accuracy(self.eval_fn(self.model)) if self.eval_fn else None
             callbacks = [self._progress] + ([self.curves.callback(run)] if self.curves is not None else [])
             if self.record_memory:
-                from ..memory import MemoryCallback
                 callbacks.insert(0, MemoryCallback(every=1, measure_cpu=False))
             history = self.train_fn(self.model, self.batches, steps=steps, lr=lr, callbacks=callbacks,
                                     stop_event=self.stop_event, **self.train_kwargs)

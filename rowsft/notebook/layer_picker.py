@@ -13,8 +13,8 @@ from typing import Callable, Iterable
 
 import ipywidgets as widgets
 
-from ..targets import find_targets, layer_index, module_type, neuron_groups
-from ._widgets import Displayable, StatusArea
+from rowsft.notebook._widgets import Displayable, StatusArea
+from rowsft.targets import find_targets, layer_index, module_type, neuron_groups
 
 ATTENTION_WORDS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv")
 

@@ -22,10 +22,10 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
-from . import figures as viz
-from .figures._common import memory_value
-from .figures.curves import MIB, curve_trace
-from ._widgets import Displayable
+from rowsft import viz
+from rowsft.notebook._widgets import Displayable
+from rowsft.viz.curves import MIB, curve_trace
+from rowsft.viz.style import memory_value
 
 
 class LiveCurves(Displayable):

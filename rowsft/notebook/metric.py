@@ -12,7 +12,9 @@ from typing import Callable, Iterable, Sequence
 
 import ipywidgets as widgets
 
-from ._widgets import Displayable, StatusArea, error_message
+from rowsft.notebook._widgets import Displayable, StatusArea, error_message
+from rowsft.scoring import scorer as scoring
+from rowsft.scoring.scorer import allowed_metrics, score
 
 DEFAULT_METRICS = ("magnitude", "taylor", "hessian", "zo-taylor", "activation", "wanda", "random")
 DEFAULT_UNITS = ("row", "column", "group", "element")
@@ -37,7 +39,6 @@ class CountingBatches:
 def _known(module_attr: str, fallback: Sequence[str]) -> list[str]:
     """A list of names the scoring module publishes (e.g. ``METRICS``), else ``fallback``."""
     try:
-        from .. import scoring
         names = getattr(scoring, module_attr, None)
         if names:
             return list(names.keys() if isinstance(names, dict) else names)
@@ -48,7 +49,6 @@ def _known(module_attr: str, fallback: Sequence[str]) -> list[str]:
 
 def _default_allowed() -> Callable | None:
     try:
-        from ..scoring import allowed_metrics
         return allowed_metrics
     except Exception:  # noqa: BLE001
         return None
@@ -96,7 +96,6 @@ class MetricChooser(Displayable):
     @property
     def score_fn(self) -> Callable:
         if self._score_fn is None:
-            from ..scoring import score
             self._score_fn = score
         return self._score_fn
 

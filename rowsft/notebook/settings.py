@@ -1,13 +1,15 @@
-"""FAST mode for the tutorial notebooks: one environment variable picks tiny or real settings.
+"""Notebook settings and FAST mode: one environment variable picks tiny or real settings.
 
-``ROWSFT_FAST=1`` (or ``true``/``yes``/``on``) makes every notebook use the random tiny Llama and a
-handful of steps, so that the whole set runs in seconds under nbval/CI; unset, notebooks use the
-bundled SmolLM2-135M-Instruct with settings that show real learning.
+``ROWSFT_FAST=1`` (or ``true``/``yes``/``on``) makes the tutorials and the dashboard use the random
+tiny Llama and a handful of steps, so that every notebook runs in seconds under nbval/CI; unset,
+they use the bundled SmolLM2-135M-Instruct with settings that show real learning in minutes on a
+2-core CPU. This is the only place that reads ``ROWSFT_FAST``; ``notebooks/_setup.py`` and the
+dashboard both take their settings from :func:`settings`.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 FAST_ENV = "ROWSFT_FAST"
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -18,28 +20,54 @@ def fast_mode() -> bool:
     return os.environ.get(FAST_ENV, "").strip().lower() in TRUE_WORDS
 
 
+def _help(default, text: str):
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass(frozen=True)
 class NotebookSettings:
-    """What a tutorial notebook runs with."""
-    model: str = field(default="smollm2-135m", metadata={"help": "name for rowsft.load_model"})
-    task: str = field(default="boolq", metadata={"help": "name for rowsft.load_dataset"})
-    steps: int = field(default=60, metadata={"help": "optimizer steps of a training run"})
-    rows: int = field(default=64, metadata={"help": "rows per layer (default budget)"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank compared against"})
-    batch_size: int = field(default=4, metadata={"help": "examples per step"})
-    max_length: int = field(default=256, metadata={"help": "tokens per example"})
-    calibration_batches: int = field(default=4, metadata={"help": "batches used to score importance"})
-    eval_examples: int | None = field(default=200, metadata={"help": "validation examples for accuracy"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    fast: bool = field(default=False, metadata={"help": "True when ROWSFT_FAST chose these settings"})
+    """What a tutorial notebook or the dashboard runs with (see each field's ``metadata["help"]``)."""
+    fast: bool = _help(False, "True when ROWSFT_FAST chose these settings")
+    model: str = _help("smollm2-135m", "causal LM to fine-tune (name for rowsft.load_model)")
+    classifier: str = _help("minilm-l6", "encoder + new classification head (tutorial 05's live comparison)")
+    task: str = _help("boolq", "name for rowsft.load_dataset")
+    max_train: int = _help(2000, "training rows kept")
+    batch_size: int = _help(4, "examples per step")
+    max_length: int = _help(128, "tokens per example")
+    calibration_batches: int = _help(4, "batches used to score importance")
+    steps: int = _help(40, "optimizer steps of a training run")
+    lr: float = _help(5e-4, "peak learning rate of the row-sparse fine-tunes")
+    rows: int = _help(64, "rows per layer (the default budget)")
+    lora_rank: int = _help(8, "LoRA rank compared against (and used for parity budgets)")
+    eval_examples: int = _help(200, "validation examples for accuracy")
+    train_blocks: int | None = _help(10, "train only the last this many blocks (None: all); see top_blocks")
+    seed: int = _help(0, "seed of data splits, batch order and initialisation")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def top_blocks(self, num_blocks: int) -> list[int] | None:
+        """The block indices to train: the last ``train_blocks`` of ``num_blocks`` (None: all).
 
-FAST_SETTINGS = NotebookSettings(model="tiny-llama", steps=5, rows=8, lora_rank=2, batch_size=2, max_length=64,
-                                 calibration_batches=2, eval_examples=16, lr=1e-3, fast=True)
+        The backward pass stops at the first block that trains, so training only the upper blocks of
+        SmolLM2 roughly halves the time of a step on a CPU; the tutorials say so where they use it.
+        """
+        if not self.train_blocks or self.train_blocks >= num_blocks:
+            return None
+        return list(range(num_blocks - self.train_blocks, num_blocks))
+
+    def summary(self) -> str:
+        mode = "FAST (tiny model, few rows, few steps)" if self.fast else "default (bundled real models and data)"
+        return "\n".join([f"mode: {mode}"] + [f"  {k:20s} {v}" for k, v in self.as_dict().items() if k != "fast"])
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
 FULL_SETTINGS = NotebookSettings()
+FAST_SETTINGS = replace(FULL_SETTINGS, fast=True, model="tiny-llama", classifier="tiny-bert", max_train=48,
+                        max_length=64, calibration_batches=2, steps=4, rows=8, lora_rank=2, eval_examples=16,
+                        train_blocks=None)
 
 
 def settings(fast: bool | None = None, **overrides) -> NotebookSettings:
@@ -49,4 +77,4 @@ def settings(fast: bool | None = None, **overrides) -> NotebookSettings:
     unknown = set(overrides) - set(base.as_dict())
     if unknown:
         raise TypeError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(base.as_dict())}")
-    return NotebookSettings(**{**base.as_dict(), **overrides})
+    return replace(base, **overrides)

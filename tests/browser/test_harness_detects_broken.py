@@ -20,8 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from .jupyter_harness import (Notebook, browser_unavailable_reason, button, chromium_page, html_text, jupyter_lab,
-                              port_is_open, screenshot, set_slider, trace_points, wait_for_plot)
+from .jupyter_harness import (
+    Notebook,
+    browser_unavailable_reason,
+    button,
+    chromium_page,
+    html_text,
+    jupyter_lab,
+    port_is_open,
+    screenshot,
+    set_slider,
+    trace_points,
+    wait_for_plot,
+)
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason()))]

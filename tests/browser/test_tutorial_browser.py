@@ -14,9 +14,24 @@ import time
 
 import pytest
 
-from .jupyter_harness import (REPO, Notebook, browser_unavailable_reason, button, chromium_page, html_text,
-                              jupyter_lab, plots_in, port_is_open, screenshot, scroll_to, set_slider, set_text,
-                              slider_value, trace_points, wait_for_plot)
+from .jupyter_harness import (
+    REPO,
+    Notebook,
+    browser_unavailable_reason,
+    button,
+    chromium_page,
+    html_text,
+    jupyter_lab,
+    plots_in,
+    port_is_open,
+    screenshot,
+    scroll_to,
+    set_slider,
+    set_text,
+    slider_value,
+    trace_points,
+    wait_for_plot,
+)
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason()))]

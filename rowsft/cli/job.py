@@ -1,0 +1,178 @@
+"""One fine-tuning job from start to end: load → score → select → apply → train → evaluate → save.
+
+`JobConfig` names everything a run needs; `run_job` executes it with the library's verbs and
+returns a `JobResult` of plain figures (accuracy before/after, trainable parameters, memory,
+time). The command line, the tutorials and the study all go through here, so a figure printed by
+one is computed exactly as the others compute it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from rowsft import baselines, memory
+from rowsft.data import batches as make_batches
+from rowsft.data import load_dataset, load_model
+from rowsft.evaluation.choices import evaluate
+from rowsft.layers import adapters, tuner
+from rowsft.scoring.scorer import score
+from rowsft.selection.budgets import parse_budget
+from rowsft.selection.strategies import select
+from rowsft.training.loop import train
+
+METHODS = ("rowsft", "column", "element", "lora", "dora", "full")
+
+
+@dataclass
+class JobConfig:
+    """A fine-tuning job. Every field has a default so ``JobConfig()`` is the main job."""
+    model: str = field(default="smollm2-135m", metadata={"help": "bundled name (smollm2-135m, minilm-l6, tiny-llama, ...), HF id or path"})
+    task: str = field(default="boolq", metadata={"help": "boolq, piqa, siqa, openbookqa, commonsenseqa, rotten_tomatoes"})
+    method: str = field(default="rowsft", metadata={"help": f"one of {METHODS}"})
+    metric: str = field(default="taylor", metadata={"help": "importance metric for rowsft/column/element selection"})
+    budget: str = field(default="lora:8", metadata={"help": "rows per layer (64), ratio (0.02), 'lora:8' (parity with LoRA rank 8) or 'params:N'"})
+    strategy: str = field(default="per-layer", metadata={"help": "per-layer or global"})
+    targets: str = field(default="all-linear", metadata={"help": "all-linear, attention, mlp, or a regex"})
+    lora_rank: int = field(default=8, metadata={"help": "rank for lora/dora"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=4, metadata={"help": "examples per step"})
+    max_length: int = field(default=256, metadata={"help": "tokens per example (prompt start is truncated)"})
+    calibration_batches: int = field(default=4, metadata={"help": "batches used to score importance"})
+    zo_perturbations: int = field(default=64, metadata={"help": "zo-taylor only: SPSA perturbations (each costs two forward passes per calibration batch)"})
+    max_train: int | None = field(default=None, metadata={"help": "cap on training rows"})
+    eval_examples: int | None = field(default=200, metadata={"help": "validation examples for accuracy (None = all)"})
+    eval_before: bool = field(default=True, metadata={"help": "also evaluate before fine-tuning"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, random selection and init"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    out: str | None = field(default=None, metadata={"help": "folder to save the adapter into (optional)"})
+    measure_peak: bool = field(default=False, metadata={"help": "also measure the peak bytes of one training step (slow on CPU)"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def validate(self) -> "JobConfig":
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is unknown; choose one of {METHODS}")
+        for name in ("steps", "batch_size", "max_length", "calibration_batches", "zo_perturbations"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        parse_budget(self.budget)
+        return self
+
+
+@dataclass
+class JobResult:
+    config: dict
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    memory: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    median_step_seconds: float | None = None
+    final_loss: float | None = None
+    stopped: bool = False
+    adapter_path: str | None = None
+    history: dict = field(default_factory=dict)
+
+    def as_row(self) -> dict:
+        """Flat dict for tables and results files (no history)."""
+        row = {k: v for k, v in asdict(self).items() if k not in ("config", "history", "memory")}
+        row.update({f"cfg_{k}": v for k, v in self.config.items()})
+        row.update({f"mem_{k}": v for k, v in self.memory.items()})
+        return row
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def prepare_model(model, cfg: JobConfig, calibration, log: Callable[[str], None] = print):
+    """Turn a loaded model into the trainable form ``cfg.method`` asks for; returns (model, selection or None)."""
+    unit = {"rowsft": "row", "column": "column", "element": "element"}.get(cfg.method)
+    if unit is not None:
+        scores = score(model, calibration, metric=cfg.metric, unit=unit, targets=cfg.targets,
+                               num_batches=cfg.calibration_batches, seed=cfg.seed,
+                               num_perturbations=cfg.zo_perturbations)
+        selection = select(scores, cfg.budget, strategy=cfg.strategy)
+        tuner.apply(model, selection, train_heads=_has_new_head(model))
+        log(f"selected {selection.summary()} by {cfg.metric}")
+        return model, selection
+    if cfg.method in ("lora", "dora"):
+        return baselines.lora(model, rank=cfg.lora_rank, targets=cfg.targets, use_dora=cfg.method == "dora"), None
+    return baselines.full_finetune(model), None
+
+
+def _has_new_head(model) -> bool:
+    """Classification models get a freshly initialised head, which must train with the rows (as in the paper)."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, model=None, tokenizer=None,
+            data=None) -> JobResult:
+    """Run one job. ``model``/``tokenizer``/``data`` may be passed in to reuse what is loaded."""
+    import torch
+
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model is None:
+        model, tokenizer = load_model(cfg.model)
+    model.to(device)
+    data = data if data is not None else load_dataset(cfg.task, max_train=cfg.max_train, seed=cfg.seed)
+    if len(data["train"]) == 0:
+        raise ValueError(f"task {cfg.task!r} has no training rows (max_train={cfg.max_train})")
+    batches = make_batches(data["train"], tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
+    result = JobResult(config=asdict(cfg))
+
+    def accuracy(m):
+        return evaluate(m, tokenizer, data["validation"], batch_size=max(8, cfg.batch_size), max_length=cfg.max_length,
+                        max_examples=cfg.eval_examples, progress=cfg.progress)["accuracy"]
+
+    if cfg.eval_before:
+        result.accuracy_before = accuracy(model)
+        log(f"accuracy before: {result.accuracy_before:.4f}")
+    model, selection = prepare_model(model, cfg, batches, log)
+    result.trainable_parameters, result.total_parameters = tuner.trainable_parameters(model)
+    first = next(iter(batches))
+    first = {k: v.to(device) for k, v in first.items()}
+    report = memory.breakdown(model, first)
+    result.memory = report.byte_counts()
+    log(str(report))
+    if cfg.measure_peak:
+        result.memory["measured_peak"] = int(memory.measure_peak(model, first)["peak"])
+
+    start = time.perf_counter()
+    history = train(model, batches, steps=cfg.steps, lr=cfg.lr, callbacks=callbacks, seed=cfg.seed,
+                    progress=cfg.progress)
+    result.train_seconds = time.perf_counter() - start
+    result.history = history.to_dict()
+    steps = history.steps
+    durations = [b["elapsed"] - a["elapsed"] for a, b in zip(steps, steps[1:])]
+    result.median_step_seconds = _median(durations)
+    result.final_loss = steps[-1]["loss"] if steps else None
+    result.stopped = bool(getattr(history, "stopped", False))
+    result.accuracy_after = accuracy(model)
+    log(f"accuracy after: {result.accuracy_after:.4f}")
+    if cfg.out and selection is not None:
+        adapters.save_adapter(model, cfg.out)
+        result.adapter_path = cfg.out
+        log(f"adapter saved to {cfg.out}")
+    elif cfg.out:
+        model.save_pretrained(cfg.out)
+        result.adapter_path = cfg.out
+    return result
+
+
+def config_from_mapping(values: dict[str, Any]) -> JobConfig:
+    """A JobConfig from a dict (YAML/JSON file), rejecting unknown keys with the list of known ones."""
+    known = set(JobConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+    return JobConfig(**values).validate()

@@ -1,0 +1,39 @@
+"""Stage 3, the sparse layers: a frozen linear layer plus a trainable sparse update, put into a model
+and taken out again.
+
+- :mod:`rowsft.layers.sparse`: ``RowSparseLinear``, ``ColumnSparseLinear``, ``ElementSparseLinear``;
+- :mod:`rowsft.layers.autograd`: their autograd functions (no dense weight-sized tensor);
+- :mod:`rowsft.layers.rebuild`: inputs rebuilt in backward from what the frozen graph keeps;
+- :mod:`rowsft.layers.tuner`: ``apply``, ``merge``, ``unmerge``, ``unload``, parameter counts;
+- :mod:`rowsft.layers.adapters`: ``save_adapter`` / ``load_adapter`` (PEFT-style folders).
+"""
+from __future__ import annotations
+
+from rowsft.layers.adapters import load_adapter, read_adapter_config, save_adapter
+from rowsft.layers.sparse import (
+                                  SPARSE_LAYERS,
+                                  ColumnSparseLinear,
+                                  ElementSparseLinear,
+                                  RowSparseLinear,
+                                  SparseLinear,
+                                  input_kept_elsewhere,
+                                  kept_input_width,
+                                  sparse_layer,
+)
+from rowsft.layers.tuner import (
+                                  apply,
+                                  current_selection,
+                                  merge,
+                                  merge_and_unload,
+                                  parameters_to_train,
+                                  print_trainable_parameters,
+                                  sparse_layers,
+                                  trainable_parameters,
+                                  unload,
+                                  unmerge,
+)
+
+__all__ = ["ColumnSparseLinear", "ElementSparseLinear", "RowSparseLinear", "SPARSE_LAYERS", "SparseLinear", "apply",
+           "current_selection", "input_kept_elsewhere", "kept_input_width", "load_adapter", "merge",
+           "merge_and_unload", "parameters_to_train", "print_trainable_parameters", "read_adapter_config",
+           "save_adapter", "sparse_layer", "sparse_layers", "trainable_parameters", "unload", "unmerge"]

@@ -1,0 +1,354 @@
+"""Sparse trainable updates of a frozen linear layer: rows, columns or single weights.
+
+Each layer wraps the original ``nn.Linear`` or transformers ``Conv1D`` as ``.base_layer`` (frozen,
+never copied) and adds a zero-initialised trainable update, so step 0 is the pretrained model exactly:
+
+- :class:`RowSparseLinear`: ``delta (k, d_in)`` on output neurons ``idx``: ``y[..., idx] += x deltaᵀ``.
+- :class:`ColumnSparseLinear`: ``delta (d_out, k)`` on input neurons ``idx``: ``y += x[..., idx] deltaᵀ``.
+- :class:`ElementSparseLinear`: ``values (k,)`` at flat positions ``r * d_in + c`` of the ``(d_out, d_in)``
+  weight (SPEFT-style masks).
+
+The forward computes the frozen ``y = base(x)`` and adds the update into ``y`` in place (see
+:mod:`rowsft.layers.autograd`); no dense ``(d_out, d_in)`` tensor is kept for backward. A row or
+element layer whose input the frozen graph can rebuild (a norm's output, an MLP product:
+:mod:`rowsft.layers.rebuild`) keeps no copy of it (``rebuild_input``, on by default). For a plain,
+hook-free ``nn.Linear``/``Conv1D`` the frozen matmul runs inside the update's autograd function (same
+kernel as the layer's own forward, so step-0 outputs are bit-identical); a hooked or subclassed base
+layer is called as is and the update is added into its output. ``y`` is a fresh tensor either way. ``merge()`` folds the update into the base weight
+(computed in the wider of the two dtypes, stored in the base dtype), ``unmerge()`` takes it out again.
+
+Weight decay of an optimizer over these parameters decays the *update* (pulls the weights toward
+their pretrained values), not the full weight.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rowsft.layers.autograd import add_sparse_update, input_columns, sparse_linear
+from rowsft.layers.rebuild import global_forward_hooks, source_of
+from rowsft.selection.choice import LayerChoice
+from rowsft.targets import is_linear_like, is_transposed, linear_shape, role, weight_out_in
+
+try:
+    from transformers.pytorch_utils import Conv1D as _Conv1D
+    _PLAIN_LINEAR = (nn.Linear, _Conv1D)
+except Exception:  # pragma: no cover
+    _PLAIN_LINEAR = (nn.Linear,)
+
+
+def _check_base(base_layer: nn.Module) -> tuple[int, int]:
+    if isinstance(base_layer, SparseLinear):
+        raise TypeError(f"{type(base_layer).__name__} is already a rowsft sparse layer; wrap its .base_layer instead")
+    if not isinstance(base_layer, nn.Module) or not is_linear_like(base_layer):
+        raise TypeError(f"cannot wrap a {type(base_layer).__name__}: rowsft sparse layers need an nn.Linear or a "
+                        f"transformers Conv1D")
+    return linear_shape(base_layer)
+
+
+def _check_indices(indices, unit: str, shape: tuple[int, int], name: str) -> torch.Tensor:
+    """Validated, sorted int64 indices (clear errors for non-integer, empty, out-of-range, duplicates)."""
+    if not torch.is_tensor(indices):
+        try:
+            indices = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name}: {unit} indices must be integers, got {type(indices).__name__} ({e})") from None
+    if indices.numel() and (indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex()):
+        raise TypeError(f"{name}: {unit} indices must be an integer tensor, got dtype {indices.dtype}; "
+                        f"pass positions such as torch.tensor([0, 5, 7]), not a mask or scores")
+    choice = LayerChoice(unit, indices, shape)
+    choice.validate(name)
+    return torch.sort(choice.indices).values
+
+
+class SparseLinear(nn.Module):
+    """Common machinery of the three sparse layers (not used directly)."""
+
+    unit: str = ""
+    rebuild_input: bool = True   # keep a `rowsft.layers.rebuild.Source` of the input instead of the input, when there is one
+
+    def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
+                 train_bias: bool = False, name: str | None = None):
+        super().__init__()
+        d_out, d_in = _check_base(base_layer)
+        label = name or f"{type(self).__name__}({type(base_layer).__name__} {d_out}x{d_in})"
+        index = _check_indices(indices, self.unit, (d_out, d_in), label)
+        weight = base_layer.weight
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = d_in, d_out
+        self.merged = False
+        self.delta_dtype = delta_dtype or weight.dtype
+        self.register_buffer("indices", self._index_buffer(index, d_out, d_in).to(weight.device))
+        self._init_update(d_out, d_in, index.numel(), dict(dtype=self.delta_dtype, device=weight.device))
+        bias_index = self._bias_index(index, d_out, d_in) if train_bias else None
+        if train_bias and getattr(base_layer, "bias", None) is None:
+            raise ValueError(f"{label}: train_bias=True but the base layer has no bias")
+        if bias_index is None:
+            self.register_parameter("bias_delta", None)
+            self.register_buffer("bias_indices", None)
+        else:
+            self.register_buffer("bias_indices", bias_index.to(weight.device))
+            self.bias_delta = nn.Parameter(torch.zeros(bias_index.numel(), dtype=self.delta_dtype, device=weight.device))
+
+    # ---------------------------------------------------------------- per unit
+    def _index_buffer(self, index: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+        return index
+
+    def _init_update(self, d_out: int, d_in: int, k: int, factory: dict) -> None:
+        raise NotImplementedError
+
+    def _bias_index(self, index: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _fold(self, weight: torch.Tensor, sign: int) -> None:
+        """``weight (d_out, d_in) += sign * update`` in place (weight is a possibly transposed view)."""
+        raise NotImplementedError
+
+    def _dense_update(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.numel())
+
+    # ---------------------------------------------------------------- shared
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (as stored by the base layer), for code that reads ``module.weight``."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def update(self) -> nn.Parameter:
+        """The trainable update tensor (``delta`` or ``values``)."""
+        return self.values if self.unit == "element" else self.delta
+
+    def _fusable(self) -> bool:
+        """True when the frozen matmul may run inside the update's autograd function: a plain
+        nn.Linear / Conv1D, frozen, without forward hooks."""
+        base = self.base_layer
+        return (type(base) in _PLAIN_LINEAR and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad)
+                and not (base._forward_hooks or base._forward_pre_hooks or global_forward_hooks()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        source = self._input_source(x)
+        if self._fusable():
+            out = sparse_linear(self.unit, x, weight_out_in(self.base_layer), self.base_layer.bias,
+                                self.update, self.indices, is_transposed(self.base_layer), self._kept_columns(),
+                                source)
+        else:
+            out = add_sparse_update(self.unit, self.base_layer(x), x, self.update, self.indices, self.in_features,
+                                    self._kept_columns(), source)
+        if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
+            bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
+            out = out.index_add_(-1, self.bias_indices, bias)
+        return out
+
+    def _input_source(self, x: torch.Tensor):
+        """A `rowsft.layers.rebuild.Source` of ``x`` when the update would keep ``x`` (or a large part of it) and the
+        frozen graph keeps what rebuilds it; None otherwise (and always for columns, which keep only ``k``)."""
+        if not self.rebuild_input or self.unit == "column" or not self.update.requires_grad:
+            return None
+        return source_of(x)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a dense ``(d_out, d_in)`` tensor in the update's dtype (for tests and merging)."""
+        return self._dense_update()
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The bias update as a dense ``(d_out,)`` tensor, or ``None`` without a trained bias."""
+        if self.bias_delta is None:
+            return None
+        dense = torch.zeros(self.out_features, dtype=self.bias_delta.dtype, device=self.bias_delta.device)
+        return dense.index_add_(0, self.bias_indices, self.bias_delta.detach())
+
+    @torch.no_grad()
+    def _fold_all(self, sign: int) -> None:
+        self._fold(weight_out_in(self.base_layer), sign)
+        if self.bias_delta is not None:
+            b = self.base_layer.bias
+            wide = torch.promote_types(b.dtype, self.bias_delta.dtype)
+            rows = b.index_select(0, self.bias_indices).to(wide) + sign * self.bias_delta.to(wide)
+            b.index_copy_(0, self.bias_indices, rows.to(b.dtype))
+
+    def merge(self) -> None:
+        """Add the update into the base weight (base dtype); forward is then the base layer alone."""
+        if not self.merged:
+            self._fold_all(+1)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the update from the base weight again (exact in float32/64 up to rounding)."""
+        if self.merged:
+            self._fold_all(-1)
+            self.merged = False
+
+    def saved_activation_bytes(self, input_shape, dtype: torch.dtype | None = None) -> int:
+        """Bytes of activations the update path keeps for backward for an input of ``input_shape``
+        (``(..., d_in)``) in ``dtype`` (default: the base weight's dtype). The row layer keeps the input
+        ``x`` itself (often shared with other consumers of the same input), the column layer only its
+        ``k`` selected columns, the element layer ``x`` or its touched columns (:meth:`kept_input_width`).
+        Where the frozen graph lets the input be rebuilt (`rowsft.layers.rebuild`), row and element layers keep none
+        of it at run time; this figure is what they keep otherwise."""
+        dtype = dtype or self.base_layer.weight.dtype
+        tokens = math.prod(tuple(input_shape)[:-1])
+        return tokens * self.kept_input_width() * torch.empty((), dtype=dtype).element_size()
+
+    def kept_input_width(self) -> int:
+        """Features per token of the input that the update keeps for backward (see :func:`kept_input_width`)."""
+        return kept_input_width(self.unit, self.indices, self.in_features)
+
+    def _kept_columns(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Element layers: the touched input columns kept for backward (and each index's position among them),
+        or None for the whole input."""
+        return None
+
+    def extra_repr(self) -> str:
+        return (f"unit={self.unit}, k={self.k}, shape=({self.out_features}, {self.in_features}), "
+                f"delta_dtype={self.delta_dtype}, train_bias={self.bias_delta is not None}, merged={self.merged}")
+
+
+class RowSparseLinear(SparseLinear):
+    """Trains ``k`` rows (output neurons) of a frozen linear layer: ``delta (k, d_in)``, zero at start."""
+
+    unit = "row"
+
+    def _init_update(self, d_out, d_in, k, factory):
+        self.delta = nn.Parameter(torch.zeros(k, d_in, **factory))       # (k, d_in)
+
+    def _bias_index(self, index, d_out, d_in):
+        return index
+
+    def _fold(self, weight, sign):
+        wide = torch.promote_types(weight.dtype, self.delta.dtype)
+        rows = weight.index_select(0, self.indices).to(wide) + sign * self.delta.to(wide)  # (k, d_in)
+        weight.index_copy_(0, self.indices, rows.to(weight.dtype))
+
+    def _dense_update(self):
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.delta.dtype, device=self.delta.device)
+        return dense.index_copy_(0, self.indices, self.delta.detach())
+
+
+class ColumnSparseLinear(SparseLinear):
+    """Trains ``k`` columns (input neurons) of a frozen linear layer: ``delta (d_out, k)``, zero at
+    start; only the ``k`` selected input columns are kept for backward. A trained bias covers all
+    ``d_out`` outputs (every output sees the new input columns)."""
+
+    unit = "column"
+
+    def _init_update(self, d_out, d_in, k, factory):
+        self.delta = nn.Parameter(torch.zeros(d_out, k, **factory))      # (d_out, k)
+
+    def _bias_index(self, index, d_out, d_in):
+        return torch.arange(d_out)
+
+    def _fold(self, weight, sign):
+        wide = torch.promote_types(weight.dtype, self.delta.dtype)
+        cols = weight.index_select(1, self.indices).to(wide) + sign * self.delta.to(wide)  # (d_out, k)
+        weight.index_copy_(1, self.indices, cols.to(weight.dtype))
+
+    def _dense_update(self):
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.delta.dtype, device=self.delta.device)
+        return dense.index_copy_(1, self.indices, self.delta.detach())
+
+
+class ElementSparseLinear(SparseLinear):
+    """Trains ``k`` single weights at flat positions ``r * d_in + c``: ``values (k,)``, zero at start.
+    Indices are stored as int32 when the layer has fewer than 2**31 weights. A trained bias covers
+    the rows that hold at least one selected weight."""
+
+    unit = "element"
+
+    def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
+                 train_bias: bool = False, name: str | None = None, lean_input: bool | None = None):
+        """``lean_input``: keep only the touched input columns for backward when they are few (None: yes,
+        unless ``name`` is a layer whose input is kept whole anyway, see :func:`input_kept_elsewhere`)."""
+        super().__init__(base_layer, indices, delta_dtype, train_bias, name)
+        self.lean_input = not input_kept_elsewhere(name) if lean_input is None else bool(lean_input)
+
+    def _index_buffer(self, index, d_out, d_in):
+        return index.to(torch.int32) if d_out * d_in < 2**31 else index
+
+    def _init_update(self, d_out, d_in, k, factory):
+        self.values = nn.Parameter(torch.zeros(k, **factory))              # (k,)
+
+    def _bias_index(self, index, d_out, d_in):
+        return torch.unique(torch.div(index, d_in, rounding_mode="floor"))
+
+    def kept_input_width(self) -> int:
+        return kept_input_width(self.unit, self.indices, self.in_features, self.lean_input)
+
+    def _kept_columns(self):
+        if not self.lean_input:
+            return None
+        key = (self.indices.data_ptr(), self.indices._version, self.indices.device)   # recomputed if the mask changes
+        cached = getattr(self, "_columns_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, input_columns(self.indices, self.in_features))
+            self._columns_cache = cached
+        return cached[1]
+
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.indices.long()
+        rows = torch.div(flat, self.in_features, rounding_mode="floor")
+        return rows, flat - rows * self.in_features
+
+    def _fold(self, weight, sign):
+        rows, cols = self._positions()
+        wide = torch.promote_types(weight.dtype, self.values.dtype)
+        new = weight[rows, cols].to(wide) + sign * self.values.to(wide)    # (k,)
+        weight.index_put_((rows, cols), new.to(weight.dtype))
+
+    def _dense_update(self):
+        dense = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
+        dense.index_copy_(0, self.indices.long(), self.values.detach())
+        return dense.view(self.out_features, self.in_features)
+
+
+def kept_input_width(unit: str, indices: torch.Tensor, d_in: int, lean_input: bool = True) -> int:
+    """Features per token of a layer's input that a sparse update of ``unit`` at ``indices`` keeps for
+    backward: the ``k`` selected columns (column), the touched columns (element, when ``lean_input`` and
+    `rowsft.layers.autograd.input_columns` finds them few enough), else the whole input, ``d_in``."""
+    if unit == "column":
+        return int(indices.numel())
+    columns = input_columns(indices, d_in) if unit == "element" and lean_input else None
+    return d_in if columns is None else int(columns[0].numel())
+
+
+def input_kept_elsewhere(name: str | None) -> bool:
+    """Whether the input of the linear layer ``name`` is kept whole for backward by something else: a
+    sibling sharing it (q/k/v, gate/up) or the attention kernel (the output projection's input is the
+    fused kernel's saved output). Only then is a subset of it no saving."""
+    if name is None:
+        return False
+    return role(name) in ("qkv", "up", "o")
+
+
+SPARSE_LAYERS = {"row": RowSparseLinear, "column": ColumnSparseLinear, "element": ElementSparseLinear}
+
+
+def sparse_layer(unit: str, base_layer: nn.Module, indices, **kwargs) -> SparseLinear:
+    """Build the sparse layer of ``unit`` ("row", "column", "element") around ``base_layer``."""
+    if unit not in SPARSE_LAYERS:
+        raise ValueError(f"unit must be one of {tuple(SPARSE_LAYERS)}, got {unit!r}")
+    return SPARSE_LAYERS[unit](base_layer, indices, **kwargs)
+
+
+__all__ = ["SparseLinear", "RowSparseLinear", "ColumnSparseLinear", "ElementSparseLinear", "SPARSE_LAYERS",
+           "sparse_layer", "input_kept_elsewhere", "kept_input_width"]
+
+
+def is_sparse_layer(module) -> bool:
+    """True for a module that trains a sparse update of a frozen weight: rowsft's sparse layers, and any
+    module that follows their contract (a ``unit`` and an ``indices`` tensor, e.g. the dense-scatter baseline)."""
+    return isinstance(module, SparseLinear) or (hasattr(module, "unit") and torch.is_tensor(getattr(module, "indices", None)))

@@ -1,0 +1,69 @@
+"""`TrainConfig`: how `rowsft.train` optimises, one field per knob, each with its help text."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _help(default, text: str, **kw):
+    if callable(default) and not isinstance(default, type):
+        return field(default_factory=default, metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """How `train` optimises (see each field's ``metadata["help"]``, or `TrainConfig.help()`)."""
+    lr: float = _help(1e-4, "peak learning rate")
+    weight_decay: float = _help(0.0, "decoupled weight decay of AdamW (pulls deltas toward 0, i.e. toward the pretrained model)")
+    betas: tuple[float, float] = _help((0.9, 0.999), "AdamW moment coefficients")
+    eps: float = _help(1e-8, "AdamW epsilon")
+    optimizer: Any = _help("adamw", "'adamw', 'sgd', or a function params -> torch.optim.Optimizer")
+    momentum: float = _help(0.0, "momentum of the 'sgd' optimizer")
+    warmup_steps: int = _help(0, "steps of linear warm-up from 0 to lr (wins over warmup_ratio)")
+    warmup_ratio: float = _help(0.0, "warm-up as a fraction of the run's steps (used when warmup_steps is 0)")
+    schedule: str = _help("linear", "decay after warm-up: 'linear' (to 0), 'cosine' (to 0) or 'constant'")
+    grad_accum_steps: int = _help(1, "micro-batches whose gradients are summed into one optimizer step")
+    max_grad_norm: float | None = _help(1.0, "clip the global L2 norm of the trainable gradients to this (None: no clipping)")
+    gradient_checkpointing: bool = _help(False, "recompute block activations in backward (transformers models) to save memory")
+    seed: int | None = _help(0, "seed of torch's RNG (dropout) and of the batch order when shuffle=True; None: leave the RNG alone")
+    shuffle: bool = _help(False, "visit each epoch's batches in a seeded random order (rowsft.batches already shuffles itself)")
+    eval_every: int = _help(0, "call eval_data every this many steps (0: only at the end)")
+    log_every: int = _help(10, "refresh the progress bar / log line every this many steps")
+    device: str | None = _help(None, "device to train on (the model is moved there); None: the model's device")
+    progress: bool = _help(True, "show a tqdm progress bar")
+    memory_every: int = _help(0, "record memory figures every this many steps (rowsft.memory.MemoryCallback; 0: off)")
+    lean_logits: bool = _help(True, "causal LMs: run the LM head only at positions whose next token is labelled (same loss, "
+                              "less time and memory; rowsft.lean_loss)")
+    nan_policy: str = _help("raise", "non-finite loss: 'raise' (an error naming the step) or 'skip' (drop that update)")
+
+    def __post_init__(self):
+        checks = [
+            (self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
+            (self.schedule in ("linear", "cosine", "constant"),
+             f"schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}"),
+            (int(self.grad_accum_steps) >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}"),
+            (self.warmup_steps >= 0 and 0.0 <= self.warmup_ratio < 1.0, "warmup_steps must be >= 0 and warmup_ratio in [0, 1)"),
+            (self.nan_policy in ("raise", "skip"), f"nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}"),
+            (callable(self.optimizer) or self.optimizer in ("adamw", "sgd"),
+             f"optimizer must be 'adamw', 'sgd' or a function params -> Optimizer, got {self.optimizer!r}"),
+            (self.eval_every >= 0 and self.memory_every >= 0, "eval_every and memory_every must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.betas = tuple(self.betas)
+
+    @classmethod
+    def help(cls) -> str:
+        return "\n".join(f"{f.name} = {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}: "
+                         f"{f.metadata.get('help', '')}" for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if callable(self.optimizer):
+            d["optimizer"] = getattr(self.optimizer, "__name__", "custom")
+        return d
