@@ -30,7 +30,7 @@ def main(argv=None) -> int:
 
     import rowsft
     from rowsft import baselines
-    from rowsft.scoring import scorer as scoring
+    from rowsft import scoring
     from rowsft.selection import strategies as sel
     from rowsft.layers import tuner
 

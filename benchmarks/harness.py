@@ -90,7 +90,7 @@ def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], b
     step, the measured one included, under `precision` (weights stay as loaded; no analytic figure then,
     since `rowsft.memory.breakdown` prices the models' own dtype).
     """
-    from rowsft.memory import report as memory
+    from rowsft import memory
     extras = [dict(e) for e in (extras or [{}] * len(builders))]
     steppers = [_Stepper(torch.compile(build()) if compile_model else build(), batch, autocast=autocast)
                 for _, build in builders]
@@ -144,7 +144,7 @@ def write_results(name: str, payload: dict) -> Path:
 
 def real_batch(tokenizer, batch_size: int, seq_len: int, task: str = "boolq", seed: int = 0) -> dict:
     """A training batch of real task text, padded/truncated to exactly ``seq_len`` tokens."""
-    from rowsft.data import models as zoo
+    from rowsft import data as zoo
     data = zoo.load_dataset(task, seed=seed)
     batches = zoo.batches(data["train"], tokenizer, batch_size=batch_size, max_length=seq_len, seed=seed)
     batch = next(iter(batches))

@@ -59,7 +59,7 @@ def frozen_floor(model):
 def build_methods(model_name: str, batch: dict, rank: int, methods):
     import rowsft
     from rowsft import baselines
-    from rowsft.scoring import scorer as scoring
+    from rowsft import scoring
     from rowsft.selection import strategies as sel
     from rowsft.layers import tuner
 

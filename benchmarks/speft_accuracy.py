@@ -109,7 +109,7 @@ def held_out(model, tokenizer, data, cfg) -> dict:
 def zero_shot(args) -> dict:
     """Accuracy and choice loss of the untuned model (same evaluation as every run)."""
     import torch
-    from rowsft.data import models as zoo
+    from rowsft import data as zoo
     cfg = job_config(args, 0, Variant("zero-shot", "element", "random"))
     model, tokenizer = zoo.load_model(cfg.model)
     model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -119,10 +119,10 @@ def zero_shot(args) -> dict:
 def run_once(cfg, variant: Variant, every: int | None = None) -> dict:
     """Load, score, select, apply, train (with a DynamicMask for dynamic variants), evaluate."""
     import torch
-    from rowsft.scoring import scorer as scoring
+    from rowsft import scoring
     from rowsft.selection import strategies as sel
     from rowsft.layers import tuner
-    from rowsft.data import models as zoo
+    from rowsft import data as zoo
     from rowsft.training.dynamic import DynamicMask
     from rowsft.selection.budgets import parse_budget
     from rowsft.training import train

@@ -115,7 +115,7 @@ def save_rows(path: Path, rows: list[dict]) -> list[dict]:
 
 
 def execute(run: dict, mode: Mode, device: str | None) -> dict:
-    from rowsft.data import models as zoo
+    from rowsft import data as zoo
     from rowsft.evaluation import evaluate
     from rowsft.cli.job import JobConfig, run_job
     import torch

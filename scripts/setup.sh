@@ -19,6 +19,24 @@ export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp="$VENV/.rowsft-setup-stamp"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
+# The browser tests drive Debian's chromium: install it when missing and we may (root, or passwordless sudo).
+if [[ ! -x /usr/bin/chromium ]]; then
+  sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=(sudo -n); else sudo=(none); fi
+  fi
+  if [[ "${sudo[*]}" == none ]]; then
+    echo "setup: /usr/bin/chromium is missing and this user cannot install Debian packages; the browser tests" \
+         "will be skipped (in CI, where CI=true, they fail). As root: apt-get install -y chromium chromium-driver" >&2
+  else
+    echo "setup: installing Debian's chromium and chromium-driver for the browser tests"
+    if ! { DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -q \
+           && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q chromium chromium-driver; } </dev/null; then
+      echo "setup: could not install chromium; the browser tests will be skipped (in CI they fail)" >&2
+    fi
+  fi
+fi
+
 if [[ -z "${ROWSFT_FORCE_SETUP:-}" && -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "setup: .venv is up to date"
   exit 0

@@ -9,8 +9,8 @@ import torch
 import rowsft
 from rowsft.layers import tuner
 from rowsft.lean_loss import training_loss
-from rowsft.scoring import scorer as scoring
-from rowsft.selection import strategies as selection
+from rowsft import scoring
+from rowsft import selection
 
 VOCAB = 300
 

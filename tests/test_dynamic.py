@@ -17,7 +17,7 @@ from _reference import dense_loss
 
 from rowsft.data import models as zoo
 from rowsft.layers import tuner
-from rowsft.memory import report as memory
+from rowsft import memory
 from rowsft.selection import TotalParams
 from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.targets import find_targets, linear_shape, weight_out_in

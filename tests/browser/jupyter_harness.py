@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -58,6 +60,18 @@ def browser_unavailable_reason() -> str | None:
     except ImportError:
         return "Playwright for Python is not installed: `make setup` installs the test extra"
     return None
+
+
+IN_CI = os.environ.get("CI", "").strip().lower() == "true"
+
+
+def browser_marks() -> list:
+    """The module marks of a browser test: skip where no browser can run, except under ``CI=true``,
+    where a missing browser fails every browser test, so that a green CI means the browser was driven."""
+    reason = browser_unavailable_reason()
+    if reason is not None and IN_CI:
+        return [pytest.mark.browser, pytest.mark.usefixtures("fail_without_browser")]
+    return [pytest.mark.browser, pytest.mark.skipif(reason is not None, reason=str(reason))]
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ import pytest
 
 from .jupyter_harness import (
     Notebook,
-    browser_unavailable_reason,
+    browser_marks,
     button,
     chromium_page,
     html_text,
@@ -34,8 +34,7 @@ from .jupyter_harness import (
     wait_for_plot,
 )
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason()))]
+pytestmark = browser_marks()
 
 FIXTURES = Path(__file__).with_name("fixtures")
 SHORT = 5.0          # seconds wait_for_plot gets before it must give up on a broken figure

@@ -7,10 +7,9 @@ import xml.etree.ElementTree as ET
 import plotly.graph_objects as go
 import pytest
 
-from .jupyter_harness import REPO, browser_unavailable_reason
+from .jupyter_harness import REPO, browser_marks
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason()))]
+pytestmark = browser_marks()
 
 
 def load_renderer():

@@ -17,7 +17,7 @@ import pytest
 from .jupyter_harness import (
     REPO,
     Notebook,
-    browser_unavailable_reason,
+    browser_marks,
     button,
     chromium_page,
     html_text,
@@ -33,8 +33,7 @@ from .jupyter_harness import (
     wait_for_plot,
 )
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason()))]
+pytestmark = browser_marks()
 
 NOTEBOOK = REPO / "notebooks" / "04_finetune_in_place.ipynb"
 FAST_ENV = {"ROWSFT_FAST": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
