@@ -39,9 +39,11 @@ _VERBS = {
     "History": "training.history", "Callback": "training.callbacks", "DynamicMask": "training.dynamic",
     # memory, evaluation, baselines
     "MemoryReport": "memory.report", "evaluate": "evaluation.choices", "full_finetune": "baselines",
+    # exploration
+    "explore_budgets": "explore.budgets", "ExploreConfig": "explore.budgets",
 }
 _SUBMODULES = ("targets", "data", "scoring", "selection", "layers", "training", "memory", "evaluation", "baselines",
-               "lean_loss", "distributed", "integrations", "cli", "viz", "notebook")
+               "lean_loss", "distributed", "integrations", "cli", "explore", "viz", "notebook")
 
 __all__ = sorted(_VERBS) + list(_SUBMODULES)
 

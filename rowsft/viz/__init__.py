@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from rowsft.scoring.agreement import spearman
 from rowsft.targets import module_type as type_key  # the module-type vocabulary of the figures (one for the project)
+from rowsft.viz.explorer import budget_explorer
 from rowsft.viz.curves import metric_series, training_curves
 from rowsft.viz.heatmap import bin_neurons, bin_size, importance_heatmap, mark_selection, selection_points
 from rowsft.viz.memory_chart import COMPONENTS, memory_breakdown
 from rowsft.viz.scores import metric_overlap, overlap_matrix, overlap_table, score_distributions
 from rowsft.viz.style import TEMPLATE, as_widget, round_significant, selection_marks
 
-__all__ = ["TEMPLATE", "COMPONENTS", "as_widget", "bin_neurons", "bin_size", "importance_heatmap", "mark_selection",
+__all__ = ["TEMPLATE", "budget_explorer", "COMPONENTS", "as_widget", "bin_neurons", "bin_size", "importance_heatmap", "mark_selection",
            "selection_points", "selection_marks", "score_distributions", "metric_overlap", "overlap_matrix",
            "overlap_table", "spearman", "memory_breakdown", "training_curves", "metric_series",
            "round_significant", "type_key"]

@@ -1,0 +1,188 @@
+"""The budget explorer: short fine-tunes over a grid of budgets and metrics, with LoRA at parity.
+
+For "tuning row budgets interactively": each point of the grid (a method, an importance metric, a
+budget and a seed) is one short fine-tune from the same pretrained model, evaluated on the same
+held-out questions, with its trainable parameters and predicted peak memory. Points are cached in a
+JSON-lines file keyed by everything that defines them, so re-plotting is instant and adding one
+budget runs only that budget. `rowsft.viz.budget_explorer` draws the result.
+
+    points = rowsft.explore_budgets(ExploreConfig(model="smollm2-135m", task="rotten_tomatoes",
+                                                  budgets=[1, 2, 4, "lora:8"], metrics=["taylor", "random"]))
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from rowsft import baselines, memory
+from rowsft.data import batches as make_batches
+from rowsft.data import load_dataset, load_model
+from rowsft.evaluation.choices import evaluate
+from rowsft.io_utils import atomic_write_text
+from rowsft.layers.tuner import apply, trainable_parameters
+from rowsft.lean_loss import logit_positions
+from rowsft.scoring.scorer import score
+from rowsft.selection.budgets import LoraParity, parse_budget
+from rowsft.selection.strategies import select
+from rowsft.training.loop import train
+
+
+def _help(default, text: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ExploreConfig:
+    """One budget exploration (see each field's ``metadata["help"]``)."""
+    model: str = _help("smollm2-135m", "name for rowsft.load_model")
+    task: str = _help("rotten_tomatoes", "name for rowsft.load_dataset")
+    budgets: list = _help([1, 2, 4, "lora:8"], "row budgets: rows per layer, a ratio, 'lora:R' or 'params:N'")
+    metrics: list = _help(["taylor", "random"], "importance metrics to compare (random is the control)")
+    unit: str = _help("row", "trainable unit of the sparse points")
+    lora_ranks: list = _help([], "extra peft LoRA ranks; every 'lora:R' budget adds LoRA rank R at parity")
+    steps: int = _help(40, "optimizer steps of every fine-tune")
+    lr: float = _help(5e-4, "learning rate of the sparse fine-tunes")
+    lora_lr: float = _help(1e-3, "learning rate of the LoRA fine-tunes")
+    batch_size: int = _help(8, "examples per step")
+    max_length: int = _help(96, "tokens per example")
+    max_train: int = _help(2000, "training rows kept")
+    calibration_batches: int = _help(4, "batches used to score importance")
+    eval_examples: int = _help(200, "held-out questions every point is evaluated on (the same ones)")
+    seeds: list = _help([0], "seeds (data order, random scores); several give paired comparisons over seeds")
+    cache: str | None = _help(None, "JSON-lines file of finished points (None: no cache)")
+
+    def __post_init__(self):
+        self.budgets = [parse_budget(b) for b in self.budgets]        # refuse a bad budget before any work
+        for name in ("steps", "batch_size", "max_length", "max_train", "calibration_batches", "eval_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ExploreConfig.{name} must be a positive whole number, got {value!r}")
+        if not self.metrics and not self.lora_ranks and not any(isinstance(b, LoraParity) for b in self.budgets):
+            raise ValueError("nothing to explore: give at least one metric, or a LoRA rank")
+        if not self.seeds:
+            raise ValueError("ExploreConfig.seeds is empty: give at least one seed, e.g. [0]")
+
+
+def budget_label(budget) -> str:
+    """How a budget reads in tables and legends: ``4`` rows, ``0.02``, ``lora:8``, ``params:100000``."""
+    if isinstance(budget, LoraParity):
+        return f"lora:{budget.rank}"
+    if hasattr(budget, "n"):
+        return f"params:{budget.n}"
+    return str(budget)
+
+
+def grid(cfg: ExploreConfig) -> list[dict]:
+    """The points of an exploration, each a JSON-ready description (its cache key is made from it)."""
+    common = {"model": cfg.model, "task": cfg.task, "steps": cfg.steps, "batch_size": cfg.batch_size,
+              "max_length": cfg.max_length, "max_train": cfg.max_train, "eval_examples": cfg.eval_examples}
+    points = [{**common, "method": cfg.unit, "metric": metric, "budget": budget_label(budget), "seed": seed,
+               "lr": cfg.lr, "calibration_batches": cfg.calibration_batches}
+              for budget, metric, seed in itertools.product(cfg.budgets, cfg.metrics, cfg.seeds)]
+    ranks = list(dict.fromkeys([*cfg.lora_ranks, *(b.rank for b in cfg.budgets if isinstance(b, LoraParity))]))
+    points.insert(0, {**common, "method": "zero-shot", "metric": None, "budget": None, "seed": 0, "lr": 0.0})
+    points += [{**common, "method": "lora", "metric": None, "budget": f"lora:{rank}", "seed": seed, "lr": cfg.lora_lr}
+               for rank, seed in itertools.product(ranks, cfg.seeds)]
+    return points
+
+
+def point_key(point: dict) -> str:
+    return hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_cache(path) -> dict[str, dict]:
+    """``{key: record}`` of a cache file (missing file: empty)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    records = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({e}); delete the line or the file") from None
+            records[record["key"]] = record
+    return records
+
+
+def write_cache(path, records: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def run_point(point: dict) -> dict:
+    """One short fine-tune and its evaluation; a JSON-ready record."""
+    torch.manual_seed(point["seed"])
+    model, tokenizer = load_model(point["model"])
+    data = load_dataset(point["task"], max_train=point["max_train"], seed=0)
+    batches = make_batches(data["train"], tokenizer, batch_size=point["batch_size"], max_length=point["max_length"],
+                           seed=point["seed"])
+    first = next(iter(batches))
+    seq_len, positions = int(first["input_ids"].shape[-1]), logit_positions(first)
+    if point["method"] == "zero-shot":                                   # the pretrained model itself
+        result = evaluate(model, tokenizer, data["validation"], max_examples=point["eval_examples"], progress=False)
+        return {**point, "trainable_parameters": 0, "total_parameters": sum(p.numel() for p in model.parameters()),
+                "predicted_peak_bytes": None, "final_loss": None, "evaluation": _json_safe(result)}
+    if point["method"] == "lora":
+        rank = int(point["budget"].split(":")[1])
+        model = baselines.lora(model, rank=rank)
+        predicted = memory.predict(model.get_base_model(), ("lora", rank), point["batch_size"], seq_len,
+                                   logit_positions=positions)
+    else:
+        calibration = list(itertools.islice(iter(batches), point["calibration_batches"]))
+        scores = score(model, calibration, metric=point["metric"], unit=point["method"], seed=point["seed"])
+        selection = select(scores, parse_budget(point["budget"]))
+        predicted = memory.predict(model, selection, point["batch_size"], seq_len, logit_positions=positions)
+        apply(model, selection)
+    trainable, total = trainable_parameters(model)
+    history = train(model, batches, steps=point["steps"], lr=point["lr"], seed=point["seed"], progress=False)
+    result = evaluate(model, tokenizer, data["validation"], max_examples=point["eval_examples"], progress=False)
+    return {**point, "trainable_parameters": int(trainable), "total_parameters": int(total),
+            "predicted_peak_bytes": int(predicted.total), "final_loss": history.steps[-1]["loss"],
+            "evaluation": _json_safe(result)}
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if torch.is_tensor(value):
+        return value.tolist()
+    return value
+
+
+def explore_budgets(cfg: ExploreConfig | None = None, progress: bool | Callable = True, **overrides) -> list[dict]:
+    """Run (or read from ``cfg.cache``) every point of the exploration; returns the records in grid order.
+
+    ``progress``: a tqdm bar (True), none (False), or a callable ``(done, total, record)`` called after
+    each point (the dashboard's progress bar). Keyword ``overrides`` replace `ExploreConfig` fields.
+    """
+    cfg = dataclasses.replace(cfg or ExploreConfig(), **overrides) if overrides else (cfg or ExploreConfig())
+    points = grid(cfg)
+    cached = read_cache(cfg.cache)
+    records = []
+    bar = tqdm(total=len(points), desc="budget explorer", disable=progress is not True)
+    for done, point in enumerate(points, 1):
+        key = point_key(point)
+        record = cached.get(key)
+        if record is None:
+            record = {"key": key, **run_point(point)}
+            cached[key] = record
+            if cfg.cache is not None:
+                write_cache(cfg.cache, cached.values())
+        records.append(record)
+        bar.update(1)
+        if callable(progress):
+            progress(done, len(points), record)
+    bar.close()
+    return records

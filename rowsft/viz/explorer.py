@@ -1,0 +1,87 @@
+"""The budget explorer's figure: held-out accuracy (with 95% intervals) and predicted peak memory
+against trainable parameters, one line per method and metric, LoRA at parity on the same axes, the
+zero-shot model and the majority-class baseline as reference lines."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from rowsft.evaluation.stats import wilson_interval
+from rowsft.viz.style import TEMPLATE
+
+MIB = 2 ** 20
+
+
+def series_name(record: dict) -> str:
+    """``row · taylor``, ``row · random``, ``LoRA (peft)``."""
+    if record["method"] == "lora":
+        return "LoRA (peft)"
+    return f"{record['method']} · {record['metric']}"
+
+
+def accuracy_with_interval(record: dict) -> tuple[float, float, float]:
+    """``(accuracy, low, high)`` of a record; the interval is Wilson's on the evaluated questions."""
+    result = record["evaluation"]
+    n, accuracy = int(result["n"]), float(result["accuracy"])
+    low, high = result.get("interval") or wilson_interval(round(accuracy * n), n)
+    return accuracy, float(low), float(high)
+
+
+def _mean_over_seeds(records: list[dict]) -> list[tuple[int, float, float, float, float | None, str]]:
+    """Per budget: (trainable parameters, mean accuracy, lowest low, highest high, peak bytes, budget label)."""
+    by_budget: dict[str, list[dict]] = {}
+    for r in records:
+        by_budget.setdefault(str(r["budget"]), []).append(r)
+    rows = []
+    for label, group in by_budget.items():
+        stats = [accuracy_with_interval(r) for r in group]
+        rows.append((group[0]["trainable_parameters"], sum(s[0] for s in stats) / len(stats),
+                     min(s[1] for s in stats), max(s[2] for s in stats), group[0].get("predicted_peak_bytes"), label))
+    return sorted(rows)
+
+
+def budget_explorer(records: list[dict], title: str | None = None) -> go.Figure:
+    """Accuracy and predicted peak memory against trainable parameters (log axis) for the records of
+    `rowsft.explore_budgets`. Error bars: 95% Wilson intervals (over seeds, the widest)."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("held-out accuracy (95% interval)", "predicted peak memory"))
+    colors = TEMPLATE.layout.colorway
+    tuned = [r for r in records if r["method"] != "zero-shot"]
+    names = list(dict.fromkeys(series_name(r) for r in tuned))
+    for i, name in enumerate(names):
+        rows = _mean_over_seeds([r for r in tuned if series_name(r) == name])
+        x = [row[0] for row in rows]
+        acc = [row[1] for row in rows]
+        color = colors[i % len(colors)]
+        fig.add_trace(go.Scatter(
+            x=x, y=acc, name=name, legendgroup=name, mode="lines+markers", line_color=color,
+            error_y=dict(type="data", symmetric=False, array=[row[3] - row[1] for row in rows],
+                         arrayminus=[row[1] - row[2] for row in rows]),
+            text=[row[5] for row in rows],
+            hovertemplate="budget %{text}<br>%{x:,} trainable<br>accuracy %{y:.3f}<extra>" + name + "</extra>"),
+            row=1, col=1)
+        peaks = [(row[0], row[4] / MIB) for row in rows if row[4] is not None]
+        fig.add_trace(go.Scatter(x=[p[0] for p in peaks], y=[p[1] for p in peaks], name=name, legendgroup=name,
+                                 showlegend=False, mode="lines+markers", line_color=color,
+                                 hovertemplate="%{x:,} trainable<br>%{y:.1f} MiB<extra>" + name + "</extra>"),
+                      row=1, col=2)
+    references = [r for r in records if r["method"] == "zero-shot"]
+    if references:
+        result = references[0]["evaluation"]
+        fig.add_hline(y=float(result["accuracy"]), line=dict(color="#555", dash="dot", width=1), row=1, col=1,
+                      annotation_text="zero-shot", annotation_position="bottom right")
+        majority = result.get("majority")
+        if majority:
+            fig.add_hline(y=float(majority["accuracy"]), line=dict(color="#999", dash="dash", width=1), row=1, col=1,
+                          annotation_text="majority class", annotation_position="top right")
+    fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=1)
+    fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=2)
+    fig.update_yaxes(title_text="accuracy", row=1, col=1)
+    fig.update_yaxes(title_text="MiB", row=1, col=2)
+    task = records[0]["task"] if records else ""
+    n = records[0]["evaluation"]["n"] if records else 0
+    steps = tuned[0]["steps"] if tuned else 0
+    fig.update_layout(template=TEMPLATE, height=420, width=980,
+                      title=title or f"What a budget buys: {task}, {steps} steps, {n} held-out questions")
+    return fig
+
