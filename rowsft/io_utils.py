@@ -1,15 +1,27 @@
-"""Atomic file and folder writes: a crash or Ctrl-C never leaves half-written work behind.
+"""Atomic file and folder writes: a crash, Ctrl-C or kill never leaves half-written work behind.
 
-Write into a temporary sibling, flush, then ``os.replace`` it over the destination (atomic on
-POSIX within one file system). Folders are written into ``<dest>.tmp-<pid>`` and swapped in.
+- :func:`atomic_write_bytes` / :func:`atomic_write_text`: write a temporary sibling, fsync, then
+  ``os.replace`` it over the file (atomic on POSIX within one file system).
+- :func:`atomic_directory`: a folder that is only ever replaced whole (caches, score folders).
+- :func:`atomic_files_into`: write some files into a folder the user owns (an adapter folder, a
+  checkpoint, a merged model folder): only the files written are replaced, one ``os.replace`` each,
+  the ``last`` ones (the config) last; every other entry of the folder is kept.
+
+Every temporary or old copy lives beside its target under one recognisable name,
+``.<name>.rowsft-tmp-<pid>-<random>``; it is removed on success and on failure, and the next save to
+the same target clears those left by a killed one (:func:`clear_leftovers`), and nothing else.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable, Iterable
+
+TEMP_MARK = "rowsft-tmp"
 
 
 def _umasked(mode: int) -> int:
@@ -20,47 +32,183 @@ def _umasked(mode: int) -> int:
     return mode & ~mask
 
 
+def resolved(path: str | os.PathLike) -> Path:
+    """``path`` made absolute with ``.``/``..`` resolved, so that ``"."`` has a name and a parent."""
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def temp_sibling(path: str | os.PathLike) -> Path:
+    """A fresh name beside ``path`` for a temporary or old copy: ``.<name>.rowsft-tmp-<pid>-<random>``."""
+    path = resolved(path)
+    return path.with_name(f".{path.name}.{TEMP_MARK}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (its save may still be under way)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftovers(path: str | os.PathLike) -> list[Path]:
+    """The temporary copies of ``path`` that a killed save left beside it: entries named
+    ``.<name>.rowsft-tmp-<pid>-<random>`` whose process is gone (a running save's are not leftovers)."""
+    path = resolved(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{TEMP_MARK}-(\d+)-[0-9a-f]+")
+    if not path.parent.is_dir():
+        return []
+    found = ((p, pattern.fullmatch(p.name)) for p in path.parent.iterdir())
+    return sorted(p for p, m in found if m and not _alive(int(m.group(1))))
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+
+
+def clear_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary copies of ``path`` left by a killed save; returns what was removed."""
+    found = leftovers(path)
+    for entry in found:
+        _remove(entry)
+    return found
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or a folder entry list to disk (folders: best effort, not every OS allows it)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
+    path = resolved(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clear_leftovers(path)
+    tmp = temp_sibling(path)
     try:
-        os.chmod(tmp, _umasked(0o666))
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
+
+
+def refuse_file(path: str | os.PathLike, what: str = "folder") -> Path:
+    """``path`` resolved; a ValueError (nothing changed) when it is an existing file, not a folder."""
+    path = resolved(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{str(path)!r} is a file, not a folder; give a {what} path (a new or existing folder), "
+                         f"or move that file away first")
+    return path
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike):
-    """Yield a temporary folder; on success it replaces ``path`` whole, on error it is removed.
+    """Yield a temporary folder; on success it replaces the folder ``path`` whole, on error it is removed.
 
-    An existing ``path`` is only removed once the new one is complete, so earlier saved work
-    survives a failed save.
+    For folders rowsft alone owns (caches, score folders): everything in an existing ``path`` is
+    replaced. An existing ``path`` is only moved aside once the new one is complete, so earlier work
+    survives a failed save; an existing file at ``path`` is refused. Use :func:`atomic_files_into`
+    for folders a user may share with other files.
     """
-    path = Path(path)
+    path = refuse_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, _umasked(0o777))
+    clear_leftovers(path)
+    tmp = temp_sibling(path)
+    tmp.mkdir(mode=0o777)
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = temp_sibling(path)
         os.replace(path, old)
     os.replace(tmp, path)
+    _fsync_path(path.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for entry in folder.rglob("*"):
+        if entry.is_file():
+            _fsync_path(entry)
+    _fsync_path(folder)
+
+
+def _written_files(staging: Path) -> list[str]:
+    """Relative paths of the files written into ``staging`` (sub-folders included)."""
+    return sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _move_into(staging: Path, folder: Path, names: Iterable[str]) -> None:
+    for name in names:
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            raise IsADirectoryError(f"{str(target)!r} is a folder; cannot put the file {name} there (move it away)")
+        os.replace(staging / name, target)
+
+
+@contextlib.contextmanager
+def atomic_files_into(path: str | os.PathLike, last: Iterable[str] = (),
+                      stale: Callable[[str], bool] | None = None):
+    """Yield a staging folder beside the folder ``path``; on success move each file written there into
+    ``path`` (created when missing), replacing same-named files; on error remove it, ``path`` untouched.
+
+    Only the files written are replaced, one ``os.replace`` each after all are fsynced, the names in
+    ``last`` (a config that makes the folder count as complete) after the others. Every other entry
+    of ``path`` is kept, except files for which ``stale(name)`` is true (files an earlier save of the
+    same kind wrote and this one did not, e.g. old model shards), removed after the move. A kill at
+    any moment leaves each file either old or new, never half-written.
+    """
+    path = refuse_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(path)
+    staging = temp_sibling(path)
+    staging.mkdir(mode=0o777)
+    try:
+        yield staging
+        _fsync_tree(staging)
+        written = _written_files(staging)
+        final = [n for n in last if n in written]
+        path.mkdir(exist_ok=True)
+        _move_into(staging, path, [n for n in written if n not in final])
+        _move_into(staging, path, final)
+        if stale is not None:
+            _remove_stale(path, set(written), stale)
+        _fsync_path(path)
+    finally:
+        _remove(staging)
+
+
+def _remove_stale(folder: Path, written: set[str], stale: Callable[[str], bool]) -> None:
+    for entry in folder.iterdir():
+        if entry.is_file() and entry.name not in written and stale(entry.name):
+            entry.unlink()

@@ -12,6 +12,7 @@ head is a block of rows of q/k/v and the matching block of columns of the output
 """
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -109,6 +110,7 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear",
     candidates = linear_modules(model)
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no linear layers (nn.Linear or transformers Conv1D) to tune")
+    check_targets(targets)
     if isinstance(targets, str) and targets in ("all-linear", "attention", "mlp"):
         chosen = {n: m for n, m in candidates.items() if include_heads or not is_output_head(n)}
         if targets != "all-linear":
@@ -130,12 +132,41 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear",
         if missing:
             raise ValueError(f"no linear module matches {missing}; module types here: {sorted(set(map(module_type, candidates)))}")
     if layers is not None:
-        keep = set(layers)
+        keep = check_layer_indices(layers, sorted({layer_index(n) for n in candidates} - {None}))
         chosen = {n: m for n, m in chosen.items() if layer_index(n) in keep}
     if not chosen:
         raise ValueError(f"targets={targets!r} with layers={layers!r} matches no linear layer; "
                          f"module types here: {sorted(set(map(module_type, candidates)))}")
     return chosen
+
+
+def check_targets(targets) -> None:
+    """A TypeError saying what ``targets`` accepts when it is neither a string nor strings."""
+    ok = isinstance(targets, str) or (isinstance(targets, Iterable) and not isinstance(targets, (bytes, dict)))
+    if ok and not isinstance(targets, str):
+        targets_list = list(targets)
+        ok = bool(targets_list) and all(isinstance(t, str) for t in targets_list)
+    if not ok:
+        raise TypeError(f"targets must be 'all-linear', 'attention', 'mlp', a regular expression string, or a "
+                        f"non-empty list of module types / names such as ['q_proj', 'v_proj']; got {targets!r}")
+
+
+def check_layer_indices(layers, known: list[int]) -> set[int]:
+    """``layers`` as a set of block indices: a ValueError naming any entry that is not a whole number,
+    or that names a block the model (or the scores) lack, with the indices that exist (``known``)."""
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = [layers]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a list of block indices such as [0, 1], got {layers!r}")
+    entries = list(layers)
+    bad = [x for x in entries if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
+    if bad:
+        raise ValueError(f"layers must hold whole block indices (ints) such as {known[:2] or [0]}; "
+                         f"{bad} are not (indices are never rounded)")
+    unknown = sorted({int(x) for x in entries} - set(known))
+    if unknown:
+        raise ValueError(f"layers {unknown} do not exist; block indices here: {known}. Drop the unknown ones")
+    return {int(x) for x in entries}
 
 
 # ---------------------------------------------------------------- coupled neuron groups

@@ -1,7 +1,9 @@
 """Atomic writes: a failure mid-save leaves earlier work intact and no temporary debris."""
+import os
+
 import pytest
 
-from rowsft.io_utils import atomic_directory, atomic_write_text
+from rowsft.io_utils import atomic_directory, atomic_files_into, atomic_write_text, leftovers
 
 
 def test_failed_directory_write_keeps_the_old_one(tmp_path):
@@ -27,9 +29,6 @@ def test_directory_replace_and_text(tmp_path):
 
 
 def test_saved_files_and_folders_get_the_usual_permissions(tmp_path):
-    import os
-
-    from rowsft.io_utils import atomic_directory, atomic_write_text
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
@@ -39,3 +38,46 @@ def test_saved_files_and_folders_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+def test_files_into_a_folder_replace_only_their_own_config_last(tmp_path, monkeypatch):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "notes.md").write_text("mine")
+    (dest / "config.json").write_text("old")
+    moved = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        moved.append(os.path.basename(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    with atomic_files_into(dest, last=["config.json"]) as d:
+        (d / "config.json").write_text("new")
+        (d / "weights.bin").write_bytes(b"w")
+    assert moved == ["weights.bin", "config.json"]
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == {"notes.md": b"mine", "config.json": b"new",
+                                                                "weights.bin": b"w"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_files_into_a_folder_change_nothing(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "config.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_files_into(dest, last=["config.json"]) as d:
+            (d / "config.json").write_text("half")
+            raise RuntimeError("crash mid-save")
+    assert {p.name: p.read_text() for p in dest.iterdir()} == {"config.json": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not leftovers(dest)
+
+
+def test_a_file_is_never_replaced_by_a_folder(tmp_path):
+    (tmp_path / "x").write_text("a file")
+    for writer in (atomic_directory, atomic_files_into):
+        with pytest.raises(ValueError, match="is a file, not a folder"):
+            with writer(tmp_path / "x"):
+                pass
+    assert (tmp_path / "x").read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]

@@ -97,7 +97,7 @@ def test_bad_targets_say_what_exists():
     m = tiny_model("llama", vocab_size=128)
     with pytest.raises(ValueError, match="q_proj"):
         find_targets(m, ["qproj"])
-    with pytest.raises(ValueError, match="matches no linear layer"):
+    with pytest.raises(ValueError, match=r"layers \[99\] do not exist; block indices here: \[0, 1\]"):
         find_targets(m, layers=[99])
     with pytest.raises(ValueError, match="no linear layers"):
         find_targets(nn.Sequential(nn.ReLU()))

@@ -22,6 +22,17 @@ from pathlib import Path
 from rowsft.cli.job import JobConfig, config_from_mapping
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse then names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number (1 or more), got {value}")
+    return value
+
+
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file with JobConfig fields; flags override it")
     for f in fields(JobConfig):
@@ -90,6 +101,9 @@ def cmd_score(args) -> int:
     from rowsft.data import batches as make_batches
     from rowsft.data import load_dataset, load_model
     from rowsft.scoring import scorer as scoring
+    if scoring.ALIASES.get(args.metric, (args.metric,))[0] not in scoring.allowed_metrics(args.unit):
+        raise ValueError(f"metric {args.metric!r} is unknown for unit {args.unit!r}; choose one of "
+                         f"{scoring.allowed_metrics(args.unit)}")
     model, tokenizer = load_model(args.model)
     data = load_dataset(args.task)
     batches = make_batches(data["train"], tokenizer, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
@@ -112,7 +126,8 @@ def cmd_eval(args) -> int:
     data = load_dataset(args.task)
     res = evaluate(model, tokenizer, data["validation"], batch_size=args.batch_size, max_length=args.max_length,
                    max_examples=args.max_examples)
-    print(json.dumps(res))
+    summary = {k: v for k, v in res.items() if k != "per_question"}      # per-question results: evaluate() in Python
+    print(json.dumps(summary, default=str))
     return 0
 
 
@@ -122,13 +137,43 @@ def cmd_merge(args) -> int:
     model, tokenizer = load_model(args.model)
     adapters.load_adapter(model, args.adapter)
     model = tuner.merge_and_unload(model)
-    from rowsft.io_utils import atomic_directory
-    with atomic_directory(args.out) as tmp:
+    _save_model_folder(model, tokenizer, args.out, overwrite=args.overwrite)
+    print(f"merged model saved to {args.out}")
+    return 0
+
+
+# weight files of a transformers model folder: a new save replaces them as a whole (no stale shard is kept)
+_WEIGHTS_FILE = r"(?:model|pytorch_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)|(?:model\.safetensors|pytorch_model\.bin)\.index\.json"
+
+
+def _check_model_folder(out, overwrite: bool) -> bool:
+    """Refuse a file, and without ``overwrite`` a non-empty folder that is no model folder (no
+    config.json); returns whether ``out`` already is a model folder."""
+    from rowsft.io_utils import refuse_file
+    target = refuse_file(out, "model folder")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if (target / "config.json").is_file() or not entries:
+        return bool(entries)
+    if overwrite:
+        return False
+    raise ValueError(f"{str(target)!r} is not empty ({entries[:3]}{' ...' if len(entries) > 3 else ''}) and holds "
+                     f"no model (config.json); give a new or empty folder, or pass --overwrite to write the model "
+                     f"files beside those (nothing else there is deleted)")
+
+
+def _save_model_folder(model, tokenizer, out, overwrite: bool = False) -> None:
+    """Write the model (and tokenizer) into ``out``, replacing only a model folder's own files, config.json
+    last; old weight shards a previous model save left there (and this one did not write) are removed."""
+    import re
+
+    from rowsft.io_utils import atomic_files_into
+    was_model = _check_model_folder(out, overwrite)
+    weights = re.compile(_WEIGHTS_FILE)
+    stale = (lambda name: weights.fullmatch(name) is not None) if was_model else None
+    with atomic_files_into(out, last=["config.json"], stale=stale) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    print(f"merged model saved to {args.out}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,23 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="smollm2-135m")
     common.add_argument("--task", default="boolq")
-    common.add_argument("--batch-size", type=int, default=8)
-    common.add_argument("--max-length", type=int, default=256)
+    common.add_argument("--batch-size", type=positive_int, default=8)
+    common.add_argument("--max-length", type=positive_int, default=256)
     p = sub.add_parser("score", parents=[common], help="neuron importance scores, printed per layer and saved")
     p.add_argument("--metric", default="taylor")
     p.add_argument("--unit", default="row", choices=["row", "column", "group", "element"])
     p.add_argument("--targets", default="all-linear")
-    p.add_argument("--num-batches", type=int, default=8)
+    p.add_argument("--num-batches", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="save the scores (safetensors)")
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("eval", parents=[common], help="accuracy on the task's validation split")
     p.add_argument("--adapter", help="adapter folder to load first")
-    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--max-examples", type=positive_int, default=None, help="validation examples (default: all)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("merge", parents=[common], help="fold an adapter into the weights and save a plain model")
     p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the merged model; other files in it are kept")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that holds no model (its other files are kept)")
     p.set_defaults(func=cmd_merge)
     return parser
 

@@ -8,21 +8,29 @@ one is computed exactly as the others compute it.
 from __future__ import annotations
 
 import math
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
+
+import torch
 
 from rowsft import baselines, memory
 from rowsft.data import batches as make_batches
 from rowsft.data import load_dataset, load_model
 from rowsft.evaluation.choices import evaluate
 from rowsft.layers import adapters, tuner
-from rowsft.scoring.scorer import score
+from rowsft.scoring.scorer import ALIASES, allowed_metrics, score
 from rowsft.selection.budgets import parse_budget
-from rowsft.selection.strategies import select
+from rowsft.selection.strategies import STRATEGIES, select
+from rowsft.targets import check_targets
 from rowsft.training.loop import train
+from rowsft.training.parts import check_device
 
 METHODS = ("rowsft", "column", "element", "lora", "dora", "full")
+METHOD_UNITS = {"rowsft": "row", "column": "column", "element": "element"}
+TRUE_WORDS = ("true", "yes", "on", "1", "y")
+FALSE_WORDS = ("false", "no", "off", "0", "n")
 
 
 @dataclass
@@ -51,16 +59,99 @@ class JobConfig:
     measure_peak: bool = field(default=False, metadata={"help": "also measure the peak bytes of one training step (slow on CPU)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, coerce_field(f.name, str(f.type), getattr(self, f.name)))
+        self.validate()
+
     def validate(self) -> "JobConfig":
+        """Check every field before anything is loaded; a ValueError naming the field and the fix."""
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is unknown; choose one of {METHODS}")
-        for name in ("steps", "batch_size", "max_length", "calibration_batches", "zo_perturbations"):
-            if int(getattr(self, name)) <= 0:
+        for name in ("steps", "batch_size", "max_length", "calibration_batches", "zo_perturbations", "lora_rank"):
+            if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_train", "eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer or None (all), got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise ValueError(f"lr must be a positive finite number such as 2e-4, got {self.lr!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {STRATEGIES}")
         parse_budget(self.budget)
+        unit = METHOD_UNITS.get(self.method)
+        if unit is not None and ALIASES.get(self.metric, (self.metric,))[0] not in allowed_metrics(unit):
+            raise ValueError(f"metric {self.metric!r} is unknown for method {self.method!r}; choose one of "
+                             f"{allowed_metrics(unit)}")
+        check_targets(self.targets)
+        if isinstance(self.targets, str) and self.targets not in ("all-linear", "attention", "mlp"):
+            try:
+                re.compile(self.targets)
+            except re.error as error:
+                raise ValueError(f"targets {self.targets!r} is neither 'all-linear', 'attention', 'mlp' nor a valid "
+                                 f"regular expression ({error})") from None
+        check_device(self.device)
         return self
+
+
+def coerce_field(name: str, kind: str, value: Any) -> Any:
+    """``value`` read as a JobConfig field of type ``kind`` (``"int"``, ``"float | None"``, ...), as a YAML or
+    JSON file or a flag may write it: ``"1e-3"`` → 0.001, ``"false"``/``"no"``/``"0"`` → False; a value of the
+    wrong kind (2.7 for an int) is a ValueError naming the field."""
+    optional = "None" in kind
+    base = kind.split("|")[0].strip()
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ValueError(f"{name} needs a value ({base}); remove the key to use the default")
+    reader = {"bool": _read_bool, "int": _read_int, "float": _read_float, "str": _read_str}.get(base)
+    return value if reader is None else reader(name, value)
+
+
+def _read_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be true or false (also yes/no, on/off, 1/0), got {value!r}")
+
+
+def _read_int(name: str, value: Any) -> int:
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip()) if any(c in value for c in ".eE") else int(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+            or number != int(number):
+        raise ValueError(f"{name} must be a whole number, got {value!r}; write e.g. {name}: 60")
+    return int(number)
+
+
+def _read_float(name: str, value: Any) -> float:
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}; write e.g. {name}: 0.0002 or 2e-4")
+    return float(number)
+
+
+def _read_str(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if name == "budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)            # YAML reads `budget: 64` as an int; parse_budget reads the text
+    if name == "targets" and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)           # a list of module types, as rowsft.score takes
+    raise ValueError(f"{name} must be text, got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -93,7 +184,7 @@ def _median(xs):
 
 def prepare_model(model, cfg: JobConfig, calibration, log: Callable[[str], None] = print):
     """Turn a loaded model into the trainable form ``cfg.method`` asks for; returns (model, selection or None)."""
-    unit = {"rowsft": "row", "column": "column", "element": "element"}.get(cfg.method)
+    unit = METHOD_UNITS.get(cfg.method)
     if unit is not None:
         scores = score(model, calibration, metric=cfg.metric, unit=unit, targets=cfg.targets,
                                num_batches=cfg.calibration_batches, seed=cfg.seed,
@@ -115,9 +206,6 @@ def _has_new_head(model) -> bool:
 def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, model=None, tokenizer=None,
             data=None) -> JobResult:
     """Run one job. ``model``/``tokenizer``/``data`` may be passed in to reuse what is loaded."""
-    import torch
-
-
     cfg.validate()
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,8 +259,10 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
 
 def config_from_mapping(values: dict[str, Any]) -> JobConfig:
     """A JobConfig from a dict (YAML/JSON file), rejecting unknown keys with the list of known ones."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a job config must be a mapping of JobConfig fields, got {type(values).__name__}")
     known = set(JobConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(map(str, values)) - known)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-    return JobConfig(**values).validate()
+    return JobConfig(**values)

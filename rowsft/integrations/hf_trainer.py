@@ -26,7 +26,6 @@ outputs in training mode (a forward hook), so it is exact every step, not only a
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from typing import Any, Iterable
@@ -35,7 +34,8 @@ import torch
 from transformers import TrainerCallback
 
 from rowsft.distributed import unwrap
-from rowsft.layers.adapters import save_adapter
+from rowsft.layers.adapters import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from rowsft.layers.tuner import sparse_layers
 from rowsft.training.callbacks import CallbackList
 from rowsft.training.history import History
 from rowsft.training.loop import TrainState
@@ -64,6 +64,10 @@ class RowSFTTrainerCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.save_adapter and model is not None and not sparse_layers(unwrap(model)):
+            raise ValueError(f"{type(unwrap(model)).__name__} has no rowsft sparse layer, so the Trainer would "
+                             "fine-tune every weight and no adapter could be saved: call rowsft.apply(model, "
+                             "selection) before trainer.train(), or pass save_adapter=False to only forward events")
         self.history = History(config={"trainer": True, "learning_rate": args.learning_rate,
                                         "max_steps": state.max_steps})
         self.state = TrainState(step=state.global_step, max_steps=state.max_steps or None, lr=args.learning_rate,
@@ -194,14 +198,8 @@ def _current_lr(optimizer, lr_scheduler, default: float) -> float:
 def save_adapter_into(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:
     """Write the rowsft adapter files of ``model`` into an existing ``folder`` (e.g. a Trainer
     checkpoint) without touching its other files; returns the file names written."""
-    folder = os.fspath(folder)
-    with tempfile.TemporaryDirectory(prefix=".rowsft-adapter-", dir=folder) as tmp:
-        target = os.path.join(tmp, "adapter")
-        save_adapter(unwrap(model), target)
-        written = sorted(os.listdir(target))
-        for name in written:
-            os.replace(os.path.join(target, name), os.path.join(folder, name))
-    return written
+    save_adapter(unwrap(model), folder, overwrite=True)
+    return sorted([CONFIG_NAME, WEIGHTS_NAME])
 
 
 def trainer_checkpoint_adapter(checkpoint: str | os.PathLike) -> str:

@@ -151,13 +151,16 @@ class RowSFTModel(nn.Module):
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``save_directory``.
 
-        Accepts and ignores PEFT's keyword arguments (``safe_serialization``, ...), except
-        ``is_main_process=False`` which skips writing (as on non-zero ranks)."""
+        As PEFT's ``save_pretrained``, the two files go beside whatever the folder already holds
+        (``checkpoint-500/``, ``README.md``, ...): nothing else is replaced or deleted, and a killed save
+        leaves the earlier adapter files. A file at ``save_directory`` is refused. Accepts and ignores
+        PEFT's keyword arguments (``safe_serialization``, ...), except ``is_main_process=False`` which
+        skips writing (as on non-zero ranks)."""
         if not kwargs.get("is_main_process", True):
             return
-        adapters.save_adapter(self.base_model, save_directory,
-                           **({"base_model_name": self.rowsft_config.base_model_name_or_path}
-                              if self.rowsft_config.base_model_name_or_path else {}))
+        adapters.save_adapter(self.base_model, save_directory, overwrite=True,
+                              **({"base_model_name": self.rowsft_config.base_model_name_or_path}
+                                 if self.rowsft_config.base_model_name_or_path else {}))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, is_trainable: bool = False, **kwargs) -> "RowSFTModel":

@@ -6,19 +6,26 @@ heads, the shapes of every linear module of the base model (to refuse an adapter
 model with a message saying what differs) and the selection's meta. The weights file holds, per
 layer, ``<name>.indices`` and ``<name>.delta`` (rows, columns) or ``<name>.values`` (elements),
 ``<name>.bias_delta`` when a bias was trained, and ``heads.<parameter name>`` for trained heads.
-Folders are written atomically: a failed save leaves any earlier adapter at ``path`` intact.
+Saving writes only those two files into the folder (other files there are kept): each is written
+beside it, fsynced and moved in with one ``os.replace``, the config last, so a failed or killed save
+leaves the earlier adapter's files intact (see `rowsft.io_utils.atomic_files_into`). A non-empty folder
+that holds no rowsft adapter, or a file, is refused unless ``overwrite=True`` (files: always).
+Loading checks the whole folder (config fields, tensor names, shapes, dtypes, index ranges, finite
+values) before it changes the model, so a damaged adapter leaves the model as it was.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import safetensors.torch as safetensors_torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from rowsft.io_utils import atomic_directory
-from rowsft.layers.tuner import apply, current_selection, sparse_layers, trained_heads
-from rowsft.selection.choice import LayerChoice, Selection
+from rowsft.io_utils import atomic_files_into, refuse_file
+from rowsft.layers.tuner import apply, current_selection, sparse_layers, trained_heads, unload
+from rowsft.selection.choice import UNITS, LayerChoice, Selection
 from rowsft.targets import linear_modules, linear_shape
 
 FORMAT_VERSION = 1
@@ -33,7 +40,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"adapter config names an unknown dtype {name!r}")
     return dtype
@@ -49,10 +56,8 @@ def _module_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(linear_shape(m)) for name, m in linear_modules(model).items()}
 
 
-def save_adapter(model: nn.Module, path, base_model_name: str | None = None) -> Path:
-    """Write the model's sparse updates (and trained heads) to the folder ``path``; returns it."""
-    from safetensors.torch import save_file
-
+def _adapter_state(model: nn.Module, base_model_name: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, tensors)`` to write for the model's sparse updates and trained heads."""
     layers = sparse_layers(model)
     if not layers:
         raise ValueError("the model has no rowsft sparse layers to save; call rowsft.apply(model, selection) first")
@@ -63,8 +68,7 @@ def save_adapter(model: nn.Module, path, base_model_name: str | None = None) -> 
     layer_configs = {}
     for name, layer in layers.items():
         tensors[f"{name}.indices"] = layer.indices.detach().cpu().clone()
-        key = "values" if layer.unit == "element" else "delta"
-        tensors[f"{name}.{key}"] = layer.update.detach().cpu().clone()
+        tensors[f"{name}.{_update_key(layer.unit)}"] = layer.update.detach().cpu().clone()
         if layer.bias_delta is not None:
             tensors[f"{name}.bias_delta"] = layer.bias_delta.detach().cpu().clone()
         layer_configs[name] = {"unit": layer.unit, "shape": [layer.out_features, layer.in_features], "k": layer.k,
@@ -84,14 +88,118 @@ def save_adapter(model: nn.Module, path, base_model_name: str | None = None) -> 
         "model_modules": _module_shapes(model),
         "selection_meta": current_selection(model).meta,
     }
-    with atomic_directory(path) as tmp:
+    return config, tensors
+
+
+def _update_key(unit: str) -> str:
+    return "values" if unit == "element" else "delta"
+
+
+def is_rowsft_adapter_folder(path) -> bool:
+    """Whether the folder ``path`` holds a rowsft adapter's ``adapter_config.json`` (readable, ``peft_type`` ROWSFT)."""
+    try:
+        config = json.loads((Path(path) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("peft_type") == PEFT_TYPE
+
+
+def check_save_target(path, overwrite: bool = False) -> Path:
+    """Refuse (ValueError, nothing changed) a file, and without ``overwrite`` a non-empty folder that
+    holds no rowsft adapter (a folder holding nothing but adapter files, e.g. from a killed first save,
+    counts as one); returns ``path`` resolved."""
+    target = refuse_file(path, "adapter folder")
+    shown = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if overwrite or set(shown) <= {CONFIG_NAME, WEIGHTS_NAME} or is_rowsft_adapter_folder(target):
+        return target
+    more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+    raise ValueError(f"{str(target)!r} is not empty ({shown[:3]}{more}) and holds no rowsft adapter; save into a "
+                     f"new or empty folder, or pass overwrite=True to write {CONFIG_NAME} and {WEIGHTS_NAME} "
+                     f"beside those files (nothing else there is deleted)")
+
+
+def save_adapter(model: nn.Module, path, base_model_name: str | None = None, overwrite: bool = False) -> Path:
+    """Write the model's sparse updates (and trained heads) into the folder ``path``; returns it.
+
+    Only ``adapter_config.json`` and ``adapter_model.safetensors`` are written; other files in the
+    folder are kept. A folder holding an earlier rowsft adapter gets the new one; a non-empty folder
+    holding none is refused unless ``overwrite=True`` (then the two files go beside the others); a
+    file at ``path`` is always refused. A failed or killed save leaves the earlier adapter's files.
+    """
+    config, tensors = _adapter_state(model, base_model_name)
+    check_save_target(path, overwrite)
+    with atomic_files_into(path, last=[CONFIG_NAME]) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "peft_type": PEFT_TYPE})
+        safetensors_torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "peft_type": PEFT_TYPE})
     return Path(path)
 
 
+# ------------------------------------------------------------------------------------------ reading
+def _damaged(file: Path, what: str) -> ValueError:
+    return ValueError(f"{str(file)!r}: {what}; the adapter is damaged or was edited by hand: save it again "
+                      f"with rowsft.save_adapter (or fix that field)")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _need(config: dict, key: str, kind, file: Path, label: str = ""):
+    """``config[key]`` when present and of type ``kind``; otherwise a ValueError naming the file and field."""
+    where = f"{label}{key!r}"
+    if key not in config:
+        raise _damaged(file, f"missing field {where}")
+    value = config[key]
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _damaged(file, f"field {where} must be {names}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _check_layer_config(name: str, c, file: Path) -> None:
+    label = f"layers[{name!r}]."
+    if not isinstance(c, dict):
+        raise _damaged(file, f"layers[{name!r}] must be an object, got {type(c).__name__}")
+    if _need(c, "unit", str, file, label) not in UNITS:
+        raise _damaged(file, f"{label}'unit' is {c['unit']!r}, expected one of {UNITS}")
+    shape = _need(c, "shape", list, file, label)
+    if len(shape) != 2 or not all(_is_int(s) and s > 0 for s in shape):
+        raise _damaged(file, f"{label}'shape' must be [d_out, d_in] (two positive integers), got {shape!r}")
+    if _need(c, "k", int, file, label) < 1:
+        raise _damaged(file, f"{label}'k' must be at least 1, got {c['k']}")
+    for key, floating in (("index_dtype", False), ("delta_dtype", True)):
+        dtype = getattr(torch, _need(c, key, str, file, label), None)
+        if not isinstance(dtype, torch.dtype) or dtype.is_floating_point != floating or dtype.is_complex:
+            kind = "a floating-point" if floating else "an integer"
+            raise _damaged(file, f"{label}{key!r} is {c[key]!r}, not {kind} torch dtype name")
+    _need(c, "bias", bool, file, label)
+
+
+def _check_config(config, file: Path) -> None:
+    """Every field load_adapter reads, present and well-typed (ValueError naming the file and field)."""
+    layers = _need(config, "layers", dict, file)
+    if not layers:
+        raise _damaged(file, "'layers' is empty")
+    for name, c in layers.items():
+        _check_layer_config(name, c, file)
+    heads = _need(config, "heads", list, file)
+    if not all(isinstance(h, str) for h in heads):
+        raise _damaged(file, f"'heads' must be a list of module names, got {heads!r}")
+    modules = _need(config, "model_modules", dict, file)
+    for name, shape in modules.items():
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) for s in shape)):
+            raise _damaged(file, f"model_modules[{name!r}] must be [d_out, d_in], got {shape!r}")
+    for name, c in layers.items():
+        if modules.get(name) != c["shape"]:
+            raise _damaged(file, f"layers[{name!r}] has shape {c['shape']} but model_modules gives {modules.get(name)}")
+    _need(config, "selection_meta", (dict, type(None)), file)
+    _need(config, "base_model_name_or_path", (str, type(None)), file)
+
+
 def read_adapter_config(path) -> dict:
-    """The ``adapter_config.json`` of an adapter folder, with clear errors for missing files."""
+    """The ``adapter_config.json`` of an adapter folder, checked field by field (clear errors for
+    missing files, bad JSON, missing or wrongly typed fields)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no adapter at {str(path)!r}: expected a folder with {CONFIG_NAME} and "
@@ -99,12 +207,22 @@ def read_adapter_config(path) -> dict:
     missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"the adapter folder {str(path)!r} lacks {missing}; was it written by rowsft.save_adapter?")
-    config = json.loads((path / CONFIG_NAME).read_text())
+    file = path / CONFIG_NAME
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(file, f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise _damaged(file, f"expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != PEFT_TYPE:
         raise ValueError(f"{str(path)!r} holds a {config.get('peft_type')!r} adapter, not a rowsft one "
                          f"(load it with peft instead)")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} was written by a newer rowsft (format {config['format_version']}); upgrade rowsft")
+    version = config.get("format_version", 0)
+    if not _is_int(version):
+        raise _damaged(file, f"field 'format_version' must be int, got {version!r:.60}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} was written by a newer rowsft (format {version}); upgrade rowsft")
+    _check_config(config, file)
     return config
 
 
@@ -130,30 +248,140 @@ def check_model_matches(model: nn.Module, config: dict) -> None:
                          + f"; this model is {_model_name(model) or type(model).__name__}")
 
 
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors_torch.load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{str(file)!r} cannot be read as safetensors ({e}); the adapter is damaged, "
+                         f"save it again with rowsft.save_adapter") from None
+
+
+def _check_tensor(file: Path, key: str, tensor: torch.Tensor | None, shape: tuple, dtype: torch.dtype | None) -> None:
+    """``tensor`` present, of ``shape`` and ``dtype`` (None: any floating dtype), and finite when floating."""
+    if tensor is None:
+        raise _damaged(file, f"the tensor {key} is missing")
+    if tuple(tensor.shape) != tuple(shape):
+        raise _damaged(file, f"{key} has shape {tuple(tensor.shape)}, the config needs {tuple(shape)}")
+    if dtype is None and not tensor.dtype.is_floating_point:
+        raise _damaged(file, f"{key} has dtype {_dtype_name(tensor.dtype)}, expected a floating-point dtype")
+    if dtype is not None and tensor.dtype != dtype:
+        raise _damaged(file, f"{key} has dtype {_dtype_name(tensor.dtype)} but the config says {_dtype_name(dtype)} "
+                             f"(it is not converted silently)")
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise _damaged(file, f"{key} holds NaN or infinite values")
+
+
+def _expected_layer_tensors(name: str, c: dict, indices: torch.Tensor) -> dict[str, tuple]:
+    """``{key: shape}`` of one layer's update (and bias) tensors, from its config and indices."""
+    d_out, d_in = c["shape"]
+    k = c["k"]
+    update = {"row": (k, d_in), "column": (d_out, k), "element": (k,)}[c["unit"]]
+    shapes = {f"{name}.{_update_key(c['unit'])}": update}
+    if c["bias"]:
+        n_bias = {"row": k, "column": d_out}.get(c["unit"])
+        if n_bias is None:
+            n_bias = int(torch.unique(torch.div(indices.long(), d_in, rounding_mode="floor")).numel())
+        shapes[f"{name}.bias_delta"] = (n_bias,)
+    return shapes
+
+
+def _check_indices_tensor(file: Path, name: str, c: dict, tensors: dict) -> torch.Tensor:
+    key = f"{name}.indices"
+    indices = tensors.get(key)
+    if indices is None:
+        raise _damaged(file, f"the tensor {key} is missing")
+    _check_tensor(file, key, indices, (c["k"],), _dtype(c["index_dtype"]))
+    choice = LayerChoice(c["unit"], indices.long(), tuple(c["shape"]))
+    try:
+        choice.validate(key)
+    except (ValueError, IndexError) as e:
+        raise _damaged(file, str(e)) from None
+    return indices
+
+
+def _check_layers(model: nn.Module, config: dict, tensors: dict, file: Path) -> set[str]:
+    """Check every layer's tensors against the config and the model; returns the tensor names used."""
+    used = set()
+    for name, c in config["layers"].items():
+        indices = _check_indices_tensor(file, name, c, tensors)
+        used.add(f"{name}.indices")
+        if c["bias"] and getattr(model.get_submodule(name), "bias", None) is None:
+            raise _damaged(file, f"layers[{name!r}] says bias: true but that module of the model has no bias")
+        for key, shape in _expected_layer_tensors(name, c, indices).items():
+            _check_tensor(file, key, tensors.get(key), shape, _dtype(c["delta_dtype"]))
+            used.add(key)
+    return used
+
+
+def _check_heads(model: nn.Module, config: dict, tensors: dict, file: Path) -> set[str]:
+    used = set()
+    for head in config["heads"]:
+        try:
+            module = model.get_submodule(head)
+        except AttributeError:
+            raise _damaged(file, f"'heads' names {head!r}, which this model lacks") from None
+        if any(n == head or n.startswith(head + ".") for n in config["layers"]):
+            raise _damaged(file, f"head {head!r} is also a sparse layer")
+        for pname, p in module.named_parameters():
+            key = f"heads.{head}.{pname}"
+            _check_tensor(file, key, tensors.get(key), tuple(p.shape), None)
+            used.add(key)
+    return used
+
+
+def _check_present_layers(model: nn.Module, config: dict, selection: Selection) -> None:
+    """A model that already carries sparse layers must carry exactly the adapter's, unmerged, with its biases."""
+    _check_same_selection(current_selection(model), selection)
+    for name, layer in sparse_layers(model).items():
+        if layer.merged:
+            raise RuntimeError(f"{name} is merged; call rowsft.unmerge(model) before loading an adapter")
+        if config["layers"][name]["bias"] and layer.bias_delta is None:
+            raise ValueError(f"the adapter trained {name}'s bias but the model's sparse layer has none; "
+                             f"call rowsft.unload(model) first to load this adapter into the plain model")
+
+
+def _validated(model: nn.Module, path) -> tuple[dict, dict[str, torch.Tensor], Selection]:
+    """Read and check the whole adapter folder against ``model`` without changing it."""
+    config = read_adapter_config(path)
+    check_model_matches(model, config)
+    file = Path(path) / WEIGHTS_NAME
+    tensors = _read_tensors(file)
+    used = _check_layers(model, config, tensors, file) | _check_heads(model, config, tensors, file)
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        raise _damaged(file, f"unknown tensors {unknown[:3]}{' ...' if len(unknown) > 3 else ''} that the config "
+                             f"does not describe")
+    selection = Selection({n: LayerChoice(c["unit"], tensors[f"{n}.indices"].long(), tuple(c["shape"]))
+                           for n, c in config["layers"].items()}, dict(config.get("selection_meta") or {}))
+    if sparse_layers(model):
+        _check_present_layers(model, config, selection)
+    return config, tensors, selection
+
+
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Load an adapter written by :func:`save_adapter` into ``model`` (in place; returns it).
 
     A plain model gets the adapter's selection applied first; a model that already carries sparse
-    layers must carry exactly the adapter's selection (unmerged)."""
-    from safetensors.torch import load_file
-
-    config = read_adapter_config(path)
-    check_model_matches(model, config)
-    tensors = load_file(str(Path(path) / WEIGHTS_NAME))
+    layers must carry exactly the adapter's selection (unmerged). The whole folder is checked first:
+    a damaged or mismatched adapter raises a ValueError and leaves the model unchanged."""
+    config, tensors, selection = _validated(model, path)
     layer_configs = config["layers"]
-    missing = [f"{n}.indices" for n in layer_configs if f"{n}.indices" not in tensors]
-    if missing:
-        raise ValueError(f"{WEIGHTS_NAME} in {str(path)!r} lacks {missing[:3]}; the adapter is damaged, save it again")
-    selection = Selection({n: LayerChoice(c["unit"], tensors[f"{n}.indices"].long(), tuple(c["shape"]))
-                           for n, c in layer_configs.items()}, dict(config.get("selection_meta") or {}))
-    present = sparse_layers(model)
-    if present:
-        _check_same_selection(current_selection(model), selection)
-    else:
+    applied = not sparse_layers(model)
+    if applied:
         dtypes = {c["delta_dtype"] for c in layer_configs.values()}
-        apply(model, selection, train_heads=list(config.get("heads") or []) or False,
+        apply(model, selection, train_heads=list(config["heads"]) or False,
               delta_dtype=_dtype(dtypes.pop()) if len(dtypes) == 1 else None,
-              train_bias=any(c.get("bias") for c in layer_configs.values()))
+              train_bias=any(c["bias"] for c in layer_configs.values()))
+    try:
+        _copy_in(model, layer_configs, tensors)
+    except BaseException:
+        if applied:
+            unload(model)
+        raise
+    return model
+
+
+def _copy_in(model: nn.Module, layer_configs: dict, tensors: dict[str, torch.Tensor]) -> None:
     layers = sparse_layers(model)
     with torch.no_grad():
         for name, c in layer_configs.items():
@@ -163,7 +391,6 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             if key.startswith("heads."):
                 target = parameters[key[len("heads."):]]
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
-    return model
 
 
 def _check_same_selection(current: Selection, wanted: Selection) -> None:
@@ -176,18 +403,14 @@ def _check_same_selection(current: Selection, wanted: Selection) -> None:
 
 
 def _load_layer(layer, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    if layer.merged:
-        raise RuntimeError(f"{name} is merged; call rowsft.unmerge(model) before loading an adapter")
-    key = f"{name}.{'values' if layer.unit == 'element' else 'delta'}"
-    if key not in tensors:
-        raise ValueError(f"the adapter lacks {key}; it is damaged, save it again")
+    key = f"{name}.{_update_key(layer.unit)}"
     dtype = _dtype(config["delta_dtype"])
     update = layer.update
     if update.dtype != dtype:          # mixed update dtypes in one adapter
         update.data = update.data.to(dtype)
         layer.delta_dtype = dtype
     update.copy_(tensors[key].to(update.device))
-    if config.get("bias"):
+    if config["bias"]:
         layer.bias_delta.copy_(tensors[f"{name}.bias_delta"].to(layer.bias_delta))
     elif layer.bias_delta is not None:  # the adapter trained no bias here
         layer.bias_delta = None

@@ -64,15 +64,19 @@ class BudgetControl(Displayable):
     ones, `rowsft.lean_loss.logit_positions(batch)`; None: all).
     ``select_fn``, ``predict_fn(model, selection | "full" | "lora", batch_size, seq_len, rank, targets=...)``
     (LoRA is priced on the modules of the selection) and ``lora_parity_fn(rank)`` default to rowsft's own. Every new selection goes to the
-    :meth:`observe` callbacks (``None`` when the controls give no valid selection).
+    :meth:`observe` callbacks (``None`` when the controls give no valid selection). ``busy_fn()``: a
+    reason not to select now (a run is training), or None; while it gives one, a change of the controls
+    keeps the current selection, says so, and sets :attr:`pending` (call :meth:`update` once free).
     """
 
     def __init__(self, model, scores, picker: LayerPicker | None = None, heatmap: go.FigureWidget | None = None,
                  rows: int = 64, ratio: float = 0.02, rank: int = 8, batch_size: int = 8, seq_len: int = 256,
                  strategy: str = "per-layer", ranks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                  select_fn: Callable | None = None, predict_fn: Callable | None = None,
-                 lora_parity_fn: Callable | None = None, logit_positions: int | None = None):
+                 lora_parity_fn: Callable | None = None, logit_positions: int | None = None,
+                 busy_fn: Callable[[], str | None] | None = None):
         self.model, self.batch_size, self.seq_len = model, int(batch_size), int(seq_len)
+        self.busy_fn, self.pending = busy_fn, False
         self._select_fn, self._lora_parity_fn = select_fn, lora_parity_fn
         self.predict_fn = predict_fn or functools.partial(_default_predict, logit_positions=logit_positions)
         self.total_parameters = sum(p.numel() for p in model.parameters())
@@ -162,6 +166,12 @@ class BudgetControl(Displayable):
 
     def update(self) -> None:
         """Select again from the controls and refresh figures, numbers and heatmap marks."""
+        reason = self.busy_fn() if self.busy_fn is not None else None
+        if reason:
+            self.pending = True
+            self.status.error(f"Not selecting again now: {reason}; the change applies at the next Launch")
+            return
+        self.pending = False
         try:
             names = self.picker.names
             self._check(names)

@@ -7,7 +7,8 @@ can also be used alone: a :class:`MetricChooser` (re-scores on demand), the impo
 and a :class:`TrainLauncher` drawing into :class:`LiveCurves`. It holds no training logic: Launch
 applies the current selection to the notebook's model with ``rowsft.apply`` (when the model
 already carries a different one, ``rowsft.merge_and_unload`` first keeps what was learnt) and
-calls ``rowsft.train``.
+calls ``rowsft.train``. While a run trains, Score and budget changes are refused with a message
+(scoring freezes the model's parameters, which would end the run).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class Dashboard(Displayable):
         self.max_columns = max_columns
         self.status = StatusArea()
         self.chooser = MetricChooser(model, self.batches, metric=metric, unit=unit,
-                                     num_batches=cfg.calibration_batches, score_fn=score_fn)
+                                     num_batches=cfg.calibration_batches, score_fn=score_fn, busy_fn=self.busy)
         self.heatmap_type = widgets.Dropdown(options=["all types"], value="all types", description="show")
         self.heatmap_order = widgets.ToggleButtons(options=["original", "sorted"], value="original", description="order")
         self.heatmap = go.FigureWidget()
@@ -111,7 +112,7 @@ class Dashboard(Displayable):
         self.budget: BudgetControl | None = None
         self._budget_kwargs = dict(rows=cfg.rows, rank=cfg.lora_rank, batch_size=cfg.batch_size, seq_len=self.seq_len,
                                    select_fn=select_fn, predict_fn=predict_fn, lora_parity_fn=lora_parity_fn,
-                                   logit_positions=logit_positions)
+                                   logit_positions=logit_positions, busy_fn=self.busy)
         self.budget_box = widgets.VBox([widgets.HTML("<i>score the model first</i>")])
         self.chooser.observe(self._scored)
         self._muted = False
@@ -124,6 +125,18 @@ class Dashboard(Displayable):
         self.chooser.run()
 
     # ------------------------------------------------------------------ reactions
+    @property
+    def is_training(self) -> bool:
+        """True while the launcher's run is going (scoring or re-selecting would break it)."""
+        launcher = getattr(self, "launcher", None)
+        return launcher is not None and launcher.running
+
+    def busy(self) -> str | None:
+        """Why the model must not be scored or re-selected now (None: it may)."""
+        if self.is_training:
+            return "a run is training this model; press Stop or wait for it to end"
+        return None
+
     @property
     def scores(self):
         return self.chooser.scores
@@ -164,6 +177,8 @@ class Dashboard(Displayable):
 
     def prepare(self, model) -> None:
         """Before a run: put the current selection on the model (rowsft.apply), keeping earlier training."""
+        if self.budget is not None and self.budget.pending:
+            self.budget.update()          # a change made while the last run trained
         selection = self.selection
         if selection is None:
             message = self.budget.status.message if self.budget is not None else ""

@@ -68,8 +68,9 @@ class MetricChooser(Displayable):
     def __init__(self, model, batches: Iterable, metric: str = "magnitude", unit: str = "row",
                  num_batches: int = 4, targets="all-linear", metrics: Sequence[str] | None = None,
                  units: Sequence[str] | None = None, score_fn: Callable | None = None, score_kwargs: dict | None = None,
-                 allowed_fn: Callable | None = None):
+                 allowed_fn: Callable | None = None, busy_fn: Callable[[], str | None] | None = None):
         self.model, self.batches, self.targets = model, batches, targets
+        self.busy_fn = busy_fn
         self.score_kwargs = dict(score_kwargs or {})
         self._score_fn = score_fn
         self.allowed_fn = allowed_fn if allowed_fn is not None or score_fn is not None else _default_allowed()
@@ -124,6 +125,10 @@ class MetricChooser(Displayable):
     def run(self):
         """Score with the current choice (what the button does); returns the Scores or None on error."""
         metric, unit, n = self.metric.value, self.unit.value, int(self.num_batches.value)
+        reason = self.busy_fn() if self.busy_fn is not None else None
+        if reason:
+            self.status.error(f"Cannot score now: {reason}")
+            return None
         if not self.check_choice():
             return None
         self.progress.max, self.progress.value, self.progress.bar_style = n, 0, ""

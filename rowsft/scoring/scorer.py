@@ -19,7 +19,8 @@ Metrics (definitions in rowsft.scoring.accumulators, rowsft.scoring.zeroth_order
 scores over the other dimension (magnitude: the norm).
 
 Scores are normalised per layer (``normalize``) before any comparison across layers; non-finite
-scores raise a ValueError naming the layer. Under an initialised ``torch.distributed`` process group
+scores raise a ValueError naming the layer; so do, before any pass, loss metrics given a calibration
+batch whose labels are all -100 (no loss to differentiate: every row would score 0). Under an initialised ``torch.distributed`` process group
 the raw accumulators are summed over ranks (each rank scoring its own batches), so every rank holds
 the same scores and selects the same rows. The model comes back as it was (training flags,
 ``requires_grad`` flags, no hooks), even when scoring fails.
@@ -34,6 +35,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm import tqdm  # plain tqdm: the core never pulls in ipywidgets
 
 from rowsft.scoring import accumulators as _metrics
 from rowsft.scoring.saliency import grasp, synflow
@@ -52,6 +54,10 @@ ALIASES = {"magnitude-l1": ("magnitude", 1), "magnitude-l2": ("magnitude", 2), "
 UNIT_METRICS = {"row": tuple(METRICS), "column": tuple(METRICS), "group": tuple(METRICS),
                 "element": tuple(m for m in METRICS if m != "activation")}
 COMBINES = ("sum", "mean", "max")
+# metrics whose calibration loss needs labelled tokens (the others only run forward passes)
+LOSS_METRICS = ("taylor", "hessian", "zo-taylor", "gradient", "snip", "fisher", "taylor-fo", "force", "grasp")
+# ScoreConfig count fields -> lowest allowed value
+COUNT_OPTIONS = {"num_perturbations": 1, "synflow_seq_len": 1, "max_example_elements": 1}
 
 
 def allowed_metrics(unit: str) -> tuple[str, ...]:
@@ -81,7 +87,8 @@ class ScoreConfig:
     recompute: bool = True            # gradient metrics: recompute each block's activations in backward
                                       # (one more forward pass; keeps only block inputs alive, not all activations)
     dtype: torch.dtype = torch.float32   # of the returned score tensors (float64 for exactness checks)
-    progress: Callable[[str, int, int], None] | None = None  # called as progress(stage, done, total)
+    progress: Callable[[str, int, int], None] | bool | None = None  # progress(stage, done, total); True: a
+                                      # tqdm bar; False/None: silent
 
 
 def score(model: nn.Module, batches: Iterable[dict] | None = None, metric: str = "taylor", unit: str = "row",
@@ -101,7 +108,9 @@ def score(model: nn.Module, batches: Iterable[dict] | None = None, metric: str =
     if config is None:
         base = replace(base, metric=metric, unit=unit, targets=targets, num_batches=num_batches, normalize=normalize)
     cfg = replace(base, **overrides)
+    cfg = replace(cfg, progress=progress_callback(cfg.progress))
     name, p = _canonical_metric(cfg.metric, cfg.unit, cfg.p)
+    check_counts(cfg)
     if cfg.normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={cfg.normalize!r} is not known; choose one of {NORMALIZATIONS}")
     if cfg.combine not in COMBINES:
@@ -123,6 +132,8 @@ def score(model: nn.Module, batches: Iterable[dict] | None = None, metric: str =
         views = {n: {cfg.unit} for n in modules}
 
     calibration = _calibration_batches(batches, cfg.num_batches, model) if METRICS[name] else []
+    if name in LOSS_METRICS:
+        check_labelled(calibration, name)
     with scoring_mode(model):
         per_module = _per_module_scores(name, p, model, modules, views, calibration, cfg)
     for module_name, slot in per_module.items():
@@ -167,11 +178,68 @@ def _canonical_metric(metric: str, unit: str, p: int | None) -> tuple[str, int |
     return name, p
 
 
+def check_counts(cfg: ScoreConfig) -> None:
+    """A ValueError naming the option when a count of ``cfg`` is not a whole number in range."""
+    options = [(n, getattr(cfg, n), low) for n, low in COUNT_OPTIONS.items()]
+    if cfg.num_batches is not None:
+        options.append(("num_batches", cfg.num_batches, 1))
+    for option, value, low in options:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            extra = " (or None for all)" if option == "num_batches" else ""
+            raise ValueError(f"{option} must be a whole number >= {low}{extra}, got {value!r}")
+
+
+def progress_callback(progress) -> Callable[[str, int, int], None] | None:
+    """``ScoreConfig.progress`` as a function ``fn(stage, done, total)`` or None: False/None give None,
+    True a tqdm bar per stage, a callable is kept."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return TqdmProgress()
+    if callable(progress):
+        return progress
+    raise TypeError(f"progress must be True (a progress bar), False/None (silent) or a function "
+                    f"fn(stage, done, total); got {progress!r}")
+
+
+class TqdmProgress:
+    """``progress(stage, done, total)`` drawing one tqdm bar per stage (closed when done reaches total)."""
+
+    def __init__(self):
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=f"score {stage}", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self.bars[stage]
+
+
+def labelled_tokens(batch: dict) -> int | None:
+    """How many labels of ``batch`` are not -100 (None when the batch carries no ``labels`` tensor)."""
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not torch.is_tensor(labels):
+        return None
+    return int(labels.ne(-100).sum())
+
+
+def check_labelled(batches: Iterable[dict], metric: str) -> None:
+    """A ValueError when a calibration batch has labels but none of them counts (all -100): its loss
+    is NaN (or 0), so a gradient metric would score every row alike and selection would take rows 0..k-1."""
+    for i, batch in enumerate(batches):
+        if labelled_tokens(batch) == 0:
+            raise ValueError(f"calibration batch {i} has no labelled token (every label is -100), so metric "
+                             f"{metric!r} has no loss to differentiate and would score every row 0. Give batches "
+                             "whose answers are labelled (check that max_length does not truncate the answers), "
+                             "or use a forward-only metric ('magnitude', 'wanda', 'activation')")
+
+
 def _calibration_batches(batches, num_batches, model) -> list[dict]:
     if batches is None:
         raise ValueError("this metric needs calibration batches: pass batches=rowsft.batches(...) or a list of dicts")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be at least 1 (or None for all), got {num_batches}")
     device = next(model.parameters()).device
     taken = list(itertools.islice(iter(batches), num_batches))
     if not taken:

@@ -54,7 +54,7 @@ from rowsft.selection.budgets import (
     total_params,
 )
 from rowsft.selection.choice import LayerChoice, Selection
-from rowsft.targets import layer_index, module_type, role
+from rowsft.targets import check_layer_indices, layer_index, module_type, role
 
 __all__ = ["select", "Selection", "LayerChoice", "TotalParams", "LoraParity", "lora_parity", "STRATEGIES",
            "SHARED_INPUT_FAMILIES"]
@@ -132,9 +132,11 @@ def _pools(scores: Scores) -> list[Pool]:
     pools = []
     for name in scores:
         values = scores[name].double()
-        if bool(torch.isnan(values).any()):
-            raise ValueError(f"scores of {name} contain NaN; rescore (rowsft.score rejects non-finite scores) "
-                             "or drop the layer")
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            raise ValueError(f"scores of {name} contain {int(bad.sum())} non-finite values (NaN or ±inf) of "
+                             f"{values.numel()}; rescore with rowsft.score (it rejects non-finite scores), replace "
+                             "them with finite numbers, or drop the layer")
         if scores.unit == "group":
             pools.append(_group_pool(scores, name, values.reshape(-1)))
             continue
@@ -171,13 +173,14 @@ def _filter(pools: list[Pool], module_types, layers, scores: Scores) -> list[Poo
     if module_types is not None:
         wanted = {module_types} if isinstance(module_types, str) else set(module_types)
         known = set().union(*(types_of(p) for p in pools)) if pools else set()
-        if not wanted & known:
-            raise ValueError(f"module_types={sorted(wanted)} matches no scored layer; "
-                             f"module types here: {sorted(known)}")
+        unknown = sorted(map(str, wanted - known))
+        if unknown:
+            raise ValueError(f"module_types {unknown} match no scored layer; module types here: {sorted(known)}. "
+                             "Drop or correct the unknown names")
         pools = [p for p in pools if types_of(p) & wanted]
     if layers is not None:
-        keep = set(layers)
         known = sorted({layer_index(p.name + ".") for p in pools} - {None})
+        keep = check_layer_indices(layers, known)
         pools = [p for p in pools if layer_index(p.name + ".") in keep]
         if not pools:
             raise ValueError(f"layers={sorted(keep)} matches no scored layer; block indices here: {known}")

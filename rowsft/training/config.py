@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+# name -> (lowest allowed value, whether the lowest is allowed); every one must be a finite real number
+REAL_FIELDS = {"lr": (0.0, True), "weight_decay": (0.0, True), "eps": (0.0, False), "momentum": (0.0, True),
+               "warmup_ratio": (0.0, True)}
+# name -> lowest allowed value; every one must be a whole number (not a bool or a float)
+COUNT_FIELDS = {"warmup_steps": 0, "grad_accum_steps": 1, "eval_every": 0, "log_every": 1, "memory_every": 0}
 
 
 def _help(default, text: str, **kw):
@@ -39,18 +47,22 @@ class TrainConfig:
     nan_policy: str = _help("raise", "non-finite loss: 'raise' (an error naming the step) or 'skip' (drop that update)")
 
     def __post_init__(self):
+        for name, (low, inclusive) in REAL_FIELDS.items():
+            check_real(name, getattr(self, name), low, inclusive)
+        for name, low in COUNT_FIELDS.items():
+            check_count(name, getattr(self, name), low)
+        if self.max_grad_norm is not None:
+            check_real("max_grad_norm", self.max_grad_norm, 0.0, False, "or None (no clipping)")
+        check_betas(self.betas)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         checks = [
-            (self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
             (self.schedule in ("linear", "cosine", "constant"),
              f"schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}"),
-            (int(self.grad_accum_steps) >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0,
-             f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}"),
-            (self.warmup_steps >= 0 and 0.0 <= self.warmup_ratio < 1.0, "warmup_steps must be >= 0 and warmup_ratio in [0, 1)"),
+            (self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.nan_policy in ("raise", "skip"), f"nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}"),
             (callable(self.optimizer) or self.optimizer in ("adamw", "sgd"),
              f"optimizer must be 'adamw', 'sgd' or a function params -> Optimizer, got {self.optimizer!r}"),
-            (self.eval_every >= 0 and self.memory_every >= 0, "eval_every and memory_every must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -67,3 +79,36 @@ class TrainConfig:
         if callable(self.optimizer):
             d["optimizer"] = getattr(self.optimizer, "__name__", "custom")
         return d
+
+
+def check_real(name: str, value, low: float, inclusive: bool = True, extra: str = "") -> None:
+    """A ValueError naming ``name`` unless ``value`` is a finite real number ``>= low`` (``> low``)."""
+    bound = f"{'>=' if inclusive else '>'} {low:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number {bound}{' ' + extra if extra else ''}, "
+                         f"got {value!r} ({type(value).__name__}); pass a number such as {name}=0.001")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}: a NaN or infinite {name} turns "
+                         f"every trained value into NaN after one step; pass a finite {name}")
+    if value < low or (value == low and not inclusive):
+        raise ValueError(f"{name} must be {bound}{' ' + extra if extra else ''}, got {value}")
+
+
+def check_count(name: str, value, low: int, extra: str = "") -> None:
+    """A ValueError naming ``name`` unless ``value`` is a whole number ``>= low`` (a bool or float is refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number >= {low}{' ' + extra if extra else ''}, "
+                         f"got {value!r} ({type(value).__name__}); pass an int")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}{' ' + extra if extra else ''}, got {value}")
+
+
+def check_betas(betas) -> None:
+    """AdamW's ``betas``: two finite numbers in [0, 1)."""
+    try:
+        pair = tuple(betas)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(not isinstance(b, bool) and isinstance(b, numbers.Real) and math.isfinite(b)
+                                 and 0.0 <= b < 1.0 for b in pair):
+        raise ValueError(f"betas must be two finite numbers in [0, 1), such as (0.9, 0.999); got {betas!r}")

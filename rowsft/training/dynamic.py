@@ -53,7 +53,7 @@ from torch import nn
 from rowsft.layers.sparse import SparseLinear
 from rowsft.layers.tuner import merge, sparse_layers, tied_elsewhere, unmerge
 from rowsft.scoring.agreement import topk_indices
-from rowsft.scoring.scorer import ALIASES, METRICS, allowed_metrics, score
+from rowsft.scoring.scorer import ALIASES, LOSS_METRICS, METRICS, allowed_metrics, check_labelled, score
 from rowsft.selection.budgets import TotalParams, parse_budget
 from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.selection.strategies import STRATEGIES, select
@@ -70,7 +70,9 @@ class DynamicMask(Callback):
     sparse layers and their optimizer state (see the module docstring for the exact semantics).
 
     ``calibration_batches``: batch dicts scored at each reselection (a list, or a re-iterable such
-    as ``rowsft.batches``; a one-shot iterator is read once, its first ``num_batches`` kept).
+    as ``rowsft.batches``; a one-shot iterator is read once, its first ``num_batches`` kept). Empty
+    batches, and for a loss metric a list batch without a labelled token, are refused here, not at
+    the first reselection; a reselection checks its batches again before it folds anything.
     ``metric``: any metric ``rowsft.score`` accepts for the layers' unit (SPEFT: ``gradient``).
     ``budget``/``strategy``: as ``rowsft.select`` (``budget=None``: keep the current size).
     ``score_options``/``select_options``: further keywords for ``rowsft.score`` (e.g. ``dtype``,
@@ -96,6 +98,8 @@ class DynamicMask(Callback):
                              "(e.g. list(itertools.islice(rowsft.batches(...), 4)))")
         if calibration_batches is not None and iter(calibration_batches) is calibration_batches:
             calibration_batches = list(itertools.islice(calibration_batches, num_batches))  # one-shot: keep them
+        if calibration_batches is not None:
+            _check_calibration(calibration_batches, canonical, num_batches)
         self.calibration_batches = calibration_batches
         self.metric, self.budget, self.strategy, self.every, self.num_batches = metric, budget, strategy, every, num_batches
         self.score_options, self.select_options = dict(score_options or {}), dict(select_options or {})
@@ -149,6 +153,10 @@ def reselect_mask(model: nn.Module, optimizer: torch.optim.Optimizer | None, cal
     start = time.perf_counter()
     layers = _check_model(model)
     unit = _common_unit(model)
+    canonical = ALIASES.get(metric, (metric,))[0]
+    if calibration_batches is not None and canonical in LOSS_METRICS:   # before the fold: refuse, change nothing
+        calibration_batches = list(itertools.islice(iter(calibration_batches), num_batches))
+        check_labelled(calibration_batches, metric)
     old = {name: layer.indices.long().cpu() for name, layer in layers.items()}  # (k,) sorted
     merge(model)  # fold: the learned change goes into the base weights, the function is unchanged
     try:
@@ -251,6 +259,18 @@ def _select(scores, layers: dict[str, SparseLinear], budget, strategy: str, opti
         raise ValueError(f"the reselection gave no entries to {missing[:3]}; a dynamic mask keeps every sparse "
                          "layer, so keep min_per_layer >= 1 (the default)")
     return selection
+
+
+def _check_calibration(batches, metric: str, num_batches: int | None) -> None:
+    """Refuse empty calibration batches, and (for a list) batches a loss metric cannot score, now rather
+    than at the first reselection in the middle of a run."""
+    if isinstance(batches, (str, bytes, dict)):
+        raise TypeError(f"calibration_batches must be a list of batch dicts, got {type(batches).__name__}")
+    if hasattr(batches, "__len__") and len(batches) == 0:
+        raise ValueError("calibration_batches is empty: give at least one batch dict "
+                         "(e.g. list(itertools.islice(rowsft.batches(...), 4)))")
+    if isinstance(batches, (list, tuple)) and metric in LOSS_METRICS:
+        check_labelled(batches[:num_batches], metric)
 
 
 def _check_model(model: nn.Module) -> dict[str, SparseLinear]:

@@ -77,6 +77,8 @@ class _Run:
 
     def __init__(self, model, batches, cfg, max_steps, epochs, callbacks, eval_data, stop_event):
         self.model, self.cfg, self.eval_data, self.stop_event = model, cfg, eval_data, stop_event
+        parts.check_trainable_model(model)
+        parts.check_device(cfg.device)
         self.params = parameters_to_train(model)
         if eval_data is not None and not callable(eval_data):
             raise TypeError("eval_data must be a function fn(model) -> dict of metrics, e.g. "
@@ -242,7 +244,8 @@ class _Run:
         if not isinstance(metrics, dict):
             raise TypeError(f"eval_data must return a dict of metrics, got {type(metrics).__name__}")
         state.metrics = dict(metrics)
-        self.history.evals.append({"step": state.step, **state.metrics, "elapsed": time.perf_counter() - self.start})
+        summary = {k: v for k, v in state.metrics.items() if k != "per_question"}   # the history keeps the figures
+        self.history.evals.append({"step": state.step, **summary, "elapsed": time.perf_counter() - self.start})
         self.callbacks.call("on_eval", state)
 
 

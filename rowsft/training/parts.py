@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from rowsft.layers.tuner import sparse_layers
 from rowsft.memory.callback import MemoryCallback
 from rowsft.training.callbacks import CallbackList, LogCallback, ProgressBar
 from rowsft.training.config import TrainConfig
@@ -119,10 +120,9 @@ def enable_checkpointing(model: torch.nn.Module) -> Callable[[], None]:
 
 def run_length(batches: Iterable, steps: int | None, epochs: int | None, accum: int) -> tuple[int | None, int | None]:
     """``(max_steps, epochs)`` of the run (None when unknown / unbounded)."""
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    for name, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int (or None), got {value!r}; pass e.g. {name}=10")
     if steps is None and epochs is None:
         epochs = 1
     n = len(batches) if hasattr(batches, "__len__") else None
@@ -131,6 +131,26 @@ def run_length(batches: Iterable, steps: int | None, epochs: int | None, accum: 
     by_epochs = math.ceil(epochs * n / accum) if (epochs is not None and n is not None) else None
     candidates = [s for s in (steps, by_epochs) if s is not None]
     return (min(candidates) if candidates else None), (None if steps is not None and epochs is None else epochs)
+
+
+def check_device(device) -> None:
+    """A one-line ValueError when ``device`` names CUDA but this torch has none (before anything moves)."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a device torch knows ({error}); use 'cpu', 'cuda' or 'cuda:0'") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: this torch has no CUDA (or sees no GPU); use device='cpu' (--device cpu)")
+
+
+def check_trainable_model(model) -> None:
+    """Refuse a model whose sparse updates are merged into the weights: its forward would not reach them."""
+    merged = [name for name, layer in sparse_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(f"the model is merged ({len(merged)} sparse layers, e.g. {merged[0]}, have their updates "
+                         "folded into the weights, so no gradient reaches them); call rowsft.unmerge(model) first")
 
 
 def resolve_config(config_class, config, lr: float | None, overrides: dict):
