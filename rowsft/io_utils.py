@@ -125,6 +125,17 @@ def refuse_file(path: str | os.PathLike, what: str = "folder") -> Path:
     return path
 
 
+def _new_staging_folder(path) -> tuple[Path, Path]:
+    """``(path, staging)``: ``path`` checked (not a file), its parent made, leftovers of killed saves
+    cleared, and a new empty temporary folder beside it."""
+    path = refuse_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(path)
+    staging = temp_sibling(path)
+    staging.mkdir(mode=0o777)
+    return path, staging
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike):
     """Yield a temporary folder; on success it replaces the folder ``path`` whole, on error it is removed.
@@ -134,11 +145,7 @@ def atomic_directory(path: str | os.PathLike):
     survives a failed save; an existing file at ``path`` is refused. Use :func:`atomic_files_into`
     for folders a user may share with other files.
     """
-    path = refuse_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clear_leftovers(path)
-    tmp = temp_sibling(path)
-    tmp.mkdir(mode=0o777)
+    path, tmp = _new_staging_folder(path)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -188,11 +195,7 @@ def atomic_files_into(path: str | os.PathLike, last: Iterable[str] = (),
     same kind wrote and this one did not, e.g. old model shards), removed after the move. A kill at
     any moment leaves each file either old or new, never half-written.
     """
-    path = refuse_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clear_leftovers(path)
-    staging = temp_sibling(path)
-    staging.mkdir(mode=0o777)
+    path, staging = _new_staging_folder(path)
     try:
         yield staging
         _fsync_tree(staging)
