@@ -118,10 +118,7 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear",
             family = {mem.module for g in groups if g.kind == targets for mem in g.members}
             chosen = {n: m for n, m in chosen.items() if n in family}
     elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise ValueError(f"targets={targets!r} is neither 'all-linear', 'attention', 'mlp' nor a valid regex: {e}") from None
+        pattern = re.compile(targets)                                  # valid: check_targets compiled it
         chosen = {n: m for n, m in candidates.items() if pattern.fullmatch(n) or module_type(n) == targets}
     else:
         wanted = list(targets)
@@ -141,7 +138,8 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear",
 
 
 def check_targets(targets) -> None:
-    """A TypeError saying what ``targets`` accepts when it is neither a string nor strings."""
+    """A TypeError saying what ``targets`` accepts when it is neither a string nor strings; a ValueError
+    when a string is none of the keywords and no valid regular expression."""
     ok = isinstance(targets, str) or (isinstance(targets, Iterable) and not isinstance(targets, (bytes, dict)))
     if ok and not isinstance(targets, str):
         targets_list = list(targets)
@@ -149,6 +147,11 @@ def check_targets(targets) -> None:
     if not ok:
         raise TypeError(f"targets must be 'all-linear', 'attention', 'mlp', a regular expression string, or a "
                         f"non-empty list of module types / names such as ['q_proj', 'v_proj']; got {targets!r}")
+    if isinstance(targets, str) and targets not in ("all-linear", "attention", "mlp"):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"targets={targets!r} is neither 'all-linear', 'attention', 'mlp' nor a valid regular expression ({e}); fix the pattern or pass a list of module types") from None
 
 
 def check_layer_indices(layers, known: list[int]) -> set[int]:

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import rowsft
-from rowsft.layers import adapters, tuner
+from rowsft.layers import adapter_checks, adapters, tuner
 from rowsft.selection.choice import LayerChoice, Selection
 
 VOCAB = 128
@@ -150,4 +150,4 @@ def test_merged_model_cannot_be_saved_until_unmerged(tmp_path):
         adapters.save_adapter(model, tmp_path / "a")
     tuner.unmerge(model)
     adapters.save_adapter(model, tmp_path / "a")
-    assert adapters.read_adapter_config(tmp_path / "a")["peft_type"] == "ROWSFT"
+    assert adapter_checks.read_adapter_config(tmp_path / "a")["peft_type"] == "ROWSFT"

@@ -26,7 +26,7 @@ import rowsft.data
 from rowsft.cli.commands import main
 from rowsft.integrations import RowSFTModel
 from rowsft.io_utils import leftovers
-from rowsft.layers import adapters, tuner
+from rowsft.layers import adapter_checks, adapters, tuner
 from rowsft.selection.choice import LayerChoice, Selection
 
 VOCAB = 128
@@ -122,7 +122,7 @@ def test_overwrite_writes_beside_the_other_files(tmp_path):
     after = tree(runs)
     assert set(after) == set(before) | {"adapter_config.json", "adapter_model.safetensors"}
     assert {k: after[k] for k in before} == before
-    assert adapters.read_adapter_config(runs)["peft_type"] == "ROWSFT"
+    assert adapter_checks.read_adapter_config(runs)["peft_type"] == "ROWSFT"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 

@@ -8,7 +8,6 @@ one is computed exactly as the others compute it.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -20,7 +19,7 @@ from rowsft.data import batches as make_batches
 from rowsft.data import load_dataset, load_model
 from rowsft.evaluation.choices import evaluate
 from rowsft.layers import adapters, tuner
-from rowsft.scoring.scorer import ALIASES, allowed_metrics, score
+from rowsft.scoring.scorer import canonical_metric, score
 from rowsft.selection.budgets import parse_budget
 from rowsft.selection.strategies import STRATEGIES, select
 from rowsft.targets import check_targets
@@ -80,16 +79,9 @@ class JobConfig:
             raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {STRATEGIES}")
         parse_budget(self.budget)
         unit = METHOD_UNITS.get(self.method)
-        if unit is not None and ALIASES.get(self.metric, (self.metric,))[0] not in allowed_metrics(unit):
-            raise ValueError(f"metric {self.metric!r} is unknown for method {self.method!r}; choose one of "
-                             f"{allowed_metrics(unit)}")
+        if unit is not None:
+            canonical_metric(self.metric, unit, None)
         check_targets(self.targets)
-        if isinstance(self.targets, str) and self.targets not in ("all-linear", "attention", "mlp"):
-            try:
-                re.compile(self.targets)
-            except re.error as error:
-                raise ValueError(f"targets {self.targets!r} is neither 'all-linear', 'attention', 'mlp' nor a valid "
-                                 f"regular expression ({error})") from None
         check_device(self.device)
         return self
 

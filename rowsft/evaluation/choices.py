@@ -17,14 +17,22 @@ questions (:mod:`rowsft.evaluation.stats`).
 """
 from __future__ import annotations
 
-import numbers
 from typing import Mapping
 
 import torch
+from tqdm import tqdm  # plain tqdm: the core never pulls in ipywidgets
 
+from rowsft.checks import check_count
 from rowsft.data.batching import Batches, column_names, ensure_pad_token, rows_at, special_tokens
-from rowsft.evaluation.loglikelihood import (cached_loglikelihoods, encode_examples, example_groups, model_device,
-                                             packed_loglikelihoods, packed_sequences, prompt_sharing_pays)
+from rowsft.evaluation.loglikelihood import (
+    cached_loglikelihoods,
+    encode_examples,
+    example_groups,
+    model_device,
+    packed_loglikelihoods,
+    packed_sequences,
+    prompt_sharing_pays,
+)
 from rowsft.evaluation.stats import majority_baseline, wilson_interval
 
 
@@ -51,10 +59,10 @@ def evaluate(model, tokenizer, dataset, batch_size: int = 8, max_length: int = 2
     """
     if isinstance(dataset, Mapping):
         raise TypeError("evaluate() takes one split, e.g. data['validation'], not the whole DatasetDict")
-    counts = {"batch_size": batch_size, "max_length": max_length, "max_examples": 1 if max_examples is None else max_examples}
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive whole number (max_examples: or None for all), got {value!r}")
+    check_count("batch_size", batch_size, 1)
+    check_count("max_length", max_length, 1)
+    if max_examples is not None:
+        check_count("max_examples", max_examples, 1, "(or None for all)")
     n = len(dataset) if max_examples is None else min(len(dataset), int(max_examples))
     if n == 0:
         raise ValueError("nothing to evaluate: the dataset is empty")
@@ -115,7 +123,6 @@ def _question(index: int, label: int, scores: list[float], choices: list[str] | 
 
 
 def _progress(total: int, enabled: bool, what: str):
-    from tqdm import tqdm  # plain tqdm: the core never pulls in ipywidgets
     return tqdm(total=total, disable=not enabled, desc=what, unit="ex", leave=False)
 
 

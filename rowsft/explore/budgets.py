@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rowsft import baselines, memory
+from rowsft.checks import check_count
 from rowsft.data import batches as make_batches
 from rowsft.data import load_dataset, load_model
 from rowsft.evaluation.choices import evaluate
@@ -32,6 +33,7 @@ from rowsft.lean_loss import logit_positions
 from rowsft.scoring.scorer import score
 from rowsft.selection.budgets import LoraParity, parse_budget
 from rowsft.selection.strategies import select
+from rowsft.training.history import json_safe
 from rowsft.training.loop import train
 
 
@@ -64,9 +66,7 @@ class ExploreConfig:
     def __post_init__(self):
         self.budgets = [parse_budget(b) for b in self.budgets]        # refuse a bad budget before any work
         for name in ("steps", "batch_size", "max_length", "max_train", "calibration_batches", "eval_examples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ExploreConfig.{name} must be a positive whole number, got {value!r}")
+            check_count(f"ExploreConfig.{name}", getattr(self, name), 1)
         if not self.metrics and not self.lora_ranks and not any(isinstance(b, LoraParity) for b in self.budgets):
             raise ValueError("nothing to explore: give at least one metric, or a LoRA rank")
         if not self.seeds:
@@ -131,7 +131,7 @@ def run_point(point: dict) -> dict:
     if point["method"] == "zero-shot":                                   # the pretrained model itself
         result = evaluate(model, tokenizer, data["validation"], max_examples=point["eval_examples"], progress=False)
         return {**point, "trainable_parameters": 0, "total_parameters": sum(p.numel() for p in model.parameters()),
-                "predicted_peak_bytes": None, "final_loss": None, "evaluation": _json_safe(result)}
+                "predicted_peak_bytes": None, "final_loss": None, "evaluation": json_safe(result)}
     if point["method"] == "lora":
         rank = int(point["budget"].split(":")[1])
         model = baselines.lora(model, rank=rank)
@@ -148,17 +148,7 @@ def run_point(point: dict) -> dict:
     result = evaluate(model, tokenizer, data["validation"], max_examples=point["eval_examples"], progress=False)
     return {**point, "trainable_parameters": int(trainable), "total_parameters": int(total),
             "predicted_peak_bytes": int(predicted.total), "final_loss": history.steps[-1]["loss"],
-            "evaluation": _json_safe(result)}
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if torch.is_tensor(value):
-        return value.tolist()
-    return value
+            "evaluation": json_safe(result)}
 
 
 def explore_budgets(cfg: ExploreConfig | None = None, progress: bool | Callable = True, **overrides) -> list[dict]:

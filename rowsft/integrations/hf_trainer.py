@@ -34,7 +34,8 @@ import torch
 from transformers import TrainerCallback
 
 from rowsft.distributed import unwrap
-from rowsft.layers.adapters import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from rowsft.layers.adapter_checks import CONFIG_NAME, WEIGHTS_NAME
+from rowsft.layers.adapters import save_adapter
 from rowsft.layers.tuner import sparse_layers
 from rowsft.training.callbacks import CallbackList
 from rowsft.training.history import History

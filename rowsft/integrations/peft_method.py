@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from rowsft.layers import adapters, tuner
-from rowsft.layers.adapters import read_adapter_config
+from rowsft.layers.adapter_checks import read_adapter_config
 from rowsft.scoring.scorer import score
 from rowsft.selection.strategies import select
 

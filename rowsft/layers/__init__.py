@@ -9,7 +9,8 @@ and taken out again.
 """
 from __future__ import annotations
 
-from rowsft.layers.adapters import load_adapter, read_adapter_config, save_adapter
+from rowsft.layers.adapter_checks import read_adapter_config
+from rowsft.layers.adapters import load_adapter, save_adapter
 from rowsft.layers.sparse import (
                                   SPARSE_LAYERS,
                                   ColumnSparseLinear,

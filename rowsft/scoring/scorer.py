@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain tqdm: the core never pulls in ipywidgets
 
+from rowsft.checks import check_count
 from rowsft.scoring import accumulators as _metrics
 from rowsft.scoring.saliency import grasp, synflow
 from rowsft.scoring.scores import NORMALIZATIONS, Scores, check_finite, normalization_scale
@@ -109,7 +110,7 @@ def score(model: nn.Module, batches: Iterable[dict] | None = None, metric: str =
         base = replace(base, metric=metric, unit=unit, targets=targets, num_batches=num_batches, normalize=normalize)
     cfg = replace(base, **overrides)
     cfg = replace(cfg, progress=progress_callback(cfg.progress))
-    name, p = _canonical_metric(cfg.metric, cfg.unit, cfg.p)
+    name, p = canonical_metric(cfg.metric, cfg.unit, cfg.p)
     check_counts(cfg)
     if cfg.normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={cfg.normalize!r} is not known; choose one of {NORMALIZATIONS}")
@@ -163,7 +164,8 @@ def score(model: nn.Module, batches: Iterable[dict] | None = None, metric: str =
     return Scores(values, name, cfg.unit, cfg.normalize, shapes, groups, scales, meta, dtype=cfg.dtype)
 
 
-def _canonical_metric(metric: str, unit: str, p: int | None) -> tuple[str, int | None]:
+def canonical_metric(metric: str, unit: str, p: int | None) -> tuple[str, int | None]:
+    """``(metric name, magnitude norm order)`` with aliases resolved; a ValueError listing the metrics of ``unit``."""
     allowed = allowed_metrics(unit)
     name, alias_p = ALIASES.get(metric, (metric, None))
     if name not in allowed:
@@ -180,13 +182,10 @@ def _canonical_metric(metric: str, unit: str, p: int | None) -> tuple[str, int |
 
 def check_counts(cfg: ScoreConfig) -> None:
     """A ValueError naming the option when a count of ``cfg`` is not a whole number in range."""
-    options = [(n, getattr(cfg, n), low) for n, low in COUNT_OPTIONS.items()]
+    for option, low in COUNT_OPTIONS.items():
+        check_count(option, getattr(cfg, option), low)
     if cfg.num_batches is not None:
-        options.append(("num_batches", cfg.num_batches, 1))
-    for option, value, low in options:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            extra = " (or None for all)" if option == "num_batches" else ""
-            raise ValueError(f"{option} must be a whole number >= {low}{extra}, got {value!r}")
+        check_count("num_batches", cfg.num_batches, 1, "(or None for all)")
 
 
 def progress_callback(progress) -> Callable[[str, int, int], None] | None:

@@ -40,6 +40,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from rowsft.checks import check_count
 from rowsft.scoring.agreement import topk_indices
 from rowsft.scoring.scores import Scores
 from rowsft.selection.budgets import (
@@ -79,9 +80,8 @@ def select(scores: Scores | Mapping[str, Scores], budget, strategy: str = "per-l
     budget = parse_budget(budget)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not known; choose one of {STRATEGIES}")
-    for label, value, low in (("multiple_of", multiple_of, 1), ("min_per_layer", min_per_layer, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+    check_count("multiple_of", multiple_of, 1)
+    check_count("min_per_layer", min_per_layer, 0)
     if max_per_layer is not None and (not isinstance(max_per_layer, int) or max_per_layer < max(1, min_per_layer)):
         raise ValueError(f"max_per_layer must be an integer >= max(1, min_per_layer={min_per_layer}), "
                          f"got {max_per_layer!r}")

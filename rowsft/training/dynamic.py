@@ -50,6 +50,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from rowsft.checks import check_count
 from rowsft.layers.sparse import SparseLinear
 from rowsft.layers.tuner import merge, sparse_layers, tied_elsewhere, unmerge
 from rowsft.scoring.agreement import topk_indices
@@ -82,10 +83,9 @@ class DynamicMask(Callback):
     def __init__(self, calibration_batches: Iterable[dict] | None, metric: str = "gradient", budget=None,
                  strategy: str = "global", every: int = 100, num_batches: int | None = 8, on_reselect=None,
                  score_options: dict | None = None, select_options: dict | None = None):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive number of steps, got {every!r}")
-        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"num_batches must be a positive int (or None for all), got {num_batches!r}")
+        check_count("every", every, 1, "(steps between re-selections)")
+        if num_batches is not None:
+            check_count("num_batches", num_batches, 1, "(or None for all)")
         canonical = ALIASES.get(metric, (metric,))[0]
         if canonical not in METRICS:
             raise ValueError(f"metric {metric!r} is not known; choose one of {sorted(METRICS)}")

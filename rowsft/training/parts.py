@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from rowsft.checks import check_count
 from rowsft.layers.tuner import sparse_layers
 from rowsft.memory.callback import MemoryCallback
 from rowsft.training.callbacks import CallbackList, LogCallback, ProgressBar
@@ -121,8 +122,8 @@ def enable_checkpointing(model: torch.nn.Module) -> Callable[[], None]:
 def run_length(batches: Iterable, steps: int | None, epochs: int | None, accum: int) -> tuple[int | None, int | None]:
     """``(max_steps, epochs)`` of the run (None when unknown / unbounded)."""
     for name, value in (("steps", steps), ("epochs", epochs)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int (or None), got {value!r}; pass e.g. {name}=10")
+        if value is not None:
+            check_count(name, value, 1, f"(or None); pass e.g. {name}=10")
     if steps is None and epochs is None:
         epochs = 1
     n = len(batches) if hasattr(batches, "__len__") else None

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from rowsft.scoring.agreement import spearman
 from rowsft.targets import module_type as type_key  # the module-type vocabulary of the figures (one for the project)
-from rowsft.viz.explorer import budget_explorer
 from rowsft.viz.curves import metric_series, training_curves
+from rowsft.viz.explorer import budget_explorer
 from rowsft.viz.heatmap import bin_neurons, bin_size, importance_heatmap, mark_selection, selection_points
 from rowsft.viz.memory_chart import COMPONENTS, memory_breakdown
 from rowsft.viz.scores import metric_overlap, overlap_matrix, overlap_table, score_distributions
