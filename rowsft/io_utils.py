@@ -2,9 +2,9 @@
 
 - :func:`atomic_write_bytes` / :func:`atomic_write_text`: write a temporary sibling, fsync, then
   ``os.replace`` it over the file (atomic on POSIX within one file system).
-- :func:`atomic_directory`: a folder that is only ever replaced whole (caches, score folders).
-- :func:`atomic_files_into`: write some files into a folder the user owns (an adapter folder, a
-  checkpoint, a merged model folder): only the files written are replaced, one ``os.replace`` each,
+- :func:`atomic_directory`: a folder that is only ever replaced whole (caches).
+- :func:`atomic_files_into`: write some files into a folder the user owns (an adapter or scores folder,
+  a checkpoint, a merged model folder): only the files written are replaced, one ``os.replace`` each,
   the ``last`` ones (the config) last; every other entry of the folder is kept.
 
 Every temporary or old copy lives beside its target under one recognisable name,
@@ -140,7 +140,7 @@ def _new_staging_folder(path) -> tuple[Path, Path]:
 def atomic_directory(path: str | os.PathLike):
     """Yield a temporary folder; on success it replaces the folder ``path`` whole, on error it is removed.
 
-    For folders rowsft alone owns (caches, score folders): everything in an existing ``path`` is
+    For folders rowsft alone owns (caches): everything in an existing ``path`` is
     replaced. An existing ``path`` is only moved aside once the new one is complete, so earlier work
     survives a failed save; an existing file at ``path`` is refused. Use :func:`atomic_files_into`
     for folders a user may share with other files.

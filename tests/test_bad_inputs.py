@@ -157,6 +157,12 @@ CASES = {
                                      ValueError, "num_perturbations"),
     "batches-batch_size-negative": (lambda m, b, s, t: rowsft.batches([ROW], None, batch_size=-1), ValueError,
                                     "batch_size"),
+    "batches-batch_size-float": (lambda m, b, s, t: rowsft.batches([ROW], None, batch_size=2.7), ValueError,
+                                 "batch_size must be a whole number"),
+    "batches-max_length-float": (lambda m, b, s, t: rowsft.batches([ROW], None, max_length=64.5), ValueError,
+                                 "max_length must be a whole number"),
+    "batches-max_length-one": (lambda m, b, s, t: rowsft.batches([ROW], None, max_length=1), ValueError,
+                               "max_length must be >= 2"),
     "dynamic-every-negative": (lambda m, b, s, t: DynamicMask(b, every=-5), ValueError, "every"),
     "dynamic-num_batches-zero": (lambda m, b, s, t: DynamicMask(b, num_batches=0), ValueError, "num_batches"),
     # 5. unknown or non-integer layers / module types, bad targets

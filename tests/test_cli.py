@@ -128,3 +128,38 @@ def test_full_tiny_run_prints_accuracies(extra):
         assert 0.0 <= _accuracy(out, when) <= 1.0
     assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}", out)
     assert "== rowsft result" in out
+    assert re.search(r"accuracy after:\s+[0-9.]+ \(95% CI [0-9.]+–[0-9.]+, n=8\)", out), out[-1500:]
+    assert re.search(r"majority class:\s+[0-9.]+", out)
+    assert re.search(r"paired change:\s+[+-][0-9.]+ points \(\d+ questions fixed, \d+ broken; exact McNemar p = ", out)
+    assert re.search(r"wall time:\s+[0-9.]+ s", out)
+
+
+def test_train_refuses_a_file_or_a_foreign_folder_before_loading(tmp_path, capsys, monkeypatch):
+    import rowsft.cli.job as job
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    assert main(["train", *TINY_RUN, "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    (folder / "README.md").write_text("mine")
+    for method in ("rowsft", "lora", "full"):
+        assert main(["train", *TINY_RUN, "--method", method, "--out", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "not empty" in err and "overwrite" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rowsft", "lora"])
+def test_train_with_overwrite_keeps_the_other_files(method, tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    (folder / "README.md").write_text("mine")
+    (folder / "checkpoint-500").mkdir()
+    assert main(["train", *TINY_RUN, "--method", method, "--no-progress", "--out", str(folder), "--overwrite"]) == 0
+    names = sorted(p.name for p in folder.iterdir())
+    assert {"README.md", "checkpoint-500", "adapter_config.json"} <= set(names), names
+    assert (folder / "README.md").read_text() == "mine"
+    assert not any(name.startswith(".") for name in names), names

@@ -69,3 +69,61 @@ def test_figure_has_error_bars_and_reference_lines():
     assert accuracy.error_y.array[0] == pytest.approx(high - 0.7) and accuracy.error_y.arrayminus[0] == pytest.approx(0.7 - low)
     texts = [a.text for a in fig.layout.annotations]
     assert "zero-shot" in texts and "majority class" in texts
+
+
+def _record(method, metric, budget, seed, answers, labels=None, trainable=10):
+    """An explorer record whose per-question correctness is ``answers`` (label 0 for every question)."""
+    questions = [{"index": i, "label": 0, "predicted": 0 if ok else 1, "correct": bool(ok), "scores": [0.0, 0.0]}
+                 for i, ok in enumerate(answers)]
+    n, right = len(answers), sum(answers)
+    return {"method": method, "metric": metric, "budget": budget, "seed": seed, "trainable_parameters": trainable,
+            "predicted_peak_bytes": 2 ** 20, "evaluation": {"accuracy": right / n, "n": n, "per_question": questions,
+                                                            "majority": {"accuracy": 1.0}}}
+
+
+def test_summary_pairs_taylor_with_random_on_the_same_questions():
+    from scipy.stats import binomtest, ttest_1samp
+
+    from rowsft.explore.summary import compare, point_rows, summary_text
+    # seed 0: taylor fixes questions 0-6 random gets wrong and breaks question 7 -> McNemar on 7 vs 1
+    random0 = [0] * 7 + [1] + [1] * 12
+    taylor0 = [1] * 7 + [0] + [1] * 12
+    random1, taylor1 = [0] * 4 + [1] * 16, [1] * 4 + [1] * 16            # seed 1: +4 questions
+    random2, taylor2 = [0] * 2 + [1] * 18, [1] * 1 + [0] + [1] * 18       # seed 2: +1
+    records = [_record("zero-shot", None, None, 0, [0] * 10 + [1] * 10)]
+    for seed, (r, t) in enumerate([(random0, taylor0), (random1, taylor1), (random2, taylor2)]):
+        records += [_record("row", "random", "2", seed, r), _record("row", "taylor", "2", seed, t)]
+    (row,) = compare(records)
+    assert row["seeds"] == [0, 1, 2]
+    assert row["mcnemar_p"][0] == pytest.approx(binomtest(7, 8, 0.5).pvalue)
+    assert row["mcnemar_p"][1] == pytest.approx(binomtest(4, 4, 0.5).pvalue)
+    differences = [6 / 20, 4 / 20, 1 / 20]
+    assert row["difference"] == pytest.approx(sum(differences) / 3)
+    assert row["over_seeds"]["t_p_value"] == pytest.approx(ttest_1samp(differences, 0.0).pvalue)
+    (against_zero,) = compare(records, "zero-shot", "row · taylor")      # every seed paired with the one zero-shot run
+    assert against_zero["difference"] == pytest.approx((19 / 20 + 20 / 20 + 19 / 20) / 3 - 10 / 20)
+    rows = point_rows(records)
+    assert rows[0]["series"] == "zero-shot" and rows[1]["peak_mib"] == 1.0
+    text = summary_text(records)
+    assert "row · taylor minus row · random" in text and "t-test over 3 seeds" in text and "majority class" in text
+
+
+def test_one_seed_without_a_clear_difference_is_written_as_not_shown():
+    from rowsft.explore.summary import compare, verdict
+    records = [_record("row", "random", "2", 0, [1, 0, 1, 0]), _record("row", "taylor", "2", 0, [0, 1, 1, 1])]
+    (row,) = compare(records)
+    assert row["over_seeds"] is None and verdict(row).startswith("not shown")
+
+
+def test_explore_command_prints_intervals_and_writes_the_figure(tmp_path, capsys):
+    from rowsft.cli import main
+    cache, figure = tmp_path / "explore.jsonl", tmp_path / "explorer.html"
+    argv = ["explore", "--model", "tiny-llama", "--task", "rotten_tomatoes", "--budgets", "1", "--metrics", "taylor",
+            "random", "--steps", "2", "--batch-size", "2", "--max-length", "32", "--max-train", "16",
+            "--calibration-batches", "1", "--eval-examples", "6", "--cache", str(cache), "--figure", str(figure)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "accuracy (95% CI)" in out and "row · taylor minus row · random" in out
+    assert "<html>" in figure.read_text() and "plotly" in figure.read_text() and cache.is_file()
+    assert main([*argv[:-2], "--figure", str(tmp_path / "figure.txt")]) == 2
+    assert ".html" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from test_notebook_fakes import (
 )
 
 from rowsft import notebook as nb
+from rowsft.explore.budgets import budget_label
 from rowsft.layers import tuner
 
 
@@ -173,3 +174,79 @@ def test_dashboard_from_raw_data_and_tokenizer_reports_accuracy():
     assert dash.launcher.error is None, dash.launcher.status.message
     assert summary.steps == 2 and 0.0 <= summary.accuracy_before <= 1.0 and 0.0 <= summary.accuracy_after <= 1.0
     assert "→" in dash.launcher.summary_html.value
+
+
+def _explorer_record(method, metric, budget, seed, answers):
+    questions = [{"index": i, "label": 0, "predicted": 0 if ok else 1, "correct": bool(ok), "scores": [0.0, 0.0]}
+                 for i, ok in enumerate(answers)]
+    return {"method": method, "metric": metric, "budget": budget, "seed": seed, "trainable_parameters": 100,
+            "task": "rotten_tomatoes", "steps": 3,
+            "predicted_peak_bytes": 2 ** 20, "final_loss": 0.5,
+            "evaluation": {"accuracy": sum(answers) / len(answers), "n": len(answers), "per_question": questions,
+                           "majority": {"accuracy": 0.5}}}
+
+
+def fake_explore(calls):
+    """An explore_budgets stand-in: one zero-shot point, then taylor and random per budget and seed."""
+    def explore(cfg, progress, stop):
+        calls.append(cfg)
+        points = [_explorer_record("zero-shot", None, None, 0, [1, 0] * 5)]
+        for budget in cfg.budgets:
+            for seed in cfg.seeds:
+                points += [_explorer_record("row", "taylor", budget_label(budget), seed, [1] * 8 + [0] * 2),
+                           _explorer_record("row", "random", budget_label(budget), seed, [1] * 6 + [0] * 4)]
+        for done, record in enumerate(points, 1):
+            if stop():
+                break
+            progress(done, len(points), record)
+        return points
+    return explore
+
+
+def test_dashboard_explorer_panel_plots_points_with_intervals_and_paired_tests():
+    calls = []
+    dash = fake_dashboard(tiny_llama(), background=False, explore_fn=fake_explore(calls))
+    panel = dash.explorer
+    assert panel.config.model == "tiny-llama" and panel.budgets.value.startswith("1, 2, 4, lora:")
+    panel.budgets.value, panel.seeds.value = "1, 4", 2
+    assert panel.explore()
+    (cfg,) = calls
+    assert [budget_label(b) for b in cfg.budgets] == ["1", "4"] and cfg.seeds == [0, 1]
+    assert panel.progress.value == panel.progress.max == 1 + 2 * 2 * 2, panel.status.message
+    names = {t.name for t in panel.figure.data}
+    assert {"row · taylor", "row · random"} <= names
+    assert any(t.error_y is not None and t.error_y.array is not None for t in panel.figure.data)
+    assert "row · taylor minus row · random" in panel.summary.value and "majority class" in panel.summary.value
+    assert panel.status.kind == "success"
+
+
+def test_explorer_refuses_bad_budgets_and_waits_for_training():
+    calls = []
+    dash = fake_dashboard(tiny_llama(), background=False, explore_fn=fake_explore(calls))
+    dash.explorer.budgets.value = "1, lots"
+    assert not dash.explorer.explore() and dash.explorer.status.kind == "error"
+    assert "not understood" in dash.explorer.status.message or "lots" in dash.explorer.status.message
+    dash.explorer.budgets.value = "  "
+    assert not dash.explorer.explore() and "at least one budget" in dash.explorer.status.message
+    dash.explorer.budgets.value = "2"
+    dash.explorer.busy_fn = lambda: "a run is training this model"
+    assert not dash.explorer.explore() and "training" in dash.explorer.status.message
+    assert calls == []
+
+
+def test_launch_is_refused_while_the_explorer_runs():
+    import threading
+    release, started = threading.Event(), threading.Event()
+
+    def slow_explore(cfg, progress, stop):
+        started.set()
+        release.wait(10)
+        return []
+
+    dash = fake_dashboard(tiny_llama(), explore_fn=slow_explore)
+    assert dash.explorer.explore() and started.wait(5)
+    assert not dash.launcher.launch()
+    assert "budget explorer is running" in dash.launcher.status.message
+    release.set()
+    dash.explorer.wait(5)
+    assert not dash.explorer.running

@@ -6,7 +6,10 @@
   are cleared by the next one.
 - load_adapter checks the whole folder before it touches the model: each damage below raises a
   ValueError naming the file and the fix, and leaves the model's parameters and modules as they were.
-- A save loop SIGKILLed at random moments always leaves a loadable adapter.
+- The weights file embeds the adapter config and is renamed in first: a save SIGKILLed between its
+  two renames, or a save loop SIGKILLed at random moments, always leaves a loadable adapter (the
+  new one once the weights are in), never new weights read with an old config.
+- Scores.save writes only scores.safetensors and scores.json into its folder, with the same refusals.
 """
 import json
 import os
@@ -16,10 +19,12 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import rowsft
 import rowsft.data
@@ -27,6 +32,7 @@ from rowsft.cli.commands import main
 from rowsft.integrations import RowSFTModel
 from rowsft.io_utils import leftovers
 from rowsft.layers import adapter_checks, adapters, tuner
+from rowsft.scoring import Scores
 from rowsft.selection.choice import LayerChoice, Selection
 
 VOCAB = 128
@@ -194,16 +200,47 @@ def test_cli_merge_out_keeps_other_files_and_refuses_a_non_model_folder(tmp_path
 
 
 # ------------------------------------------------------------------------------------------ loading
+EMBEDDED = adapter_checks.EMBEDDED_CONFIG_KEY
+
+
+def _weights(folder):
+    """``(tensors, metadata)`` of an adapter folder's weights file."""
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def _write_weights(folder, tensors, metadata):
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata=metadata)
+
+
 def _edit_config(folder, edit):
+    """A hand edit of the config: ``adapter_config.json`` and the weights' embedded copy alike."""
     config = json.loads((folder / "adapter_config.json").read_text())
     edit(config)
     (folder / "adapter_config.json").write_text(json.dumps(config))
+    tensors, metadata = _weights(folder)
+    if EMBEDDED in metadata:
+        _write_weights(folder, tensors, {**metadata, EMBEDDED: json.dumps(config)})
 
 
 def _edit_tensors(folder, edit):
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    tensors, metadata = _weights(folder)
     edit(tensors)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    _write_weights(folder, tensors, metadata)
+
+
+def _strip_embedded_config(folder):
+    """Make the folder look like one saved before the weights embedded their config."""
+    tensors, metadata = _weights(folder)
+    _write_weights(folder, tensors, {k: v for k, v in metadata.items() if k != EMBEDDED})
+
+
+def _bad_json(folder):
+    text = '{"peft_type": "ROWSFT", "layers": '
+    (folder / "adapter_config.json").write_text(text)
+    tensors, metadata = _weights(folder)
+    if EMBEDDED in metadata:
+        _write_weights(folder, tensors, {**metadata, EMBEDDED: text})
 
 
 def _set(mapping, key, value):
@@ -240,8 +277,7 @@ CORRUPTIONS = {
                                       r"\(it is not converted silently\)"),
     "index_out_of_range": (lambda f: _edit_tensors(f, lambda t: _set(t, f"{Q}.indices", torch.tensor([0, 7, 64]))),
                            r"row indices must lie in \[0, 64\)"),
-    "bad_json": (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "ROWSFT", "layers": '),
-                 r"adapter_config\.json'?: not valid JSON"),
+    "bad_json": (_bad_json, r"adapter_config\.json'?\)?: not valid JSON"),
     "unreadable_weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 7),
                            r"adapter_model\.safetensors'? cannot be read as safetensors"),
 }
@@ -262,9 +298,12 @@ def _assert_load_refused(model, folder, pattern):
     assert tree(folder) == files
 
 
+@pytest.mark.parametrize("embedded", [True, False], ids=["embedded-config", "config-json-only"])
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
-def test_damaged_adapter_leaves_the_model_untouched(tmp_path, case):
+def test_damaged_adapter_leaves_the_model_untouched(tmp_path, case, embedded):
     adapters.save_adapter(trained_model(), tmp_path / "a")
+    if not embedded:
+        _strip_embedded_config(tmp_path / "a")
     damage, pattern = CORRUPTIONS[case]
     damage(tmp_path / "a")
     model = rowsft.tiny_model("llama", vocab_size=VOCAB)
@@ -286,6 +325,135 @@ def test_damaged_adapter_leaves_a_model_with_the_selection_untouched(tmp_path):
     model = trained_model(2)
     _assert_load_refused(model, tmp_path / "a", r"NaN")
     assert set(tuner.sparse_layers(model)) == set(LAYERS)
+
+
+# ------------------------------------------------------------------------------------------ embedded config
+OTHER_LAYERS = {"model.layers.0.self_attn.q_proj": ("row", [5, 9], (64, 64)),
+                "model.layers.1.mlp.up_proj": ("column", [3], (128, 64))}
+
+
+def other_model(seed=3):
+    """A model trained on another selection than ``LAYERS`` (its config cannot describe their weights)."""
+    model = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    tuner.apply(model, Selection({n: LayerChoice(u, torch.tensor(i), s) for n, (u, i, s) in OTHER_LAYERS.items()}))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in tuner.sparse_layers(model).values():
+            layer.update.add_(torch.randn_like(layer.update))
+    return model
+
+
+def test_the_weights_embed_the_config(tmp_path):
+    adapters.save_adapter(trained_model(), tmp_path / "a")
+    _, metadata = _weights(tmp_path / "a")
+    assert json.loads(metadata[EMBEDDED]) == json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert metadata["peft_type"] == "ROWSFT"
+
+
+def test_a_stale_adapter_config_json_gives_way_to_the_embedded_one(tmp_path):
+    """New weights beside the previous save's adapter_config.json (a kill between the two renames)."""
+    target = tmp_path / "a"
+    adapters.save_adapter(trained_model(), target)
+    old_config = (target / "adapter_config.json").read_text()
+    model = other_model()
+    adapters.save_adapter(model, target)
+    (target / "adapter_config.json").write_text(old_config)
+    fresh = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    with pytest.warns(UserWarning, match=r"differs from the config embedded.*Save the adapter again"):
+        adapters.load_adapter(fresh, target)
+    assert_updates(fresh, updates(model))
+    with pytest.warns(UserWarning, match="embedded config is used"):
+        assert set(adapter_checks.read_adapter_config(target)["layers"]) == set(OTHER_LAYERS)
+
+
+def test_an_unreadable_adapter_config_json_gives_way_to_the_embedded_one(tmp_path):
+    model = trained_model()
+    adapters.save_adapter(model, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_bytes(b"\xff{ half")
+    fresh = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    with pytest.warns(UserWarning, match="embedded config is used"):
+        adapters.load_adapter(fresh, tmp_path / "a")
+    assert_updates(fresh, updates(model))
+
+
+def test_weights_alone_load_and_count_as_an_adapter_folder(tmp_path):
+    """A first save killed between its renames leaves only the weights: they load, and the folder
+    is taken for an adapter folder (no overwrite needed) even with foreign files beside it."""
+    target = tmp_path / "a"
+    model = trained_model()
+    adapters.save_adapter(model, target)
+    (target / "adapter_config.json").unlink()
+    (target / "notes.md").write_text("mine")
+    fresh = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    adapters.load_adapter(fresh, target)
+    assert_updates(fresh, updates(model))
+    assert adapters.is_rowsft_adapter_folder(target)
+    adapters.save_adapter(trained_model(2), target)
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.md"]
+
+
+def test_an_adapter_saved_before_the_embedded_config_still_loads(tmp_path):
+    model = trained_model()
+    adapters.save_adapter(model, tmp_path / "a")
+    _strip_embedded_config(tmp_path / "a")
+    fresh = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    adapters.load_adapter(fresh, tmp_path / "a")
+    assert_updates(fresh, updates(model))
+    (tmp_path / "a" / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks \['adapter_config\.json'\].*embeds no config"):
+        adapters.load_adapter(rowsft.tiny_model("llama", vocab_size=VOCAB), tmp_path / "a")
+
+
+# ------------------------------------------------------------------------------------------ scores
+def small_scores(value=1.0):
+    return Scores({Q: torch.full((64,), value)}, "magnitude", "row", shapes={Q: (64, 64)})
+
+
+def test_foreign_files_in_a_scores_folder_survive_a_save(tmp_path):
+    out = tmp_path / "scores"
+    small_scores(1.0).save(out)
+    foreign_files(out)
+    before = {k: v for k, v in tree(out).items() if not k.startswith("scores.")}
+    small_scores(2.0).save(out)
+    after = tree(out)
+    assert {k: v for k, v in after.items() if not k.startswith("scores.")} == before
+    assert set(after) - set(before) == {"scores.json", "scores.safetensors"}
+    assert torch.equal(Scores.load(out)[Q], torch.full((64,), 2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"], "no temporary copy is left"
+
+
+def test_a_scores_save_refuses_a_file_path(tmp_path):
+    target = tmp_path / "scores"
+    target.write_text("not a folder")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"is a file, not a folder; give a scores folder path.*move that file away"):
+        small_scores().save(target)
+    assert tree(tmp_path) == before
+
+
+def test_a_scores_save_refuses_a_foreign_folder_without_overwrite(tmp_path):
+    runs = tmp_path / "runs"
+    foreign_files(runs)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"holds no saved scores.*overwrite=True"):
+        small_scores().save(runs)
+    assert tree(tmp_path) == before
+    before = tree(runs)
+    small_scores(3.0).save(runs, overwrite=True)
+    after = tree(runs)
+    assert {k: after[k] for k in before} == before
+    assert set(after) == set(before) | {"scores.json", "scores.safetensors"}
+    assert torch.equal(Scores.load(runs)[Q], torch.full((64,), 3.0))
+
+
+def test_scores_tensors_beside_a_stale_json_load_as_the_new_scores(tmp_path):
+    out = tmp_path / "scores"
+    small_scores(1.0).save(out)
+    stale = (out / "scores.json").read_text()
+    Scores({Q: torch.full((64,), 2.0)}, "taylor", "row", shapes={Q: (64, 64)}).save(out)
+    (out / "scores.json").write_text(stale)       # a kill between the two renames
+    back = Scores.load(out)
+    assert back.metric == "taylor" and torch.equal(back[Q], torch.full((64,), 2.0))
 
 
 # ------------------------------------------------------------------------------------------ kill test
@@ -355,3 +523,67 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_adapter(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
+
+
+KILLED_BETWEEN_RENAMES = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    import rowsft
+    from rowsft.layers import adapters, tuner
+    from rowsft.selection.choice import LayerChoice, Selection
+    torch.set_num_threads(1)
+    target, first_save = sys.argv[1], sys.argv[2] == "first"
+
+    def save(layers, value):
+        model = rowsft.tiny_model("llama", vocab_size={vocab})
+        tuner.apply(model, Selection({{n: LayerChoice(u, torch.tensor(i), s) for n, (u, i, s) in layers.items()}}))
+        with torch.no_grad():
+            for layer in tuner.sparse_layers(model).values():
+                layer.update.fill_(value)
+        adapters.save_adapter(model, target)
+
+    if not first_save:
+        save({old!r}, 1.0)
+    real_replace = os.replace
+
+    def replace_then_die(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if os.path.basename(dst) == "adapter_model.safetensors":
+            os.kill(os.getpid(), signal.SIGKILL)        # the weights are in, the config is not
+
+    os.replace = replace_then_die
+    save({new!r}, 2.0)
+    print("the save was not killed", flush=True)
+""")
+
+
+@pytest.mark.parametrize("first_save", [False, True], ids=["over-an-adapter", "first-save"])
+def test_a_save_killed_between_its_two_renames_loads_as_the_new_adapter(tmp_path, first_save):
+    """SIGKILL right after the weights file is renamed in, before adapter_config.json is: the folder
+    holds the new weights beside the old config (or none) and loads as the new adapter, whose
+    selection differs from the old one (so the old config could not describe the new weights)."""
+    target = tmp_path / "a"
+    script = KILLED_BETWEEN_RENAMES.format(vocab=VOCAB, old=LAYERS, new=OTHER_LAYERS)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", script, str(target), "first" if first_save else "again"],
+                           check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    names = sorted(p.name for p in target.iterdir())
+    if first_save:
+        assert names == ["adapter_model.safetensors"]
+    else:
+        old_config = json.loads((target / "adapter_config.json").read_text())
+        assert set(old_config["layers"]) == set(LAYERS), "the config on disk is still the old one"
+    fresh = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # the stale adapter_config.json is reported
+        adapters.load_adapter(fresh, target)
+    assert set(tuner.sparse_layers(fresh)) == set(OTHER_LAYERS)
+    for name, (unit, indices, _) in OTHER_LAYERS.items():
+        assert torch.equal(tuner.current_selection(fresh)[name], torch.tensor(indices))
+    values = torch.cat([u.reshape(-1) for u in updates(fresh).values()])
+    assert bool((values == 2.0).all()), "the adapter is the new one"
+    assert len(leftovers(target)) == 1, "the killed save's staging folder is left, and only it"
+    adapters.save_adapter(fresh, target)                # the next save clears it and writes a matching config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert set(json.loads((target / "adapter_config.json").read_text())["layers"]) == set(OTHER_LAYERS)

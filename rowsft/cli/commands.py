@@ -9,6 +9,7 @@ memory breakdown. Sub-commands serve scripted use::
     rowsft train --config job.yaml --out runs/boolq                   # score, select, train, save adapter
     rowsft eval  --model smollm2-135m --task boolq [--adapter runs/boolq]
     rowsft merge --model smollm2-135m --adapter runs/boolq --out merged/
+    rowsft explore --budgets 1 2 4 lora:8 --metrics taylor random --seeds 0 1 2 --cache explore.jsonl
 """
 from __future__ import annotations
 
@@ -69,15 +70,25 @@ def _job_config(args: argparse.Namespace) -> JobConfig:
 
 
 def _print_result(result) -> None:
+    from rowsft.cli.job import describe_accuracy
     print("\n== rowsft result")
     total = max(1, result.total_parameters)
     print(f"trainable params: {result.trainable_parameters:,} || all params: {result.total_parameters:,} || "
           f"trainable%: {100 * result.trainable_parameters / total:.4f}")
-    if result.accuracy_before is not None:
-        print(f"accuracy before: {result.accuracy_before:.4f}")
-    print(f"accuracy after:  {result.accuracy_after:.4f}")
+    if result.eval_before is not None:
+        print(f"accuracy before: {describe_accuracy(result.eval_before)}")
+    print(f"accuracy after:  {describe_accuracy(result.eval_after)}")
+    majority = result.eval_after["majority"]
+    print(f"majority class:  {majority['accuracy']:.4f} (always answering choice {majority['label']} on these questions)")
+    if result.paired is not None:
+        fixed, broken, p = result.paired["b_only"], result.paired["a_only"], result.paired["p_value"]
+        gain = result.accuracy_after - result.accuracy_before
+        verdict = "a real change at the 5% level" if p < 0.05 else "not shown to differ from before (p >= 0.05)"
+        print(f"paired change:   {100 * gain:+.1f} points ({fixed} questions fixed, {broken} broken; exact McNemar "
+              f"p = {p:.2g}): {verdict}")
     print(f"train time: {result.train_seconds:.1f} s, median step {result.median_step_seconds or float('nan'):.3f} s, "
           f"final loss {result.final_loss if result.final_loss is not None else float('nan'):.4f}")
+    print(f"wall time:  {result.wall_seconds:.1f} s (loading, scoring, evaluations and training)")
 
 
 def cmd_run(args) -> int:
@@ -101,9 +112,12 @@ def cmd_score(args) -> int:
     from rowsft.data import batches as make_batches
     from rowsft.data import load_dataset, load_model
     from rowsft.scoring import scorer as scoring
+    from rowsft.scoring.scores import check_scores_target
     if scoring.ALIASES.get(args.metric, (args.metric,))[0] not in scoring.allowed_metrics(args.unit):
         raise ValueError(f"metric {args.metric!r} is unknown for unit {args.unit!r}; choose one of "
                          f"{scoring.allowed_metrics(args.unit)}")
+    if args.out:
+        check_scores_target(args.out, args.overwrite)           # refused before the model is loaded
     model, tokenizer = load_model(args.model)
     data = load_dataset(args.task)
     batches = make_batches(data["train"], tokenizer, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
@@ -111,7 +125,7 @@ def cmd_score(args) -> int:
                            num_batches=args.num_batches)
     print(scores.summary().to_string(index=False))
     if args.out:
-        scores.save(args.out)
+        scores.save(args.out, overwrite=args.overwrite)
         print(f"scores saved to {args.out}")
     return 0
 
@@ -132,48 +146,48 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from rowsft.cli.outputs import check_model_folder, save_model_folder
     from rowsft.data import load_model
     from rowsft.layers import adapters, tuner
+    check_model_folder(args.out, args.overwrite)
     model, tokenizer = load_model(args.model)
     adapters.load_adapter(model, args.adapter)
     model = tuner.merge_and_unload(model)
-    _save_model_folder(model, tokenizer, args.out, overwrite=args.overwrite)
+    save_model_folder(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"merged model saved to {args.out}")
     return 0
 
 
-# weight files of a transformers model folder: a new save replaces them as a whole (no stale shard is kept)
-_WEIGHTS_FILE = r"(?:model|pytorch_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)|(?:model\.safetensors|pytorch_model\.bin)\.index\.json"
+def _add_explore_flags(p: argparse.ArgumentParser) -> None:
+    from rowsft.explore.budgets import ExploreConfig
+    for f in fields(ExploreConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        if isinstance(default, list):
+            kind = int if f.name in ("seeds", "lora_ranks") else str
+            p.add_argument(flag, dest=f.name, nargs="*" if f.name == "lora_ranks" else "+", type=kind, default=None,
+                           help=help_text)
+        else:
+            kind = {"int": positive_int, "float": float, "float | None": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+    p.add_argument("--figure", help="also write the figure: .html, or .png/.svg/.pdf (static, through kaleido)")
 
 
-def _check_model_folder(out, overwrite: bool) -> bool:
-    """Refuse a file, and without ``overwrite`` a non-empty folder that is no model folder (no
-    config.json); returns whether ``out`` already is a model folder."""
-    from rowsft.io_utils import refuse_file
-    target = refuse_file(out, "model folder")
-    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if (target / "config.json").is_file() or not entries:
-        return bool(entries)
-    if overwrite:
-        return False
-    raise ValueError(f"{str(target)!r} is not empty ({entries[:3]}{' ...' if len(entries) > 3 else ''}) and holds "
-                     f"no model (config.json); give a new or empty folder, or pass --overwrite to write the model "
-                     f"files beside those (nothing else there is deleted)")
-
-
-def _save_model_folder(model, tokenizer, out, overwrite: bool = False) -> None:
-    """Write the model (and tokenizer) into ``out``, replacing only a model folder's own files, config.json
-    last; old weight shards a previous model save left there (and this one did not write) are removed."""
-    import re
-
-    from rowsft.io_utils import atomic_files_into
-    was_model = _check_model_folder(out, overwrite)
-    weights = re.compile(_WEIGHTS_FILE)
-    stale = (lambda name: weights.fullmatch(name) is not None) if was_model else None
-    with atomic_files_into(out, last=["config.json"], stale=stale) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+def cmd_explore(args) -> int:
+    from rowsft.explore.budgets import ExploreConfig, explore_budgets
+    from rowsft.explore.summary import summary_text
+    values = {f.name: getattr(args, f.name) for f in fields(ExploreConfig) if getattr(args, f.name, None) is not None}
+    cfg = ExploreConfig(**values)
+    if args.figure and Path(args.figure).suffix.lower() not in (".html", ".png", ".svg", ".pdf"):
+        raise ValueError(f"--figure {args.figure!r}: give a file ending in .html, .png, .svg or .pdf")
+    records = explore_budgets(cfg)
+    print(summary_text(records))
+    if args.figure:
+        from rowsft.viz import budget_explorer, save_figure
+        save_figure(budget_explorer(records), args.figure)
+        print(f"figure saved to {args.figure}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="all-linear")
     p.add_argument("--num-batches", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="save the scores (safetensors)")
+    p.add_argument("--out", help="folder to save the scores into (scores.safetensors + scores.json; other files kept)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that holds no scores")
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("eval", parents=[common], help="accuracy on the task's validation split")
     p.add_argument("--adapter", help="adapter folder to load first")
@@ -209,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder that holds no model (its other files are kept)")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("explore", help="short fine-tunes over budgets and metrics: accuracy with intervals, memory, "
+                                       "paired tests (taylor vs random, LoRA at parity)")
+    _add_explore_flags(p)
+    p.set_defaults(func=cmd_explore)
     return parser
 
 

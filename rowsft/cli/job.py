@@ -15,14 +15,17 @@ from typing import Any, Callable
 import torch
 
 from rowsft import baselines, memory
+from rowsft.cli.outputs import check_job_output, save_job_output
 from rowsft.data import batches as make_batches
 from rowsft.data import load_dataset, load_model
 from rowsft.evaluation.choices import evaluate
-from rowsft.layers import adapters, tuner
+from rowsft.evaluation.stats import correctness, exact_mcnemar
+from rowsft.layers import tuner
 from rowsft.scoring.scorer import canonical_metric, score
 from rowsft.selection.budgets import parse_budget
 from rowsft.selection.strategies import STRATEGIES, select
 from rowsft.targets import check_targets
+from rowsft.training.learning_rates import default_learning_rate
 from rowsft.training.loop import train
 from rowsft.training.parts import check_device
 
@@ -44,7 +47,7 @@ class JobConfig:
     targets: str = field(default="all-linear", metadata={"help": "all-linear, attention, mlp, or a regex"})
     lora_rank: int = field(default=8, metadata={"help": "rank for lora/dora"})
     steps: int = field(default=60, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's tuned rate, rowsft.training.learning_rates)"})
     batch_size: int = field(default=4, metadata={"help": "examples per step"})
     max_length: int = field(default=256, metadata={"help": "tokens per example (prompt start is truncated)"})
     calibration_batches: int = field(default=4, metadata={"help": "batches used to score importance"})
@@ -55,6 +58,7 @@ class JobConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order, random selection and init"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
     out: str | None = field(default=None, metadata={"help": "folder to save the adapter into (optional)"})
+    overwrite: bool = field(default=False, metadata={"help": "let --out be a non-empty folder holding other files (they are kept)"})
     measure_peak: bool = field(default=False, metadata={"help": "also measure the peak bytes of one training step (slow on CPU)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -73,6 +77,8 @@ class JobConfig:
         for name in ("max_train", "eval_examples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer or None (all), got {getattr(self, name)!r}")
+        if self.lr is None:
+            self.lr = default_learning_rate(self.method)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number such as 2e-4, got {self.lr!r}")
         if self.strategy not in STRATEGIES:
@@ -160,10 +166,25 @@ class JobResult:
     stopped: bool = False
     adapter_path: str | None = None
     history: dict = field(default_factory=dict)
+    eval_before: dict | None = None       # evaluate()'s summary without per_question: interval, acc_norm, majority, n
+    eval_after: dict | None = None
+    correct_before: list | None = None    # per-question 0/1, the same questions before and after (for paired tests)
+    correct_after: list | None = None
+    paired: dict | None = None            # exact McNemar of after vs before: b_only (fixed), a_only (broken), p_value
+    wall_seconds: float = 0.0             # the whole job: loading, scoring, evaluations, training, saving
 
     def as_row(self) -> dict:
-        """Flat dict for tables and results files (no history)."""
-        row = {k: v for k, v in asdict(self).items() if k not in ("config", "history", "memory")}
+        """Flat dict for tables and results files (no history, no per-question lists)."""
+        skip = ("config", "history", "memory", "eval_before", "eval_after", "correct_before", "correct_after", "paired")
+        row = {k: v for k, v in asdict(self).items() if k not in skip}
+        for name in ("before", "after"):
+            summary = getattr(self, f"eval_{name}")
+            if summary:
+                row[f"interval_{name}"] = list(summary["interval"])
+                row[f"acc_norm_{name}"] = summary.get("acc_norm")
+                row["majority"] = summary["majority"]["accuracy"]
+        if self.paired:
+            row["paired_p"] = self.paired["p_value"]
         row.update({f"cfg_{k}": v for k, v in self.config.items()})
         row.update({f"mem_{k}": v for k, v in self.memory.items()})
         return row
@@ -199,6 +220,8 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
             data=None) -> JobResult:
     """Run one job. ``model``/``tokenizer``/``data`` may be passed in to reuse what is loaded."""
     cfg.validate()
+    check_job_output(cfg.method, cfg.out, cfg.overwrite)        # refused before anything is loaded or trained
+    job_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
@@ -210,13 +233,16 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
     batches = make_batches(data["train"], tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
     result = JobResult(config=asdict(cfg))
 
-    def accuracy(m):
-        return evaluate(m, tokenizer, data["validation"], batch_size=max(8, cfg.batch_size), max_length=cfg.max_length,
-                        max_examples=cfg.eval_examples, progress=cfg.progress)["accuracy"]
+    def evaluation(m) -> tuple[dict, list]:
+        summary = evaluate(m, tokenizer, data["validation"], batch_size=max(8, cfg.batch_size),
+                           max_length=cfg.max_length, max_examples=cfg.eval_examples, progress=cfg.progress)
+        correct = correctness(summary).astype(int).tolist()
+        return {k: v for k, v in summary.items() if k != "per_question"}, correct
 
     if cfg.eval_before:
-        result.accuracy_before = accuracy(model)
-        log(f"accuracy before: {result.accuracy_before:.4f}")
+        result.eval_before, result.correct_before = evaluation(model)
+        result.accuracy_before = result.eval_before["accuracy"]
+        log(f"accuracy before: {describe_accuracy(result.eval_before)}")
     model, selection = prepare_model(model, cfg, batches, log)
     result.trainable_parameters, result.total_parameters = tuner.trainable_parameters(model)
     first = next(iter(batches))
@@ -237,16 +263,23 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
     result.median_step_seconds = _median(durations)
     result.final_loss = steps[-1]["loss"] if steps else None
     result.stopped = bool(getattr(history, "stopped", False))
-    result.accuracy_after = accuracy(model)
-    log(f"accuracy after: {result.accuracy_after:.4f}")
-    if cfg.out and selection is not None:
-        adapters.save_adapter(model, cfg.out)
+    result.eval_after, result.correct_after = evaluation(model)
+    result.accuracy_after = result.eval_after["accuracy"]
+    log(f"accuracy after: {describe_accuracy(result.eval_after)}")
+    if result.correct_before is not None:
+        result.paired = exact_mcnemar(result.correct_before, result.correct_after)
+    if cfg.out:
+        save_job_output(cfg.method, model, tokenizer, cfg.out, cfg.overwrite)
         result.adapter_path = cfg.out
-        log(f"adapter saved to {cfg.out}")
-    elif cfg.out:
-        model.save_pretrained(cfg.out)
-        result.adapter_path = cfg.out
+        log(f"{'model' if cfg.method == 'full' else 'adapter'} saved to {cfg.out}")
+    result.wall_seconds = time.perf_counter() - job_start
     return result
+
+
+def describe_accuracy(summary: dict) -> str:
+    """``0.8450 (95% CI 0.806–0.878, n=400)``: an evaluate() summary in one phrase."""
+    low, high = summary["interval"]
+    return f"{summary['accuracy']:.4f} (95% CI {low:.3f}–{high:.3f}, n={summary['n']})"
 
 
 def config_from_mapping(values: dict[str, Any]) -> JobConfig:

@@ -21,6 +21,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from rowsft.checks import check_count
+
 KINDS = ("auto", "causal-lm", "classification")
 IGNORE_INDEX = -100
 
@@ -90,10 +92,8 @@ class Batches:
                  seed: int = 0, kind: str = "auto", drop_last: bool = False):
         if isinstance(dataset, Mapping):
             raise TypeError("batches() takes one split, e.g. data['train'], not the whole DatasetDict")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if int(max_length) < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        check_count("batch_size", batch_size, 1, "(rows per batch)")
+        check_count("max_length", max_length, 2, "(tokens per row: room for a prompt and an answer)")
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.batch_size, self.max_length = int(batch_size), int(max_length)
@@ -187,6 +187,8 @@ def batches(dataset, tokenizer, batch_size: int = 8, max_length: int = 256, shuf
     ``dataset``: a ``datasets.Dataset`` or a list of dicts with the task columns (``prompt``,
     ``choices``, ``label``; or ``text``, ``label`` for classification). ``kind``: ``"causal-lm"``,
     ``"classification"`` or ``"auto"`` (classification when the tokenizer has a CLS token).
+    ``batch_size`` (>= 1) and ``max_length`` (>= 2) must be whole numbers: ``2.7`` is refused with a
+    ValueError, never rounded.
     """
     return Batches(dataset, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=shuffle, seed=seed,
                    kind=kind, drop_last=drop_last)

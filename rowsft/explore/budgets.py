@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rowsft import baselines, memory
-from rowsft.checks import check_count
+from rowsft.checks import check_count, check_real
 from rowsft.data import batches as make_batches
 from rowsft.data import load_dataset, load_model
 from rowsft.evaluation.choices import evaluate
@@ -34,6 +34,7 @@ from rowsft.scoring.scorer import score
 from rowsft.selection.budgets import LoraParity, parse_budget
 from rowsft.selection.strategies import select
 from rowsft.training.history import json_safe
+from rowsft.training.learning_rates import default_learning_rate
 from rowsft.training.loop import train
 
 
@@ -53,8 +54,8 @@ class ExploreConfig:
     unit: str = _help("row", "trainable unit of the sparse points")
     lora_ranks: list = _help([], "extra peft LoRA ranks; every 'lora:R' budget adds LoRA rank R at parity")
     steps: int = _help(40, "optimizer steps of every fine-tune")
-    lr: float = _help(5e-4, "learning rate of the sparse fine-tunes")
-    lora_lr: float = _help(1e-3, "learning rate of the LoRA fine-tunes")
+    lr: float | None = _help(None, "learning rate of the sparse fine-tunes (default: the unit's tuned rate)")
+    lora_lr: float | None = _help(None, "learning rate of the LoRA fine-tunes (default: LoRA's tuned rate)")
     batch_size: int = _help(8, "examples per step")
     max_length: int = _help(96, "tokens per example")
     max_train: int = _help(2000, "training rows kept")
@@ -65,6 +66,10 @@ class ExploreConfig:
 
     def __post_init__(self):
         self.budgets = [parse_budget(b) for b in self.budgets]        # refuse a bad budget before any work
+        self.lr = default_learning_rate(self.unit) if self.lr is None else self.lr
+        self.lora_lr = default_learning_rate("lora") if self.lora_lr is None else self.lora_lr
+        for name in ("lr", "lora_lr"):
+            check_real(f"ExploreConfig.{name}", getattr(self, name), 0.0, inclusive=False)
         for name in ("steps", "batch_size", "max_length", "max_train", "calibration_batches", "eval_examples"):
             check_count(f"ExploreConfig.{name}", getattr(self, name), 1)
         if not self.metrics and not self.lora_ranks and not any(isinstance(b, LoraParity) for b in self.budgets):
@@ -151,11 +156,14 @@ def run_point(point: dict) -> dict:
             "evaluation": json_safe(result)}
 
 
-def explore_budgets(cfg: ExploreConfig | None = None, progress: bool | Callable = True, **overrides) -> list[dict]:
+def explore_budgets(cfg: ExploreConfig | None = None, progress: bool | Callable = True,
+                    stop: Callable[[], bool] | None = None, **overrides) -> list[dict]:
     """Run (or read from ``cfg.cache``) every point of the exploration; returns the records in grid order.
 
     ``progress``: a tqdm bar (True), none (False), or a callable ``(done, total, record)`` called after
-    each point (the dashboard's progress bar). Keyword ``overrides`` replace `ExploreConfig` fields.
+    each point (the dashboard's progress bar). ``stop``: asked before each point that must run; when
+    it returns True the points finished so far are returned (and stay cached). Keyword ``overrides``
+    replace `ExploreConfig` fields.
     """
     cfg = dataclasses.replace(cfg or ExploreConfig(), **overrides) if overrides else (cfg or ExploreConfig())
     points = grid(cfg)
@@ -166,6 +174,8 @@ def explore_budgets(cfg: ExploreConfig | None = None, progress: bool | Callable 
         key = point_key(point)
         record = cached.get(key)
         if record is None:
+            if stop is not None and stop():
+                break
             record = {"key": key, **run_point(point)}
             cached[key] = record
             if cfg.cache is not None:

@@ -5,15 +5,21 @@
 the shapes and dtypes the config states (no silent conversion), indices in range, finite values, no
 tensor the config does not describe, and the model the adapter was saved for. A problem is a
 ValueError naming the file and what is wrong; the model is never touched here.
+
+The weights file carries a copy of the config in its safetensors metadata (``rowsft_adapter_config``),
+and that copy is the authority: a save killed between its two renames (weights first, config last)
+leaves new weights beside the old ``adapter_config.json``, and the embedded copy still describes the
+weights exactly. ``adapter_config.json`` is then only read for adapters saved before the copy existed;
+when it disagrees with the embedded copy, a warning says so and the embedded one is used.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
-import safetensors.torch as safetensors_torch
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from rowsft.layers.tuner import current_selection, sparse_layers
@@ -24,6 +30,7 @@ FORMAT_VERSION = 1
 PEFT_TYPE = "ROWSFT"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+EMBEDDED_CONFIG_KEY = "rowsft_adapter_config"
 MAX_REPORTED = 6
 
 
@@ -52,8 +59,20 @@ def update_key(unit: str) -> str:
     return "values" if unit == "element" else "delta"
 
 
-def _damaged(file: Path, what: str) -> ValueError:
-    return ValueError(f"{str(file)!r}: {what}; the adapter is damaged or was edited by hand: save it again "
+def weights_metadata(config_text: str) -> dict[str, str]:
+    """The safetensors metadata `save_adapter` writes: format, peft type and the config's JSON text."""
+    return {"format": "pt", "peft_type": PEFT_TYPE, EMBEDDED_CONFIG_KEY: config_text}
+
+
+def _embedded_label(weights: Path) -> str:
+    """How messages name the config copy inside the weights file."""
+    return f"{str(weights)!r} (its embedded copy of {CONFIG_NAME})"
+
+
+def _damaged(file: Path | str, what: str) -> ValueError:
+    """A ValueError naming ``file`` (a path, or a label from `_embedded_label`) and what is wrong."""
+    where = repr(str(file)) if isinstance(file, Path) else file
+    return ValueError(f"{where}: {what}; the adapter is damaged or was edited by hand: save it again "
                       f"with rowsft.save_adapter (or fix that field)")
 
 
@@ -61,7 +80,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _need(config: dict, key: str, kind, file: Path, label: str = ""):
+def _need(config: dict, key: str, kind, file: Path | str, label: str = ""):
     """``config[key]`` when present and of type ``kind``; otherwise a ValueError naming the file and field."""
     where = f"{label}{key!r}"
     if key not in config:
@@ -74,7 +93,7 @@ def _need(config: dict, key: str, kind, file: Path, label: str = ""):
     return value
 
 
-def _check_layer_config(name: str, c, file: Path) -> None:
+def _check_layer_config(name: str, c, file: Path | str) -> None:
     label = f"layers[{name!r}]."
     if not isinstance(c, dict):
         raise _damaged(file, f"layers[{name!r}] must be an object, got {type(c).__name__}")
@@ -93,7 +112,7 @@ def _check_layer_config(name: str, c, file: Path) -> None:
     _need(c, "bias", bool, file, label)
 
 
-def _check_config(config, file: Path) -> None:
+def _check_config(config, file: Path | str) -> None:
     """Every field load_adapter reads, present and well-typed (ValueError naming the file and field)."""
     layers = _need(config, "layers", dict, file)
     if not layers:
@@ -114,33 +133,104 @@ def _check_config(config, file: Path) -> None:
     _need(config, "base_model_name_or_path", (str, type(None)), file)
 
 
-def read_adapter_config(path) -> dict:
-    """The ``adapter_config.json`` of an adapter folder, checked field by field (clear errors for
-    missing files, bad JSON, missing or wrongly typed fields)."""
+def _weights_file(path) -> Path:
+    """``path/adapter_model.safetensors``; a FileNotFoundError saying what is expected when it is missing."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no adapter at {str(path)!r}: expected a folder with {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME} written by rowsft.save_adapter")
-    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (path / f).is_file()]
-    if missing:
+    if not (path / WEIGHTS_NAME).is_file():
+        missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (path / f).is_file()]
         raise FileNotFoundError(f"the adapter folder {str(path)!r} lacks {missing}; was it written by rowsft.save_adapter?")
-    file = path / CONFIG_NAME
+    return path / WEIGHTS_NAME
+
+
+def _read_weights(file: Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of the weights file, both read from one open file (a save that replaces
+    the file meanwhile cannot mix two adapters); ``tensors=False`` reads the header only."""
     try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _damaged(file, f"not valid JSON ({e})") from None
+        with safe_open(str(file), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            loaded = {key: f.get_tensor(key) for key in f.keys()} if tensors else {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{str(file)!r} cannot be read as safetensors ({e}); the adapter is damaged, "
+                         f"save it again with rowsft.save_adapter") from None
+    return metadata, loaded
+
+
+def read_weights_metadata(path) -> dict[str, str]:
+    """The safetensors metadata of the adapter folder ``path``'s weights file (header only)."""
+    return _read_weights(_weights_file(path), tensors=False)[0]
+
+
+def _parse_config(text: str, where: Path | str) -> dict:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _damaged(where, f"not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise _damaged(file, f"expected a JSON object, got {type(config).__name__}")
+        raise _damaged(where, f"expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _json_config(file: Path) -> dict:
+    """``adapter_config.json`` parsed (not yet checked)."""
+    try:
+        text = file.read_text()
+    except UnicodeDecodeError as e:
+        raise _damaged(file, f"not valid JSON ({e})") from None
+    return _parse_config(text, file)
+
+
+def _warn_if_stale(file: Path, embedded: dict) -> None:
+    """Warn when ``adapter_config.json`` exists but differs from the config embedded in the weights."""
+    if not file.is_file():
+        return
+    try:
+        same = _json_config(file) == embedded
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        warnings.warn(f"{str(file)!r} differs from the config embedded in {WEIGHTS_NAME} (a save was interrupted "
+                      f"between its two renames, or the file was edited by hand); the embedded config is used. "
+                      f"Save the adapter again with rowsft.save_adapter to rewrite {CONFIG_NAME}")
+
+
+def _authoritative_config(folder: Path, metadata: dict[str, str]) -> tuple[dict, Path | str]:
+    """``(config, where)``: the config embedded in the weights when there is one, else ``adapter_config.json``
+    (adapters saved before the embedded copy existed); ``where`` names its source in messages."""
+    weights, file = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    text = metadata.get(EMBEDDED_CONFIG_KEY)
+    if text is not None:
+        embedded = _parse_config(text, _embedded_label(weights))
+        _warn_if_stale(file, embedded)
+        return embedded, _embedded_label(weights)
+    if not file.is_file():
+        raise FileNotFoundError(f"the adapter folder {str(folder)!r} lacks [{CONFIG_NAME!r}] and its {WEIGHTS_NAME} "
+                                f"embeds no config; was it written by rowsft.save_adapter?")
+    return _json_config(file), file
+
+
+def _checked_config(folder: Path, metadata: dict[str, str]) -> dict:
+    """The authoritative config of ``folder``, checked field by field."""
+    config, where = _authoritative_config(folder, metadata)
     if config.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"{str(path)!r} holds a {config.get('peft_type')!r} adapter, not a rowsft one "
+        raise ValueError(f"{str(folder)!r} holds a {config.get('peft_type')!r} adapter, not a rowsft one "
                          f"(load it with peft instead)")
     version = config.get("format_version", 0)
     if not _is_int(version):
-        raise _damaged(file, f"field 'format_version' must be int, got {version!r:.60}")
+        raise _damaged(where, f"field 'format_version' must be int, got {version!r:.60}")
     if version > FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} was written by a newer rowsft (format {version}); upgrade rowsft")
-    _check_config(config, file)
+        raise ValueError(f"{str(folder)!r} was written by a newer rowsft (format {version}); upgrade rowsft")
+    _check_config(config, where)
     return config
+
+
+def read_adapter_config(path) -> dict:
+    """The config of an adapter folder, checked field by field (clear errors for missing files, bad
+    JSON, missing or wrongly typed fields): the copy embedded in ``adapter_model.safetensors`` when
+    there is one (it always matches the weights), else ``adapter_config.json``."""
+    return _checked_config(Path(path), read_weights_metadata(path))
 
 
 def check_model_matches(model: nn.Module, config: dict) -> None:
@@ -163,14 +253,6 @@ def check_model_matches(model: nn.Module, config: dict) -> None:
         raise ValueError(f"adapter was saved for a model ({config.get('base_model_name_or_path')}) whose "
                          + "; ".join(problems[:MAX_REPORTED]) + more
                          + f"; this model is {model_name(model) or type(model).__name__}")
-
-
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors_torch.load_file(str(file))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{str(file)!r} cannot be read as safetensors ({e}); the adapter is damaged, "
-                         f"save it again with rowsft.save_adapter") from None
 
 
 def _check_tensor(file: Path, key: str, tensor: torch.Tensor | None, shape: tuple, dtype: torch.dtype | None) -> None:
@@ -259,10 +341,10 @@ def _check_present_layers(model: nn.Module, config: dict, selection: Selection) 
 
 def validated_adapter(model: nn.Module, path) -> tuple[dict, dict[str, torch.Tensor], Selection]:
     """Read and check the whole adapter folder against ``model`` without changing it."""
-    config = read_adapter_config(path)
+    file = _weights_file(path)
+    metadata, tensors = _read_weights(file)
+    config = _checked_config(Path(path), metadata)
     check_model_matches(model, config)
-    file = Path(path) / WEIGHTS_NAME
-    tensors = _read_tensors(file)
     used = _check_layers(model, config, tensors, file) | _check_heads(model, config, tensors, file)
     unknown = sorted(set(tensors) - used)
     if unknown:

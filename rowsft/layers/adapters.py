@@ -6,10 +6,14 @@ heads, the shapes of every linear module of the base model (to refuse an adapter
 model with a message saying what differs) and the selection's meta. The weights file holds, per
 layer, ``<name>.indices`` and ``<name>.delta`` (rows, columns) or ``<name>.values`` (elements),
 ``<name>.bias_delta`` when a bias was trained, and ``heads.<parameter name>`` for trained heads.
+The weights file also embeds the config (the same JSON, safetensors metadata ``rowsft_adapter_config``),
+and loading trusts that copy over ``adapter_config.json``.
 Saving writes only those two files into the folder (other files there are kept): each is written
-beside it, fsynced and moved in with one ``os.replace``, the config last, so a failed or killed save
-leaves the earlier adapter's files intact (see `rowsft.io_utils.atomic_files_into`). A non-empty folder
-that holds no rowsft adapter, or a file, is refused unless ``overwrite=True`` (files: always).
+beside it, fsynced and moved in with one ``os.replace``, the weights first and the config last, so a
+failed or killed save leaves the earlier adapter's files intact, and a kill between the two renames
+leaves the new weights, which carry their own config: the folder loads as the new adapter (see
+`rowsft.io_utils.atomic_files_into`). A non-empty folder that holds no rowsft adapter, or a file, is
+refused unless ``overwrite=True`` (files: always).
 Loading checks the whole folder (config fields, tensor names, shapes, dtypes, index ranges, finite
 values) before it changes the model, so a damaged adapter leaves the model as it was.
 """
@@ -32,8 +36,10 @@ from rowsft.layers.adapter_checks import (
     dtype_name,
     model_name,
     module_shapes,
+    read_weights_metadata,
     update_key,
     validated_adapter,
+    weights_metadata,
 )
 from rowsft.layers.tuner import apply, current_selection, sparse_layers, trained_heads, unload
 
@@ -74,12 +80,19 @@ def _adapter_state(model: nn.Module, base_model_name: str | None) -> tuple[dict,
 
 
 def is_rowsft_adapter_folder(path) -> bool:
-    """Whether the folder ``path`` holds a rowsft adapter's ``adapter_config.json`` (readable, ``peft_type`` ROWSFT)."""
+    """Whether the folder ``path`` holds a rowsft adapter: an ``adapter_config.json`` or an
+    ``adapter_model.safetensors`` (e.g. left alone by a save killed between its renames) whose
+    ``peft_type`` is ROWSFT."""
     try:
         config = json.loads((Path(path) / CONFIG_NAME).read_text())
     except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and config.get("peft_type") == PEFT_TYPE:
+        return True
+    try:
+        return read_weights_metadata(path).get("peft_type") == PEFT_TYPE
+    except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and config.get("peft_type") == PEFT_TYPE
 
 
 def check_save_target(path, overwrite: bool = False) -> Path:
@@ -102,13 +115,16 @@ def save_adapter(model: nn.Module, path, base_model_name: str | None = None, ove
     Only ``adapter_config.json`` and ``adapter_model.safetensors`` are written; other files in the
     folder are kept. A folder holding an earlier rowsft adapter gets the new one; a non-empty folder
     holding none is refused unless ``overwrite=True`` (then the two files go beside the others); a
-    file at ``path`` is always refused. A failed or killed save leaves the earlier adapter's files.
+    file at ``path`` is always refused. The weights file embeds the config and is renamed into place
+    first, the config last: a save failed or killed at any instant leaves the earlier adapter or the
+    new one loadable, never a mix.
     """
     config, tensors = _adapter_state(model, base_model_name)
     check_save_target(path, overwrite)
+    text = json.dumps(config, indent=2, default=str)
     with atomic_files_into(path, last=[CONFIG_NAME]) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-        safetensors_torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "peft_type": PEFT_TYPE})
+        (tmp / CONFIG_NAME).write_text(text)
+        safetensors_torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=weights_metadata(text))
     return Path(path)
 
 

@@ -9,6 +9,7 @@ train) and render what the training callbacks report. Each piece works alone:
 - :class:`MetricChooser` — metric and unit, re-scored on a button press, with a progress bar;
 - :class:`LiveCurves` — loss and memory per step of several runs, throttled live updates;
 - :class:`TrainLauncher` — Launch / Stop around ``rowsft.train`` in a background thread;
+- :class:`ExplorerPanel` — the budget explorer: short fine-tunes over budgets, accuracy with intervals;
 - :class:`Dashboard` — all of them composed for one model and data set.
 
 Bad input shows a red line in the control's status area, never a traceback. For notebooks,
@@ -31,9 +32,10 @@ from rowsft.notebook.settings import FAST_SETTINGS, FULL_SETTINGS, NotebookSetti
 # ``rowsft.viz``) need plotly but not ipywidgets
 _NAMES = {"StatusArea": "_widgets", "BudgetControl": "budget", "Dashboard": "dashboard", "as_batches": "dashboard",
           "RunSummary": "launcher", "TrainLauncher": "launcher", "LayerPicker": "layer_picker",
-          "CurveCallback": "live", "LiveCurves": "live", "CountingBatches": "metric", "MetricChooser": "metric"}
+          "CurveCallback": "live", "LiveCurves": "live", "CountingBatches": "metric", "MetricChooser": "metric",
+          "ExplorerPanel": "explorer"}
 
-__all__ = ["BudgetControl", "CountingBatches", "CurveCallback", "Dashboard", "FAST_SETTINGS", "FULL_SETTINGS",
+__all__ = ["BudgetControl", "CountingBatches", "CurveCallback", "Dashboard", "ExplorerPanel", "FAST_SETTINGS", "FULL_SETTINGS",
            "LayerPicker", "LiveCurves", "MetricChooser", "NotebookSettings", "RunSummary", "StatusArea",
            "TrainLauncher", "as_batches", "fast_mode", "settings"]
 

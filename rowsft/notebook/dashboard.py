@@ -8,7 +8,9 @@ and a :class:`TrainLauncher` drawing into :class:`LiveCurves`. It holds no train
 applies the current selection to the notebook's model with ``rowsft.apply`` (when the model
 already carries a different one, ``rowsft.merge_and_unload`` first keeps what was learnt) and
 calls ``rowsft.train``. While a run trains, Score and budget changes are refused with a message
-(scoring freezes the model's parameters, which would end the run).
+(scoring freezes the model's parameters, which would end the run). A fourth, folded section is the
+:class:`ExplorerPanel`: short fine-tunes of fresh copies of the model over several budgets, to
+choose a budget by held-out accuracy with intervals (it never changes the notebook's model).
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ import plotly.graph_objects as go
 from rowsft import viz
 from rowsft.data.batching import batches
 from rowsft.evaluation.choices import evaluate
+from rowsft.explore.budgets import ExploreConfig
 from rowsft.layers import tuner
 from rowsft.lean_loss import logit_positions
 from rowsft.notebook._widgets import Displayable, StatusArea, refresh_figure, section
 from rowsft.notebook.budget import BudgetControl
+from rowsft.notebook.explorer import ExplorerPanel
 from rowsft.notebook.launcher import TrainLauncher
 from rowsft.notebook.live import LiveCurves
 from rowsft.notebook.metric import MetricChooser
@@ -76,6 +80,14 @@ def _batch_shape(batches, fallback: int) -> tuple[int, int | None]:
         return seq_len, None
 
 
+def explore_config(cfg: NotebookSettings) -> ExploreConfig:
+    """The explorer's settings for a notebook: the notebook's model, task, batches and evaluation."""
+    return ExploreConfig(model=cfg.model, task=cfg.task, budgets=[1, 2, 4, f"lora:{cfg.lora_rank}"],
+                         metrics=["taylor", "random"], steps=cfg.steps, batch_size=cfg.batch_size,
+                         max_length=cfg.max_length, max_train=cfg.max_train, eval_examples=cfg.eval_examples,
+                         calibration_batches=cfg.calibration_batches, seeds=[cfg.seed])
+
+
 class Dashboard(Displayable):
     """Score, select and train ``model`` on ``data`` interactively (see the module help).
 
@@ -91,7 +103,7 @@ class Dashboard(Displayable):
                  select_fn: Callable | None = None, predict_fn: Callable | None = None,
                  lora_parity_fn: Callable | None = None, train_fn: Callable | None = None,
                  prepare: Callable | None = None, train_kwargs: dict | None = None, background: bool = True,
-                 max_columns: int = 256):
+                 max_columns: int = 256, explore: ExploreConfig | None = None, explore_fn: Callable | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.settings = cfg = settings or default_settings()
         self.batches = as_batches(data, tokenizer, cfg.batch_size, cfg.max_length)
@@ -118,10 +130,14 @@ class Dashboard(Displayable):
         self._muted = False
         self.heatmap_type.observe(lambda _c: self._muted or self.redraw_heatmap(), names="value")
         self.heatmap_order.observe(lambda _c: self.redraw_heatmap(), names="value")
+        self.explorer = ExplorerPanel(explore or explore_config(cfg), busy_fn=self.busy, explore_fn=explore_fn,
+                                      background=background)
+        folded = widgets.Accordion(children=[self.explorer.widget], selected_index=None)
+        folded.set_title(0, "4 · Budget explorer: accuracy against budget, taylor vs random, LoRA at parity")
         self.widget = widgets.VBox([
             section("1 · Importance"), self.chooser.widget, widgets.HBox([self.heatmap_type, self.heatmap_order]),
             self.heatmap, section("2 · Layers and budget"), self.budget_box,
-            section("3 · Train"), self.launcher.widget, self.curves.widget, self.status])
+            section("3 · Train"), self.launcher.widget, self.curves.widget, folded, self.status])
         self.chooser.run()
 
     # ------------------------------------------------------------------ reactions
@@ -177,6 +193,9 @@ class Dashboard(Displayable):
 
     def prepare(self, model) -> None:
         """Before a run: put the current selection on the model (rowsft.apply), keeping earlier training."""
+        if self.explorer.running:
+            raise ValueError("the budget explorer is running (it would halve the speed of both); press its Stop "
+                             "or wait for it to end")
         if self.budget is not None and self.budget.pending:
             self.budget.update()          # a change made while the last run trained
         selection = self.selection

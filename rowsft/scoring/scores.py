@@ -8,7 +8,10 @@ that was applied, so ``raw(name)`` gives back the metric's own values.
 
 It converts to tidy tables (one row per neuron, for heatmaps), compares with other scores (Spearman
 rank correlation, top-k overlap) and saves to a folder holding ``scores.safetensors`` and
-``scores.json`` (written atomically).
+``scores.json``. Saving writes only those two files into the folder (other files there are kept),
+each moved in whole with one ``os.replace``, the tensors first and ``scores.json`` last; the tensors
+file embeds the same JSON (safetensors metadata ``rowsft_scores``), which loading trusts, so a save
+killed at any instant leaves the earlier scores or the new ones loadable, never a mix.
 """
 from __future__ import annotations
 
@@ -19,14 +22,18 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from rowsft.io_utils import atomic_directory
+from rowsft.io_utils import atomic_files_into, refuse_file
 from rowsft.scoring.agreement import spearman, top_count, topk_overlap
 from rowsft.targets import GroupMember, NeuronGroup, layer_index, module_type
 
 NORMALIZATIONS = ("mean", "max", "sum", "none")
 SCORE_UNITS = ("row", "column", "element", "group")
 _TENSORS_FILE, _META_FILE = "scores.safetensors", "scores.json"
+_EMBEDDED_KEY = "rowsft_scores"
+_FORMAT = "rowsft.scores/1"
 
 
 def normalization_scale(values: torch.Tensor, how: str) -> float:
@@ -198,28 +205,30 @@ class Scores(Mapping[str, torch.Tensor]):
         return {n: topk_overlap(self[n], other[n], k) for n in self._common(other)}
 
     # ------------------------------------------------------------ files
-    def save(self, path: str | Path) -> None:
-        """Write ``path/`` with ``scores.safetensors`` (the tensors) and ``scores.json`` (the rest), atomically."""
-        from safetensors.torch import save_file
-        info = {"format": "rowsft.scores/1", "metric": self.metric, "unit": self.unit, "normalize": self.normalize,
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write ``scores.safetensors`` (the tensors, with the rest embedded) and ``scores.json`` (the rest)
+        into the folder ``path``.
+
+        Only those two files are written; other files in the folder are kept. A folder holding earlier
+        scores gets the new ones; a non-empty folder holding none is refused unless ``overwrite=True``
+        (then the two files go beside the others); a file at ``path`` is always refused. A failed or
+        killed save leaves the earlier scores or the new ones, never a mix.
+        """
+        info = {"format": _FORMAT, "metric": self.metric, "unit": self.unit, "normalize": self.normalize,
                 "names": list(self._values), "shapes": {n: list(s) for n, s in self.shapes.items()},
                 "scales": self.scales, "groups": {n: asdict(g) for n, g in self.groups.items()}, "meta": self.meta}
         text = json.dumps(info, indent=1, default=str)
-        with atomic_directory(path) as tmp:
+        check_scores_target(path, overwrite)
+        with atomic_files_into(path, last=[_META_FILE]) as tmp:
             save_file({f"s{i}": v.contiguous() for i, v in enumerate(self._values.values())},
-                      str(tmp / _TENSORS_FILE))
+                      str(tmp / _TENSORS_FILE), metadata={"format": "pt", _EMBEDDED_KEY: text})
             (tmp / _META_FILE).write_text(text)
 
     @classmethod
     def load(cls, path: str | Path) -> "Scores":
-        """Read scores written by :meth:`save`."""
-        from safetensors.torch import load_file
-        path = Path(path)
-        if not (path / _META_FILE).is_file() or not (path / _TENSORS_FILE).is_file():
-            raise FileNotFoundError(f"{path} holds no saved scores (expected {_META_FILE} and {_TENSORS_FILE}); "
-                                    "write them with Scores.save(path)")
-        info = json.loads((path / _META_FILE).read_text())
-        tensors = load_file(str(path / _TENSORS_FILE))
+        """Read scores written by :meth:`save` (the JSON embedded in ``scores.safetensors`` when present,
+        else ``scores.json``, as in folders saved before it was embedded)."""
+        info, tensors = _read_saved_scores(Path(path))
         values = {n: tensors[f"s{i}"] for i, n in enumerate(info["names"])}
         groups = {n: NeuronGroup(g["name"], g["kind"], g["size"],
                                  tuple(GroupMember(m["module"], m["unit"], m["block"], tuple(m["offsets"]))
@@ -229,3 +238,44 @@ class Scores(Mapping[str, torch.Tensor]):
         return cls(values, info["metric"], info["unit"], info["normalize"],
                    {n: tuple(s) for n, s in info["shapes"].items()}, groups, info.get("scales"), info.get("meta"),
                    dtype)
+
+
+def _read_tensors_file(file: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a scores tensors file, both from one open file."""
+    with safe_open(str(file), framework="pt") as f:
+        return dict(f.metadata() or {}), {key: f.get_tensor(key) for key in f.keys()}
+
+
+def _read_saved_scores(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(info, tensors)`` of a scores folder; a FileNotFoundError saying what is expected when it holds none."""
+    tensors_file, meta_file = path / _TENSORS_FILE, path / _META_FILE
+    metadata, tensors = _read_tensors_file(tensors_file) if tensors_file.is_file() else ({}, {})
+    text = metadata.get(_EMBEDDED_KEY)
+    if text is None and tensors_file.is_file() and meta_file.is_file():
+        text = meta_file.read_text()
+    if text is None:
+        raise FileNotFoundError(f"{path} holds no saved scores (expected {_META_FILE} and {_TENSORS_FILE}); "
+                                "write them with Scores.save(path)")
+    return json.loads(text), tensors
+
+
+def holds_scores(path: str | Path) -> bool:
+    """Whether the folder ``path`` holds scores written by :meth:`Scores.save`."""
+    try:
+        info, _ = _read_saved_scores(Path(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return False
+    return isinstance(info, dict) and str(info.get("format", "")).startswith("rowsft.scores/")
+
+
+def check_scores_target(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse (ValueError, nothing changed) a file, and without ``overwrite`` a non-empty folder that
+    holds no saved scores (a folder holding nothing but scores files counts as one); returns ``path`` resolved."""
+    target = refuse_file(path, "scores folder")
+    shown = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if overwrite or set(shown) <= {_TENSORS_FILE, _META_FILE} or holds_scores(target):
+        return target
+    more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+    raise ValueError(f"{str(target)!r} is not empty ({shown[:3]}{more}) and holds no saved scores; save into a "
+                     f"new or empty folder, or pass overwrite=True to write {_TENSORS_FILE} and {_META_FILE} "
+                     f"beside those files (nothing else there is deleted)")

@@ -15,6 +15,7 @@ dict name → tensor, or ``Scores.tidy()``), ``Selection`` (or dict name → ind
 - :func:`memory_breakdown` — stacked bytes per method (weights, trainable, gradients, optimizer,
   activations, indices).
 - :func:`training_curves` — loss / accuracy / memory of several runs.
+- :func:`save_figure` — HTML (offline) or PNG/SVG/PDF (kaleido) in one call.
 - :func:`as_widget` — a ``go.FigureWidget`` of any of them, for live updates in a notebook.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rowsft.scoring.agreement import spearman
 from rowsft.targets import module_type as type_key  # the module-type vocabulary of the figures (one for the project)
 from rowsft.viz.curves import metric_series, training_curves
 from rowsft.viz.explorer import budget_explorer
+from rowsft.viz.export import save_figure
 from rowsft.viz.heatmap import bin_neurons, bin_size, importance_heatmap, mark_selection, selection_points
 from rowsft.viz.memory_chart import COMPONENTS, memory_breakdown
 from rowsft.viz.scores import metric_overlap, overlap_matrix, overlap_table, score_distributions
@@ -31,4 +33,4 @@ from rowsft.viz.style import TEMPLATE, as_widget, round_significant, selection_m
 __all__ = ["TEMPLATE", "budget_explorer", "COMPONENTS", "as_widget", "bin_neurons", "bin_size", "importance_heatmap", "mark_selection",
            "selection_points", "selection_marks", "score_distributions", "metric_overlap", "overlap_matrix",
            "overlap_table", "spearman", "memory_breakdown", "training_curves", "metric_series",
-           "round_significant", "type_key"]
+           "round_significant", "save_figure", "type_key"]

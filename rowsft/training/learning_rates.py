@@ -1,0 +1,33 @@
+"""Default learning rates per method, and where each comes from.
+
+Sparse rows, columns and single weights update few parameters each by a lot, LoRA updates a
+low-rank product whose scale depends on its rank and alpha, and full fine-tuning moves every
+weight: one rate does not fit all. The rates below were chosen from the measured sweep in
+``benchmarks/lr_sweep.py`` (results: ``benchmarks/results/lr_sweep.md``) on the bundled
+SmolLM2-135M-Instruct and Rotten Tomatoes as an LM task, 80 AdamW steps of 8 reviews, three rates a
+factor of about 3 apart per method; the best of the three is taken. Other models, tasks or run
+lengths may want other rates: :func:`rowsft.notebook.lr_range_test` (or a short sweep) finds one.
+Full fine-tuning was not swept; its rate is the usual order for a model of this size.
+"""
+from __future__ import annotations
+
+# method (as rowsft.cli.job.JobConfig names it) -> peak learning rate
+DEFAULT_LEARNING_RATES = {
+    "rowsft": 1e-3,
+    "column": 1e-3,
+    "element": 1e-3,
+    "lora": 1e-3,
+    "dora": 1e-3,       # DoRA was not swept: LoRA's rate
+    "full": 2e-5,
+}
+UNIT_METHODS = {"row": "rowsft", "column": "column", "element": "element", "group": "rowsft"}
+
+
+def default_learning_rate(method: str) -> float:
+    """The tuned default rate of ``method`` (``rowsft``, ``column``, ``element``, ``lora``, ``dora``,
+    ``full``; the units ``row``/``group`` read as ``rowsft``)."""
+    key = UNIT_METHODS.get(method, method)
+    if key not in DEFAULT_LEARNING_RATES:
+        raise ValueError(f"no default learning rate for method {method!r}; choose one of "
+                         f"{sorted(DEFAULT_LEARNING_RATES)} or give lr explicitly")
+    return DEFAULT_LEARNING_RATES[key]
