@@ -37,6 +37,7 @@ _VERBS = {
     # training
     "train": "training.loop", "TrainState": "training.loop", "TrainConfig": "training.config",
     "History": "training.history", "Callback": "training.callbacks", "DynamicMask": "training.dynamic",
+    "lr_range_test": "training.lr_range", "default_learning_rate": "training.learning_rates",
     # memory, evaluation, baselines
     "MemoryReport": "memory.report", "evaluate": "evaluation.choices", "full_finetune": "baselines",
     # exploration

@@ -120,7 +120,7 @@ def refuse_file(path: str | os.PathLike, what: str = "folder") -> Path:
     """``path`` resolved; a ValueError (nothing changed) when it is an existing file, not a folder."""
     path = resolved(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{str(path)!r} is a file, not a folder; give a {what} path (a new or existing folder), "
+        raise ValueError(f"{str(path)!r} is a file, not a folder; give the path of {'an' if what[:1] in 'aeiou' else 'a'} {what} (a new or existing folder), "
                          f"or move that file away first")
     return path
 

@@ -19,7 +19,8 @@ export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp="$VENV/.rowsft-setup-stamp"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
-# The browser tests drive Debian's chromium: install it when missing and we may (root, or passwordless sudo).
+# The browser tests and static figure export (kaleido, from the notebook extra) drive Debian's chromium:
+# install it when missing and we may (root, or passwordless sudo).
 if [[ ! -x /usr/bin/chromium ]]; then
   sudo=()
   if [[ "$(id -u)" != 0 ]]; then

@@ -126,6 +126,8 @@ CASES = {
     "momentum-inf": (lambda m, b, s, t: TrainConfig(momentum=INF), ValueError, "finite momentum"),
     "betas-nan": (lambda m, b, s, t: TrainConfig(betas=(NAN, 0.9)), ValueError, "(0.9, 0.999)"),
     "lr-text": (lambda m, b, s, t: TrainConfig(lr="1e-3"), ValueError, "lr=0.001"),
+    "lr-huge": (lambda m, b, s, t: train(m, b, steps=1, lr=1e37, progress=False), ValueError, "lr_range_test"),
+    "lr-overflows-float32": (lambda m, b, s, t: train(m, b, steps=1, lr=1e300, progress=False), ValueError, "try 1e-3"),
     # 2. gradient metrics on batches without a labelled token
     **{f"score-{metric}-unlabelled": (lambda m, b, s, t, metric=metric: score(m, unlabelled(b), metric=metric,
                                                                              num_perturbations=2),
@@ -290,3 +292,30 @@ def test_dashboard_refuses_to_score_or_reselect_while_training():
     assert dash.launcher.error is None, dash.launcher.status.message
     assert not dash.is_training and dash.chooser.run() is not None   # free again once the run ended
     assert math.isfinite(float(next(iter(dash.scores.values())).sum()))
+
+
+@pytest.mark.parametrize("text, what", [("lr: [1\n", "not valid YAML"), ("{'lr': 1}", "not valid JSON")])
+def test_cli_config_that_does_not_parse_names_the_file(text, what, tmp_path, capsys):
+    job = tmp_path / ("job.yaml" if "YAML" in what else "job.json")
+    job.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--config", str(job)])
+    assert what in str(exit_info.value) and str(job) in str(exit_info.value)
+
+
+@pytest.mark.parametrize("extra", [["--budget", "1000"], ["--targets", "nonexistent"], ["--method", "lora",
+                                                                                          "--targets", "nonexistent"]])
+def test_cli_budget_and_target_errors_come_before_the_first_evaluation(extra, capsys, monkeypatch):
+    def no_eval(*args, **kwargs):
+        raise AssertionError("evaluated before the budget and targets were checked")
+    monkeypatch.setattr("rowsft.cli.job.evaluate", no_eval)
+    argv = ["run", "--model", "tiny-llama", "--task", "boolq", "--steps", "1", "--max-train", "16", "--eval-examples",
+            "4", "--calibration-batches", "1", "--batch-size", "2", "--max-length", "32", "--no-progress", *extra]
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_explore_refuses_a_folder_as_cache_before_any_run(tmp_path):
+    from rowsft.explore.budgets import ExploreConfig
+    with pytest.raises(ValueError, match="is a folder"):
+        ExploreConfig(model="tiny-llama", cache=str(tmp_path))

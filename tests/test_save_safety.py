@@ -119,6 +119,29 @@ def test_a_non_adapter_folder_is_refused_without_overwrite(tmp_path):
     assert tree(tmp_path) == before
 
 
+def test_an_adapter_of_another_kind_is_not_replaced_without_overwrite(tmp_path):
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (lora / "adapter_model.safetensors").write_bytes(b"not ours")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"holds no rowsft adapter"):
+        adapters.save_adapter(trained_model(), lora)
+    assert tree(tmp_path) == before
+
+
+def test_a_peft_save_does_not_replace_a_rowsft_adapter(tmp_path):
+    from rowsft.cli.outputs import check_peft_folder
+    target = tmp_path / "a"
+    adapters.save_adapter(trained_model(), target)
+    with pytest.raises(ValueError, match=r"holds a rowsft adapter.*--overwrite"):
+        check_peft_folder(target, overwrite=False)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert check_peft_folder(lora, overwrite=False) == lora.resolve()          # an earlier LoRA save is replaced
+
+
 def test_overwrite_writes_beside_the_other_files(tmp_path):
     runs = tmp_path / "runs"
     foreign_files(runs)
@@ -426,7 +449,7 @@ def test_a_scores_save_refuses_a_file_path(tmp_path):
     target = tmp_path / "scores"
     target.write_text("not a folder")
     before = tree(tmp_path)
-    with pytest.raises(ValueError, match=r"is a file, not a folder; give a scores folder path.*move that file away"):
+    with pytest.raises(ValueError, match=r"is a file, not a folder; give the path of a scores folder.*move that file away"):
         small_scores().save(target)
     assert tree(tmp_path) == before
 

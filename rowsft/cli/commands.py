@@ -1,14 +1,15 @@
 """The ``rowsft`` command.
 
-``rowsft`` alone runs the main job on the bundled defaults (SmolLM2-135M-Instruct, BoolQ): score
-rows, select, fine-tune briefly, evaluate before and after, print trainable parameters and a
-memory breakdown. Sub-commands serve scripted use::
+``rowsft`` alone runs the main job on the bundled defaults (SmolLM2-135M-Instruct, Rotten Tomatoes
+as an LM task): score rows, select 2 per layer by Taylor importance, fine-tune 80 steps, evaluate
+400 held-out reviews before and after, and print accuracy with 95% intervals, the majority class,
+the paired change with its exact McNemar p-value, trainable parameters, memory and wall time. Sub-commands serve scripted use::
 
-    rowsft run   [--config job.yaml] [--steps 60 --budget lora:8 ...]   # the main job, any settings
-    rowsft score --model smollm2-135m --task boolq --metric taylor --out scores.safetensors
-    rowsft train --config job.yaml --out runs/boolq                   # score, select, train, save adapter
-    rowsft eval  --model smollm2-135m --task boolq [--adapter runs/boolq]
-    rowsft merge --model smollm2-135m --adapter runs/boolq --out merged/
+    rowsft run   [--config job.yaml] [--task boolq --budget lora:8 ...]  # the main job, any settings
+    rowsft score --model smollm2-135m --task rotten_tomatoes --metric taylor --out scores/
+    rowsft train --config job.yaml --out runs/rt                      # score, select, train, save adapter
+    rowsft eval  --model smollm2-135m --task rotten_tomatoes [--adapter runs/rt]
+    rowsft merge --model smollm2-135m --adapter runs/rt --out merged/
     rowsft explore --budgets 1 2 4 lora:8 --metrics taylor random --seeds 0 1 2 --cache explore.jsonl
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default {default})")
         else:
-            caster = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            caster = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=caster, default=None, help=f"{help_text} (default {default})")
 
 
@@ -55,11 +56,15 @@ def _job_config(args: argparse.Namespace) -> JobConfig:
         if not path.exists():
             raise SystemExit(f"rowsft: config file {path} does not exist")
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - yaml's and json's parse errors, shown with the file named
+            raise SystemExit(f"rowsft: {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                             f"{str(e).splitlines()[0]}; fix the file (one 'field: value' per line)") from None
         if not isinstance(values, dict):
             raise SystemExit(f"rowsft: {path} must hold a mapping of JobConfig fields")
     for f in fields(JobConfig):
@@ -192,7 +197,7 @@ def cmd_explore(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rowsft", description="Row-based sparse fine-tuning of transformers. "
-                                     "With no sub-command: the main job on the bundled SmolLM2-135M and BoolQ.")
+                                     "With no sub-command: the main job on the bundled SmolLM2-135M and Rotten Tomatoes.")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("run", help="score → select → train → evaluate before/after (the main job)")
     _add_job_flags(p)
@@ -202,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="smollm2-135m")
-    common.add_argument("--task", default="boolq")
+    common.add_argument("--task", default="rotten_tomatoes")
     common.add_argument("--batch-size", type=positive_int, default=8)
-    common.add_argument("--max-length", type=positive_int, default=256)
+    common.add_argument("--max-length", type=positive_int, default=96)
     p = sub.add_parser("score", parents=[common], help="neuron importance scores, printed per layer and saved")
     p.add_argument("--metric", default="taylor")
     p.add_argument("--unit", default="row", choices=["row", "column", "group", "element"])

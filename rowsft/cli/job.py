@@ -25,6 +25,7 @@ from rowsft.scoring.scorer import canonical_metric, score
 from rowsft.selection.budgets import parse_budget
 from rowsft.selection.strategies import STRATEGIES, select
 from rowsft.targets import check_targets
+from rowsft.training.config import MAX_LR
 from rowsft.training.learning_rates import default_learning_rate
 from rowsft.training.loop import train
 from rowsft.training.parts import check_device
@@ -39,21 +40,21 @@ FALSE_WORDS = ("false", "no", "off", "0", "n")
 class JobConfig:
     """A fine-tuning job. Every field has a default so ``JobConfig()`` is the main job."""
     model: str = field(default="smollm2-135m", metadata={"help": "bundled name (smollm2-135m, minilm-l6, tiny-llama, ...), HF id or path"})
-    task: str = field(default="boolq", metadata={"help": "boolq, piqa, siqa, openbookqa, commonsenseqa, rotten_tomatoes"})
+    task: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes (the model learns it in minutes), boolq (the hard case), piqa, siqa, openbookqa, commonsenseqa"})
     method: str = field(default="rowsft", metadata={"help": f"one of {METHODS}"})
     metric: str = field(default="taylor", metadata={"help": "importance metric for rowsft/column/element selection"})
-    budget: str = field(default="lora:8", metadata={"help": "rows per layer (64), ratio (0.02), 'lora:8' (parity with LoRA rank 8) or 'params:N'"})
+    budget: str = field(default="2", metadata={"help": "rows per layer (64), ratio (0.02), 'lora:8' (parity with LoRA rank 8) or 'params:N'"})
     strategy: str = field(default="per-layer", metadata={"help": "per-layer or global"})
     targets: str = field(default="all-linear", metadata={"help": "all-linear, attention, mlp, or a regex"})
     lora_rank: int = field(default=8, metadata={"help": "rank for lora/dora"})
-    steps: int = field(default=60, metadata={"help": "optimizer steps"})
+    steps: int = field(default=80, metadata={"help": "optimizer steps"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's tuned rate, rowsft.training.learning_rates)"})
-    batch_size: int = field(default=4, metadata={"help": "examples per step"})
-    max_length: int = field(default=256, metadata={"help": "tokens per example (prompt start is truncated)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step"})
+    max_length: int = field(default=96, metadata={"help": "tokens per example (prompt start is truncated)"})
     calibration_batches: int = field(default=4, metadata={"help": "batches used to score importance"})
     zo_perturbations: int = field(default=64, metadata={"help": "zo-taylor only: SPSA perturbations (each costs two forward passes per calibration batch)"})
-    max_train: int | None = field(default=None, metadata={"help": "cap on training rows"})
-    eval_examples: int | None = field(default=200, metadata={"help": "validation examples for accuracy (None = all)"})
+    max_train: int | None = field(default=2000, metadata={"help": "cap on training rows (None = all)"})
+    eval_examples: int | None = field(default=400, metadata={"help": "validation examples for accuracy (None = all)"})
     eval_before: bool = field(default=True, metadata={"help": "also evaluate before fine-tuning"})
     seed: int = field(default=0, metadata={"help": "seed for data order, random selection and init"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
@@ -79,8 +80,8 @@ class JobConfig:
                 raise ValueError(f"{name} must be a positive integer or None (all), got {getattr(self, name)!r}")
         if self.lr is None:
             self.lr = default_learning_rate(self.method)
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number such as 2e-4, got {self.lr!r}")
+        if not (0 < self.lr <= MAX_LR and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number at most {MAX_LR:g}, such as 1e-3, got {self.lr!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {STRATEGIES}")
         parse_budget(self.budget)
@@ -239,11 +240,14 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
         correct = correctness(summary).astype(int).tolist()
         return {k: v for k, v in summary.items() if k != "per_question"}, correct
 
+    # Prepared first, so that a budget or target that does not fit this model is refused before the long
+    # evaluation; at step 0 the prepared model computes exactly the pretrained model's outputs (zero deltas,
+    # LoRA's B = 0), so "before" is the pretrained model's accuracy.
+    model, selection = prepare_model(model, cfg, batches, log)
     if cfg.eval_before:
         result.eval_before, result.correct_before = evaluation(model)
         result.accuracy_before = result.eval_before["accuracy"]
         log(f"accuracy before: {describe_accuracy(result.eval_before)}")
-    model, selection = prepare_model(model, cfg, batches, log)
     result.trainable_parameters, result.total_parameters = tuner.trainable_parameters(model)
     first = next(iter(batches))
     first = {k: v.to(device) for k, v in first.items()}

@@ -8,11 +8,13 @@ always refused, both before the model is even loaded.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from rowsft.io_utils import atomic_files_into, refuse_file
 from rowsft.layers import adapters
+from rowsft.layers.adapter_checks import PEFT_TYPE
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -48,14 +50,25 @@ def save_model_folder(model, tokenizer, out, overwrite: bool = False) -> None:
 
 
 def check_peft_folder(out, overwrite: bool) -> Path:
-    """Refuse a file, and without ``overwrite`` a non-empty folder holding no peft adapter."""
+    """Refuse a file, and without ``overwrite`` a non-empty folder holding no peft adapter (a rowsft
+    adapter is not replaced by a peft one either)."""
     target = refuse_file(out, "adapter folder")
     entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if overwrite or not entries or (target / PEFT_FILES[0]).is_file():
+    if overwrite or not entries or peft_type_of(target) not in (None, PEFT_TYPE):
         return target
+    held = "a rowsft adapter" if peft_type_of(target) == PEFT_TYPE else "no peft adapter"
     raise ValueError(f"{str(target)!r} is not empty ({entries[:3]}{' ...' if len(entries) > 3 else ''}) and holds "
-                     f"no adapter; give a new or empty folder, or overwrite=True (--overwrite) to write the adapter "
+                     f"{held}; give a new or empty folder, or overwrite=True (--overwrite) to write the adapter "
                      f"files beside those (nothing else there is deleted)")
+
+
+def peft_type_of(folder: Path) -> str | None:
+    """The ``peft_type`` of ``folder/adapter_config.json`` (None: no readable adapter config there)."""
+    try:
+        config = json.loads((folder / PEFT_FILES[0]).read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("peft_type") if isinstance(config, dict) else None
 
 
 def save_peft_folder(model, out, overwrite: bool = False) -> None:

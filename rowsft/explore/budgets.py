@@ -11,10 +11,12 @@ budget runs only that budget. `rowsft.viz.budget_explorer` draws the result.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -76,6 +78,9 @@ class ExploreConfig:
             raise ValueError("nothing to explore: give at least one metric, or a LoRA rank")
         if not self.seeds:
             raise ValueError("ExploreConfig.seeds is empty: give at least one seed, e.g. [0]")
+        if self.cache is not None and Path(self.cache).is_dir():
+            raise ValueError(f"ExploreConfig.cache {self.cache!r} is a folder; give a file name such as "
+                             f"{str(Path(self.cache) / 'explore.jsonl')!r}")
 
 
 def budget_label(budget) -> str:
@@ -121,7 +126,34 @@ def read_cache(path) -> dict[str, dict]:
 
 
 def write_cache(path, records: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    """Add ``records`` to the cache file ``path``, keeping every record already there.
+
+    Several processes may share one cache (the study's workers, a notebook): under a lock file
+    beside it, the file is re-read, the new records merged in by key, and the whole replaced
+    atomically, so no process drops another's points and a kill leaves the old or the new file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_name(path.name + ".lock")):
+        merged = read_cache(path)
+        merged.update({r["key"]: r for r in records})
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged.values()))
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    """An exclusive lock on ``lock_path`` (POSIX ``flock``; elsewhere no lock, one process at a time)."""
+    try:
+        import fcntl
+    except ImportError:                      # Windows: no flock; sharing a cache between processes is unsupported
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_point(point: dict) -> dict:
@@ -134,7 +166,8 @@ def run_point(point: dict) -> dict:
     first = next(iter(batches))
     seq_len, positions = int(first["input_ids"].shape[-1]), logit_positions(first)
     if point["method"] == "zero-shot":                                   # the pretrained model itself
-        result = evaluate(model, tokenizer, data["validation"], max_examples=point["eval_examples"], progress=False)
+        result = evaluate(model, tokenizer, data["validation"], max_length=point["max_length"],
+                          max_examples=point["eval_examples"], progress=False)
         return {**point, "trainable_parameters": 0, "total_parameters": sum(p.numel() for p in model.parameters()),
                 "predicted_peak_bytes": None, "final_loss": None, "evaluation": json_safe(result)}
     if point["method"] == "lora":
@@ -149,21 +182,26 @@ def run_point(point: dict) -> dict:
         predicted = memory.predict(model, selection, point["batch_size"], seq_len, logit_positions=positions)
         apply(model, selection)
     trainable, total = trainable_parameters(model)
+    started = time.perf_counter()
     history = train(model, batches, steps=point["steps"], lr=point["lr"], seed=point["seed"], progress=False)
-    result = evaluate(model, tokenizer, data["validation"], max_examples=point["eval_examples"], progress=False)
+    train_seconds = time.perf_counter() - started
+    result = evaluate(model, tokenizer, data["validation"], max_length=point["max_length"],
+                      max_examples=point["eval_examples"], progress=False)
     return {**point, "trainable_parameters": int(trainable), "total_parameters": int(total),
             "predicted_peak_bytes": int(predicted.total), "final_loss": history.steps[-1]["loss"],
-            "evaluation": json_safe(result)}
+            "train_seconds": train_seconds, "threads": torch.get_num_threads(), "evaluation": json_safe(result)}
 
 
 def explore_budgets(cfg: ExploreConfig | None = None, progress: bool | Callable = True,
-                    stop: Callable[[], bool] | None = None, **overrides) -> list[dict]:
+                    stop: Callable[[], bool] | None = None, keep: Callable[[dict], bool] | None = None,
+                    **overrides) -> list[dict]:
     """Run (or read from ``cfg.cache``) every point of the exploration; returns the records in grid order.
 
     ``progress``: a tqdm bar (True), none (False), or a callable ``(done, total, record)`` called after
     each point (the dashboard's progress bar). ``stop``: asked before each point that must run; when
-    it returns True the points finished so far are returned (and stay cached). Keyword ``overrides``
-    replace `ExploreConfig` fields.
+    it returns True the points finished so far are returned (and stay cached). ``keep(point)``: when
+    given, points it rejects are neither run nor returned unless already cached (splitting one grid
+    between processes that share the cache). Keyword ``overrides`` replace `ExploreConfig` fields.
     """
     cfg = dataclasses.replace(cfg or ExploreConfig(), **overrides) if overrides else (cfg or ExploreConfig())
     points = grid(cfg)
@@ -173,13 +211,17 @@ def explore_budgets(cfg: ExploreConfig | None = None, progress: bool | Callable 
     for done, point in enumerate(points, 1):
         key = point_key(point)
         record = cached.get(key)
+        if record is None and cfg.cache is not None:
+            record = read_cache(cfg.cache).get(key)          # another process may have run it meanwhile
         if record is None:
+            if keep is not None and not keep(point):
+                continue
             if stop is not None and stop():
                 break
             record = {"key": key, **run_point(point)}
             cached[key] = record
             if cfg.cache is not None:
-                write_cache(cfg.cache, cached.values())
+                write_cache(cfg.cache, [record])
         records.append(record)
         bar.update(1)
         if callable(progress):

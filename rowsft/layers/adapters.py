@@ -97,15 +97,16 @@ def is_rowsft_adapter_folder(path) -> bool:
 
 def check_save_target(path, overwrite: bool = False) -> Path:
     """Refuse (ValueError, nothing changed) a file, and without ``overwrite`` a non-empty folder that
-    holds no rowsft adapter (a folder holding nothing but adapter files, e.g. from a killed first save,
-    counts as one); returns ``path`` resolved."""
+    holds no rowsft adapter (another kind of adapter, e.g. a peft LoRA, counts as foreign; the weights
+    file alone, left by a first save killed between its renames, counts as a rowsft adapter: it
+    carries its config); returns ``path`` resolved."""
     target = refuse_file(path, "adapter folder")
     shown = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if overwrite or set(shown) <= {CONFIG_NAME, WEIGHTS_NAME} or is_rowsft_adapter_folder(target):
+    if overwrite or not shown or is_rowsft_adapter_folder(target):
         return target
     more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
     raise ValueError(f"{str(target)!r} is not empty ({shown[:3]}{more}) and holds no rowsft adapter; save into a "
-                     f"new or empty folder, or pass overwrite=True to write {CONFIG_NAME} and {WEIGHTS_NAME} "
+                     f"new or empty folder, or pass overwrite=True (--overwrite on the command line) to write {CONFIG_NAME} and {WEIGHTS_NAME} "
                      f"beside those files (nothing else there is deleted)")
 
 

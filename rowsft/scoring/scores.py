@@ -277,5 +277,5 @@ def check_scores_target(path: str | Path, overwrite: bool = False) -> Path:
         return target
     more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
     raise ValueError(f"{str(target)!r} is not empty ({shown[:3]}{more}) and holds no saved scores; save into a "
-                     f"new or empty folder, or pass overwrite=True to write {_TENSORS_FILE} and {_META_FILE} "
+                     f"new or empty folder, or pass overwrite=True (--overwrite on the command line) to write {_TENSORS_FILE} and {_META_FILE} "
                      f"beside those files (nothing else there is deleted)")

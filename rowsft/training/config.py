@@ -12,6 +12,8 @@ from rowsft.checks import check_count, check_real
 # name -> (lowest allowed value, whether the lowest is allowed); every one must be a finite real number
 REAL_FIELDS = {"lr": (0.0, True), "weight_decay": (0.0, True), "eps": (0.0, False), "momentum": (0.0, True),
                "warmup_ratio": (0.0, True)}
+# above this, one AdamW step moves every trained value by about lr: nothing learnt survives, and float32 overflows
+MAX_LR = 10.0
 # name -> lowest allowed value; every one must be a whole number (not a bool or a float)
 COUNT_FIELDS = {"warmup_steps": 0, "grad_accum_steps": 1, "eval_every": 0, "log_every": 1, "memory_every": 0}
 
@@ -33,7 +35,8 @@ class TrainConfig:
     momentum: float = _help(0.0, "momentum of the 'sgd' optimizer")
     warmup_steps: int = _help(0, "steps of linear warm-up from 0 to lr (wins over warmup_ratio)")
     warmup_ratio: float = _help(0.0, "warm-up as a fraction of the run's steps (used when warmup_steps is 0)")
-    schedule: str = _help("linear", "decay after warm-up: 'linear' (to 0), 'cosine' (to 0) or 'constant'")
+    schedule: Any = _help("linear", "decay after warm-up: 'linear' (to 0), 'cosine' (to 0), 'constant', or a function "
+                                     "step (1-based) -> factor of lr (warm-up then does not apply)")
     grad_accum_steps: int = _help(1, "micro-batches whose gradients are summed into one optimizer step")
     max_grad_norm: float | None = _help(1.0, "clip the global L2 norm of the trainable gradients to this (None: no clipping)")
     gradient_checkpointing: bool = _help(False, "recompute block activations in backward (transformers models) to save memory")
@@ -53,14 +56,18 @@ class TrainConfig:
             check_real(name, getattr(self, name), low, inclusive)
         for name, low in COUNT_FIELDS.items():
             check_count(name, getattr(self, name), low)
+        if self.lr > MAX_LR:
+            raise ValueError(f"lr = {self.lr:g} is far above any workable learning rate (rowsft refuses more than "
+                             f"{MAX_LR:g}): one step would wipe what the deltas learnt; try 1e-3, or find a rate with "
+                             f"rowsft.lr_range_test")
         if self.max_grad_norm is not None:
             check_real("max_grad_norm", self.max_grad_norm, 0.0, False, "or None (no clipping)")
         check_betas(self.betas)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         checks = [
-            (self.schedule in ("linear", "cosine", "constant"),
-             f"schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}"),
+            (callable(self.schedule) or self.schedule in ("linear", "cosine", "constant"),
+             f"schedule must be 'linear', 'cosine', 'constant' or a function step -> factor, got {self.schedule!r}"),
             (self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.nan_policy in ("raise", "skip"), f"nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}"),
             (callable(self.optimizer) or self.optimizer in ("adamw", "sgd"),
@@ -78,8 +85,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if callable(self.optimizer):
-            d["optimizer"] = getattr(self.optimizer, "__name__", "custom")
+        for name in ("optimizer", "schedule"):
+            if callable(getattr(self, name)):
+                d[name] = getattr(getattr(self, name), "__name__", "custom")
         return d
 
 

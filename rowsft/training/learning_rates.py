@@ -6,7 +6,7 @@ weight: one rate does not fit all. The rates below were chosen from the measured
 ``benchmarks/lr_sweep.py`` (results: ``benchmarks/results/lr_sweep.md``) on the bundled
 SmolLM2-135M-Instruct and Rotten Tomatoes as an LM task, 80 AdamW steps of 8 reviews, three rates a
 factor of about 3 apart per method; the best of the three is taken. Other models, tasks or run
-lengths may want other rates: :func:`rowsft.notebook.lr_range_test` (or a short sweep) finds one.
+lengths may want other rates: :func:`rowsft.lr_range_test` (or a short sweep) finds one.
 Full fine-tuning was not swept; its rate is the usual order for a model of this size.
 """
 from __future__ import annotations

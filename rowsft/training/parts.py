@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from rowsft.checks import check_count
+from rowsft.checks import check_count, check_real
 from rowsft.layers.tuner import sparse_layers
 from rowsft.memory.callback import MemoryCallback
 from rowsft.training.callbacks import CallbackList, LogCallback, ProgressBar
@@ -22,7 +22,12 @@ def lr_factor(step: int, config: TrainConfig, max_steps: int | None) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (1-based): linear warm-up
     ``step / (warmup + 1)``, then ``1 - progress`` (linear), ``(1 + cos(pi * progress)) / 2`` (cosine)
     or 1 (constant), where progress runs from 0 at the first step after warm-up to 1 at ``max_steps``.
-    Without a known ``max_steps`` the schedule stays constant after warm-up."""
+    Without a known ``max_steps`` the schedule stays constant after warm-up. A function ``schedule``
+    gives the factor itself (a finite number >= 0), with no warm-up."""
+    if callable(config.schedule):
+        factor = config.schedule(step)
+        check_real(f"schedule({step})", factor, 0.0)
+        return float(factor)
     warmup = config.warmup_steps or (math.ceil(config.warmup_ratio * max_steps) if max_steps else 0)
     if step <= warmup:
         return step / (warmup + 1)

@@ -7,9 +7,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from rowsft.evaluation.stats import wilson_interval
-from rowsft.viz.style import TEMPLATE
-
-MIB = 2 ** 20
+from rowsft.viz.style import MIB, TEMPLATE, series_colors
 
 
 def series_name(record: dict) -> str:
@@ -45,14 +43,14 @@ def budget_explorer(records: list[dict], title: str | None = None) -> go.Figure:
     `rowsft.explore_budgets`. Error bars: 95% Wilson intervals (over seeds, the widest)."""
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                         subplot_titles=("held-out accuracy (95% interval)", "predicted peak memory"))
-    colors = TEMPLATE.layout.colorway
     tuned = [r for r in records if r["method"] != "zero-shot"]
     names = list(dict.fromkeys(series_name(r) for r in tuned))
-    for i, name in enumerate(names):
+    colors = series_colors(names)
+    for name in names:
         rows = _mean_over_seeds([r for r in tuned if series_name(r) == name])
         x = [row[0] for row in rows]
         acc = [row[1] for row in rows]
-        color = colors[i % len(colors)]
+        color = colors[name]
         fig.add_trace(go.Scatter(
             x=x, y=acc, name=name, legendgroup=name, mode="lines+markers", line_color=color,
             error_y=dict(type="data", symmetric=False, array=[row[3] - row[1] for row in rows],
@@ -77,7 +75,7 @@ def budget_explorer(records: list[dict], title: str | None = None) -> go.Figure:
     fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=1)
     fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=2)
     fig.update_yaxes(title_text="accuracy", row=1, col=1)
-    fig.update_yaxes(title_text="MiB", row=1, col=2)
+    fig.update_yaxes(title_text="predicted peak (MiB)", exponentformat="none", separatethousands=True, row=1, col=2)
     task = records[0]["task"] if records else ""
     n = records[0]["evaluation"]["n"] if records else 0
     steps = tuned[0]["steps"] if tuned else 0

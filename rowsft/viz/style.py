@@ -7,6 +7,7 @@ classes of the core modules, only on their documented shapes.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import numpy as np
@@ -15,14 +16,41 @@ import plotly.graph_objects as go
 from rowsft.targets import layer_index as _layer_index
 from rowsft.targets import module_type
 
+MIB = 2 ** 20   # every memory figure is in MiB (binary), never SI MB/GB
+
+FONT = "Arial, Liberation Sans, DejaVu Sans, sans-serif"   # Liberation Sans: Arial's metrics where Arial is missing
+# Colours of series that are not one of SERIES_COLORS' names, in order (also the template's colorway).
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#bcbd22", "#7f7f7f"]
+
 # A few-line template instead of plotly's default one (~6.5 kB of JSON repeated in every saved figure).
+# Axis titles and tick labels are pushed clear of each other (automargin), titles sit top left.
 TEMPLATE = go.layout.Template(layout=dict(
-    font=dict(family="Arial, sans-serif", size=12), plot_bgcolor="white", paper_bgcolor="white",
-    colorway=["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-              "#bcbd22", "#17becf"],
-    xaxis=dict(showgrid=True, gridcolor="#eeeeee", zeroline=False, linecolor="#444444"),
-    yaxis=dict(showgrid=True, gridcolor="#eeeeee", zeroline=False, linecolor="#444444"),
-    hovermode="closest", margin=dict(l=60, r=20, t=50, b=50)))
+    font=dict(family=FONT, size=12, color="#222222"), plot_bgcolor="white", paper_bgcolor="white",
+    title=dict(x=0.01, xanchor="left", font=dict(size=15)), colorway=PALETTE,
+    xaxis=dict(showgrid=True, gridcolor="#eeeeee", zeroline=False, linecolor="#444444", automargin=True, ticks="outside"),
+    yaxis=dict(showgrid=True, gridcolor="#eeeeee", zeroline=False, linecolor="#444444", automargin=True, ticks="outside"),
+    hovermode="closest", margin=dict(l=60, r=20, t=60, b=50)))
+
+# One colour per method and per importance metric, the same in every figure. A series is coloured by
+# the metric its name mentions, else by the method (``"row · taylor"`` → taylor, ``"LoRA r=8"`` → LoRA,
+# ``"rows k=16"`` → row); names that mention neither take the next free colour of PALETTE.
+SERIES_COLORS = {
+    # methods (trainable units and baselines)
+    "row": "#1f77b4", "column": "#17becf", "element": "#9467bd", "group": "#3b4cc0", "lean": "#6baed6",
+    "lora": "#ff7f0e", "full": "#d62728", "zero-shot": "#555555",
+    # importance metrics
+    "taylor": "#2ca02c", "magnitude": "#8c564b", "wanda": "#e377c2", "random": "#7f7f7f",
+    "activation": "#bcbd22", "zo-taylor": "#74c476", "fisher": "#637939", "hessian": "#ad494a",
+    "gradient": "#843c39", "snip": "#a55194", "synflow": "#5254a3", "grasp": "#e7969c", "force": "#8ca252",
+    "taylor-fo": "#31a354",
+}
+METRIC_KEYS = ("zo-taylor", "taylor-fo", "taylor", "magnitude", "wanda", "random", "activation", "fisher",
+               "hessian", "gradient", "snip", "synflow", "grasp", "force")
+METHOD_ALIASES = {"row": "row", "rows": "row", "rowsft": "row", "column": "column", "columns": "column",
+                  "col": "column", "element": "element", "elements": "element", "speft": "element",
+                  "group": "group", "groups": "group", "lean": "lean", "lora": "lora", "peft": "lora",
+                  "full": "full", "zero": "zero-shot"}
 
 SIGNIFICANT_DIGITS = 4
 
@@ -51,6 +79,102 @@ def round_significant(values, digits: int = SIGNIFICANT_DIGITS) -> np.ndarray:
     scale = 10.0 ** (digits - 1 - magnitude)
     out[finite] = np.round(x[finite] * scale) / scale
     return out.astype(np.float32)
+
+
+def series_key(name: str) -> str | None:
+    """The :data:`SERIES_COLORS` key a series name refers to: the metric it mentions, else its method."""
+    text = str(name).lower().replace("_", "-")
+    for key in METRIC_KEYS:           # longest first: "zo-taylor" before "taylor"
+        if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])", text):
+            return key
+    for token in re.split(r"[^a-z0-9]+", text):
+        if token in METHOD_ALIASES:
+            return METHOD_ALIASES[token]
+    return None
+
+
+def series_colors(names) -> dict[str, str]:
+    """``{name: colour}``: each name's fixed colour (:func:`series_key`), distinct within the figure;
+    a name without a fixed colour, or whose colour another name took first, gets the next free one."""
+    names = list(dict.fromkeys(str(n) for n in names))
+    out: dict[str, str] = {}
+    for name in names:
+        key = series_key(name)
+        if key is not None and SERIES_COLORS[key] not in out.values():
+            out[name] = SERIES_COLORS[key]
+    free = [c for c in PALETTE + list(SERIES_COLORS.values()) if c not in out.values()]
+    for name in names:
+        if name not in out:
+            out[name] = free.pop(0) if free else PALETTE[len(out) % len(PALETTE)]
+    return {name: out[name] for name in names}
+
+
+def block_dtick(count: int) -> int:
+    """Tick step of a block axis of ``count`` blocks: 1 up to 12 blocks, then 2, 5, 10 (integers only)."""
+    for step in (1, 2, 5, 10, 20, 50):
+        if count <= 12 * step:
+            return step
+    return 100
+
+
+def block_axis(count: int, title: str | None = "block") -> dict:
+    """Axis settings of a block-index axis: integer ticks only (never -0.5, 0.5, ...)."""
+    axis = dict(tickmode="linear", tick0=0, dtick=block_dtick(count), tickformat="d")
+    if title is not None:
+        axis["title_text"] = title
+    return axis
+
+
+def nice_step(span: float, target: int = 6) -> float:
+    """A 1-2-5 step that cuts ``span`` into about ``target`` intervals."""
+    if not np.isfinite(span) or span <= 0:
+        return 1.0
+    raw = span / max(1, target)
+    magnitude = 10.0 ** np.floor(np.log10(raw))
+    for factor in (1, 2, 2.5, 5, 10):
+        if raw <= factor * magnitude:
+            return float(factor * magnitude)
+    return float(10 * magnitude)
+
+
+def mib_axis(max_bytes: float, title: str = "memory (MiB)", headroom: float = 1.15) -> dict:
+    """A y axis for data in *bytes* that reads in MiB (2**20 bytes): ticks at round MiB values labelled
+    in MiB (no SI "MB"/"GB" suffix), range from 0 to ``headroom`` × ``max_bytes``."""
+    top = max(float(max_bytes), 1.0) * headroom / MIB
+    step = nice_step(top)
+    ticks = np.arange(0.0, top + step / 2, step)
+    decimals = max(0, -int(np.floor(np.log10(step)))) if step < 1 else 0
+    return dict(title_text=title, tickmode="array", tickvals=(ticks * MIB).tolist(),
+                ticktext=[f"{t:,.{decimals}f}" for t in ticks], range=[0.0, top * MIB])
+
+
+def reference_line(fig: go.Figure, y: float, text: str, color: str = "#555555", dash: str = "dash",
+                   row: int | None = None, col: int | None = None) -> go.Figure:
+    """A horizontal reference line (e.g. "random picks") whose label sits just right of the plot
+    area, outside it, so that it never covers a bar or a point; in place, returns ``fig``.
+    ``row``/``col``: the panel of a figure made with subplots."""
+    yref, right = "y", 1.0
+    if row is not None:
+        subplot = fig.get_subplot(row, col or 1)
+        yref = "y" + subplot.yaxis.plotly_name[len("yaxis"):]
+        right = subplot.xaxis.domain[1]
+        fig.add_hline(y=y, line=dict(color=color, dash=dash, width=1.2), row=row, col=col or 1)
+    else:
+        fig.add_hline(y=y, line=dict(color=color, dash=dash, width=1.2))
+    fig.add_annotation(x=right, xref="paper", xanchor="left", xshift=4, y=y, yref=yref, text=text,
+                       showarrow=False, font=dict(size=11, color=color))
+    margin = fig.layout.margin.r if fig.layout.margin.r is not None else TEMPLATE.layout.margin.r
+    fig.update_layout(margin_r=max(margin, 12 + 7 * len(text)))
+    return fig
+
+
+def compact_count(n: float) -> str:
+    """3_190_000 → '3.19 M', 2_400_000 → '2.4 M', 12_300 → '12.3 k', 950 → '950'."""
+    n = float(n)
+    for size, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{suffix}"
+    return f"{n:.0f}"
 
 
 def to_numpy(value) -> np.ndarray:
