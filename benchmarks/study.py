@@ -18,8 +18,8 @@ the majority class, and paired tests for the papers' claims, written as shown or
 Results: ``benchmarks/results/explorer-points.jsonl`` (the explorer's cache, shared with the
 tutorials: one JSON record per run, rewritten atomically after each, so an interrupted study
 resumes; other modes: ``study-<mode>.jsonl``), ``study-<mode>.md`` (the report)
-and ``study-<mode>.fig.json`` (accuracy and memory against trainable parameters). Seeds run in
-order, so a study stopped early has every method at the first seeds.
+and ``study-<mode>.fig.json`` (accuracy and memory against trainable parameters). The tight budget
+runs first, seed by seed, so a study stopped early has its first claims complete.
 """
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ MODES = {
 }
 
 
-def configs(mode: StudyMode, cache: Path, seed: int) -> list[ExploreConfig]:
-    """One explorer config per unit for one seed (LoRA and zero-shot points come with the first)."""
-    common = dict(model=mode.model, task=mode.task, budgets=list(mode.budgets), steps=mode.steps,
+def configs(mode: StudyMode, cache: Path, seed: int, budget: str) -> list[ExploreConfig]:
+    """One explorer config per unit for one seed and budget (LoRA and zero-shot points come with the first)."""
+    common = dict(model=mode.model, task=mode.task, budgets=[budget], steps=mode.steps,
                   batch_size=mode.batch_size, max_length=mode.max_length, eval_examples=mode.eval_examples,
                   max_train=mode.max_train, calibration_batches=mode.calibration_batches, seeds=[seed], cache=str(cache))
     return [ExploreConfig(unit=unit, metrics=list(metrics), **common) for unit, metrics in UNITS]
@@ -79,7 +79,7 @@ def run(mode: StudyMode, cache: Path, max_runs: int | None = None, worker: tuple
     """Every point not yet in ``cache``, seed by seed; ``max_runs`` new runs at most (resume later).
     ``worker=(k, n)``: only the points whose key falls to worker ``k`` of ``n`` (the others' share the cache).
     ``only``: only these methods' points (``row``, ``column``, ``element``, ``lora``; zero-shot always)."""
-    budget = [max_runs]
+    runs_left = [max_runs]
     k, n = worker
 
     def mine(point: dict) -> bool:
@@ -87,14 +87,15 @@ def run(mode: StudyMode, cache: Path, max_runs: int | None = None, worker: tuple
         return wanted and int(point_key(point), 16) % n == k
 
     def stop() -> bool:
-        if budget[0] is None:
+        if runs_left[0] is None:
             return False
-        budget[0] -= 1
-        return budget[0] < 0
+        runs_left[0] -= 1
+        return runs_left[0] < 0
 
-    for seed in mode.seeds:
-        for cfg in configs(mode, cache, seed):
-            explore_budgets(cfg, progress=n == 1, stop=stop, keep=mine)
+    for budget_label in mode.budgets:                # the tight budget first, over every seed: its claims first
+        for seed in mode.seeds:
+            for cfg in configs(mode, cache, seed, budget_label):
+                explore_budgets(cfg, progress=n == 1, stop=stop, keep=mine)
 
 
 def records_of(mode: StudyMode, cache: Path) -> list[dict]:

@@ -163,3 +163,20 @@ def test_train_with_overwrite_keeps_the_other_files(method, tmp_path):
     assert {"README.md", "checkpoint-500", "adapter_config.json"} <= set(names), names
     assert (folder / "README.md").read_text() == "mine"
     assert not any(name.startswith(".") for name in names), names
+
+
+def test_job_flags_without_a_subcommand_run_the_main_job(monkeypatch):
+    import rowsft.cli.commands as commands
+    seen = []
+    monkeypatch.setattr(commands, "cmd_run", lambda args: seen.append(args) or 0)
+    build = commands.build_parser
+
+    def parser_with_fake_run():
+        parser = build()
+        action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        action.choices["run"].set_defaults(func=commands.cmd_run)
+        return parser
+
+    monkeypatch.setattr(commands, "build_parser", parser_with_fake_run)
+    assert main(["--steps", "5", "--no-progress"]) == 0 and main([]) == 0
+    assert seen[0].steps == 5 and seen[0].progress is False and seen[1].steps is None

@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     # several times slower. Must be set before torch loads; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]                      # `rowsft --steps 20` is the main job with one setting changed
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["run", *(argv or [])])
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, TypeError, ImportError) as e:
