@@ -109,7 +109,9 @@ def table(rows: dict) -> str:
     lines += [f"- {label} at {budget}: lr {row['lr']:g} → {row['accuracy']:.3f}" for (label, budget), row in best.items()]
     if base:
         lines += ["", f"Majority class on these {base['n']} reviews: {base['majority']:.3f}. "
-                  f"Settings: {json.dumps(SETTINGS)}, seed 0, {rows and next(iter(rows.values())).get('threads', '?')} threads."]
+                  f"Settings: {json.dumps(SETTINGS)}, seed 0, "
+                  f"{next((r['threads'] for r in rows.values() if 'threads' in r), '?')} torch threads. "
+                  "`train s` is wall time on a shared machine (other jobs ran beside the sweep): not a timing."]
     return "\n".join(lines)
 
 

@@ -99,10 +99,11 @@ def run(mode: StudyMode, cache: Path, max_runs: int | None = None, worker: tuple
 
 
 def records_of(mode: StudyMode, cache: Path) -> list[dict]:
-    """The runs of this mode in ``cache`` (points of other settings are ignored)."""
+    """The runs of this mode in ``cache`` (points of other settings or budgets, e.g. a tutorial's, are ignored)."""
     keep = {"model": mode.model, "task": mode.task, "steps": mode.steps, "batch_size": mode.batch_size,
             "max_length": mode.max_length, "eval_examples": mode.eval_examples, "max_train": mode.max_train}
-    return [r for r in read_cache(cache).values() if all(r.get(k) == v for k, v in keep.items())]
+    return [r for r in read_cache(cache).values() if all(r.get(k) == v for k, v in keep.items())
+            and (r["method"] == "zero-shot" or r.get("budget") in mode.budgets)]     # not the tutorials' other budgets
 
 
 def table(records: list[dict]) -> str:
@@ -130,31 +131,41 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MARGIN = 0.02          # "matches": the mean paired difference lies within ±2 points (95% t-interval)
+
+
+def claim_verdict(kind: str, over: dict | None, row: dict) -> str:
+    """Words for one claim: ``better`` (the candidate beats the baseline), ``match`` (within ±MARGIN) or
+    ``at_least`` (the candidate is no worse than the baseline by more than MARGIN)."""
+    if over is None:
+        return "not shown (one seed)"
+    low, high = over["low"], over["high"]
+    if kind == "better":
+        return ("shown: the candidate is better" if low > 0 else
+                "contradicted: the baseline is better" if high < 0 else "not shown: the interval includes no difference")
+    if low >= -MARGIN and (kind == "at_least" or high <= MARGIN):
+        return f"shown: within {100 * MARGIN:.0f} points" + ("" if kind == "match" else " or better")
+    if high < -MARGIN or (kind == "match" and low > MARGIN):
+        return f"contradicted: the difference exceeds {100 * MARGIN:.0f} points"
+    return f"not shown: the interval is too wide to tell (it must lie within ±{100 * MARGIN:.0f} points)"
+
+
 def claim_lines(records: list[dict]) -> list[str]:
     """The papers' claims, each per budget: the paired difference and whether it is shown."""
-    claims = (("row · random", "row · taylor", "rows chosen by Taylor importance beat random rows"),
-              ("LoRA (peft)", "row · taylor", "Taylor rows match LoRA at equal trainable parameters"),
-              ("LoRA (peft)", "column · taylor", "Taylor columns match LoRA at equal trainable parameters"),
-              ("LoRA (peft)", "element · gradient", "SPEFT's static gradient mask matches or beats LoRA"),
-              ("zero-shot", "row · taylor", "fine-tuning Taylor rows beats the zero-shot model"))
+    claims = (("row · random", "row · taylor", "better", "rows chosen by Taylor importance beat random rows"),
+              ("LoRA (peft)", "row · taylor", "match", "Taylor rows match LoRA at equal trainable parameters"),
+              ("LoRA (peft)", "column · taylor", "match", "Taylor columns match LoRA at equal trainable parameters"),
+              ("LoRA (peft)", "element · gradient", "at_least", "SPEFT's static gradient mask matches or beats LoRA"),
+              ("zero-shot", "row · taylor", "better", "fine-tuning Taylor rows beats the zero-shot model"))
     lines = []
-    for baseline, candidate, claim in claims:
+    for baseline, candidate, kind, claim in claims:
         for row in compare(records, baseline, candidate):
             over = row["over_seeds"]
             per_seed = ", ".join(f"{p:.2g}" for p in row["mcnemar_p"])
-            if over is None:
-                verdict = "shown" if row["mcnemar_p"][0] < 0.05 and row["difference"] > 0 else "not shown (one seed)"
-                interval = ""
-            else:
-                interval = f", 95% t-interval over {over['n']} seeds {100 * over['low']:+.1f} to {100 * over['high']:+.1f}"
-                if over["low"] > 0:
-                    verdict = "shown: the candidate is better"
-                elif over["high"] < 0:
-                    verdict = "contradicted: the baseline is better"
-                else:
-                    verdict = "not shown: the interval includes no difference"
+            interval = "" if over is None else \
+                f", 95% t-interval over {over['n']} seeds {100 * over['low']:+.1f} to {100 * over['high']:+.1f}"
             lines.append(f"- {claim} ({row['budget']}): {candidate} minus {baseline} = {100 * row['difference']:+.1f} "
-                         f"points{interval}; McNemar p per seed {per_seed}. **{verdict}**")
+                         f"points{interval}; McNemar p per seed {per_seed}. **{claim_verdict(kind, over, row)}**")
     return lines
 
 

@@ -52,10 +52,31 @@ def configure(seed: int = 0) -> None:
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
-    # Figures are saved as plotly JSON (the "application/vnd.plotly.v1+json" mimetype) that JupyterLab's
-    # bundled plotly extension renders offline; no copy of plotly.js is embedded in the notebook.
+    configure_figures()
+
+
+def configure_figures(static: bool | None = None) -> str:
+    """Plotly's renderer for the tutorials; returns the renderer string it set.
+
+    Figures are saved as plotly JSON (the "application/vnd.plotly.v1+json" mimetype) that JupyterLab's
+    bundled plotly extension renders offline; no copy of plotly.js is embedded in the notebook. Beside it,
+    a PNG of the figure (kaleido driving the system Chromium, offline; about 20-150 kB a figure) shows
+    where plotly's JavaScript does not run: ``jupyter nbconvert --to html``, GitHub, nbviewer. PNG rather
+    than SVG: a heatmap or a 500-point curve is several times smaller as PNG. Without kaleido or
+    Chromium (or with ``ROWSFT_STATIC_FIGURES=0``) figures stay interactive only, after a one-line warning.
+    """
     import plotly.io as pio
-    pio.renderers.default = "plotly_mimetype"
+    from rowsft.viz.export import static_renderer
+    if static is None:
+        static = os.environ.get("ROWSFT_STATIC_FIGURES", "1").strip().lower() not in ("0", "false", "no")
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        renderer = static_renderer("plotly_mimetype", fmt="png") if static else "plotly_mimetype"
+    for w in caught:                                        # one plain line, not a warning block with a traceback
+        print(str(w.message))
+    pio.renderers.default = renderer
+    return renderer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,3 +62,12 @@ def test_two_workers_share_the_cache_without_losing_points(tmp_path):
     assert study.main(["--mode", "fast", "--results", str(tmp_path), "--workers", "2"]) == 0
     records = study.records_of(study.MODES["fast"], tmp_path / "study-fast.jsonl")
     assert len(records) == 1 + len(study.SERIES) * 2                     # every point once, none dropped
+
+
+@pytest.mark.parametrize("kind, low, high, words", [
+    ("match", -0.01, 0.015, "shown: within 2 points"), ("match", -0.025, 0.065, "too wide"),
+    ("match", 0.03, 0.05, "contradicted"), ("at_least", -0.01, 0.08, "within 2 points or better"),
+    ("at_least", -0.06, -0.03, "contradicted"), ("better", 0.001, 0.03, "the candidate is better")])
+def test_claim_verdicts_read_the_interval(kind, low, high, words):
+    study = load_study()
+    assert words in study.claim_verdict(kind, {"low": low, "high": high}, {})

@@ -9,6 +9,8 @@ from plotly.subplots import make_subplots
 from rowsft.evaluation.stats import wilson_interval
 from rowsft.viz.style import MIB, TEMPLATE, series_colors
 
+DODGE_DECADES = 0.01        # how far apart (on the log x axis) series at one budget are drawn
+
 
 def series_name(record: dict) -> str:
     """``row · taylor``, ``row · random``, ``LoRA (peft)``."""
@@ -46,22 +48,24 @@ def budget_explorer(records: list[dict], title: str | None = None) -> go.Figure:
     tuned = [r for r in records if r["method"] != "zero-shot"]
     names = list(dict.fromkeys(series_name(r) for r in tuned))
     colors = series_colors(names)
-    for name in names:
+    for i, name in enumerate(names):
         rows = _mean_over_seeds([r for r in tuned if series_name(r) == name])
         x = [row[0] for row in rows]
+        nudge = 10 ** (DODGE_DECADES * (i - (len(names) - 1) / 2))     # series at one budget side by side, not on top
+        shown_x = [value * nudge for value in x]
         acc = [row[1] for row in rows]
         color = colors[name]
         fig.add_trace(go.Scatter(
-            x=x, y=acc, name=name, legendgroup=name, mode="lines+markers", line_color=color,
+            x=shown_x, y=acc, customdata=x, name=name, legendgroup=name, mode="lines+markers", line_color=color,
             error_y=dict(type="data", symmetric=False, array=[row[3] - row[1] for row in rows],
                          arrayminus=[row[1] - row[2] for row in rows]),
             text=[row[5] for row in rows],
-            hovertemplate="budget %{text}<br>%{x:,} trainable<br>accuracy %{y:.3f}<extra>" + name + "</extra>"),
+            hovertemplate="budget %{text}<br>%{customdata:,} trainable<br>accuracy %{y:.3f}<extra>" + name + "</extra>"),
             row=1, col=1)
         peaks = [(row[0], row[4] / MIB) for row in rows if row[4] is not None]
-        fig.add_trace(go.Scatter(x=[p[0] for p in peaks], y=[p[1] for p in peaks], name=name, legendgroup=name,
-                                 showlegend=False, mode="lines+markers", line_color=color,
-                                 hovertemplate="%{x:,} trainable<br>%{y:.1f} MiB<extra>" + name + "</extra>"),
+        fig.add_trace(go.Scatter(x=[p[0] * nudge for p in peaks], y=[p[1] for p in peaks], customdata=[p[0] for p in peaks],
+                                 name=name, legendgroup=name, showlegend=False, mode="lines+markers", line_color=color,
+                                 hovertemplate="%{customdata:,} trainable<br>%{y:.1f} MiB<extra>" + name + "</extra>"),
                       row=1, col=2)
     references = [r for r in records if r["method"] == "zero-shot"]
     if references:
@@ -72,8 +76,9 @@ def budget_explorer(records: list[dict], title: str | None = None) -> go.Figure:
         if majority:
             fig.add_hline(y=float(majority["accuracy"]), line=dict(color="#999", dash="dash", width=1), row=1, col=1,
                           annotation_text="majority class", annotation_position="top right")
-    fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=1)
-    fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=2)
+    x_title = "trainable parameters" + (" (series nudged apart to show each)" if len(names) > 1 else "")
+    fig.update_xaxes(type="log", title_text=x_title, tickformat="~s", dtick="D2", row=1, col=1)
+    fig.update_xaxes(type="log", title_text=x_title, tickformat="~s", dtick="D2", row=1, col=2)
     fig.update_yaxes(title_text="accuracy", row=1, col=1)
     fig.update_yaxes(title_text="predicted peak (MiB)", exponentformat="none", separatethousands=True, row=1, col=2)
     task = records[0]["task"] if records else ""

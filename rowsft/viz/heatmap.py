@@ -256,12 +256,7 @@ def importance_heatmap(scores, selection=None, module_type: str | None = None, o
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     vectors, unit = score_vectors(scores)
-    panels = group_by_type(vectors)
-    if module_type is not None:
-        wanted = {t: ns for t, ns in panels.items() if t == module_type_of(module_type)}
-        if not wanted:
-            raise ValueError(f"no scores of module type {module_type!r}; types here: {list(panels)}")
-        panels = wanted
+    panels = panels_of_type(group_by_type(vectors), module_type)
     metric = getattr(scores, "metric", None)
     fig = _draw([{"key": t, "type": t, "title": t, "names": ns} for t, ns in panels.items()], vectors, order,
                 max_columns, reduce, log, clip, zrange, colorscale,
@@ -270,6 +265,17 @@ def importance_heatmap(scores, selection=None, module_type: str | None = None, o
     if selection is not None:
         mark_selection(fig, scores, selection)
     return fig
+
+
+def panels_of_type(groups: dict, module_type: str | None, where: str = "") -> dict:
+    """``groups`` (module type → layer names) kept to ``module_type`` (all when None); a ValueError
+    listing the types there when it has none."""
+    if module_type is None:
+        return groups
+    wanted = {t: ns for t, ns in groups.items() if t == module_type_of(module_type)}
+    if not wanted:
+        raise ValueError(f"{where}no scores of module type {module_type!r}; types here: {list(groups)}")
+    return wanted
 
 
 def metric_heatmaps(scores_by_metric: dict, module_type: str | None = None, order: str = "sorted",
@@ -290,11 +296,7 @@ def metric_heatmaps(scores_by_metric: dict, module_type: str | None = None, orde
     panels = []
     for label, scores in scores_by_metric.items():
         v, _ = score_vectors(scores)
-        groups = group_by_type(v)
-        if module_type is not None:
-            groups = {t: ns for t, ns in groups.items() if t == module_type_of(module_type)}
-            if not groups:
-                raise ValueError(f"{label}: no scores of module type {module_type!r}; types here: {list(group_by_type(v))}")
+        groups = panels_of_type(group_by_type(v), module_type, f"{label}: ")
         for t, names in groups.items():
             key = f"{label} · {t}"          # vectors are keyed "label␟layer name"; the block index stays readable
             vectors.update({f"{label}\u241f{n}": v[n] for n in names})
