@@ -121,6 +121,10 @@ def test_finetune_in_place_dashboard_in_jupyterlab():
 
         # the static copies saved with the notebook render too (plotly mimetype, JupyterLab's plotly extension)
         static = nb.cell_output("go.Figure(dash.heatmap).show()")
+        # with a static PNG in the output, plotly's JupyterLab renderer shows the image and draws the interactive
+        # figure when the pointer first enters it
+        for image in static.locator("img.plot-img").all():
+            image.dispatch_event("mouseenter")
         wait_for_plot(static, title="Importance", trace_type="heatmap")
         wait_for_plot(static, title="Predicted training memory", trace_type="bar")
         print("figures in the notebook:", [(p["title"], len(p["traces"])) for p in plots_in(page)])
