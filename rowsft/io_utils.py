@@ -125,6 +125,39 @@ def refuse_file(path: str | os.PathLike, what: str = "folder") -> Path:
     return path
 
 
+@contextlib.contextmanager
+def file_lock(lock_path: str | os.PathLike):
+    """An exclusive inter-process lock held on the file ``lock_path`` (created when missing) for the
+    ``with`` block: POSIX ``flock``; where there is none (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock; the atomic renames still protect each file
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_output_folder(path: str | os.PathLike, what: str, is_ours: Callable[[Path, list[str]], bool], held: str,
+                        writes: str, overwrite: bool = False) -> Path:
+    """``path`` resolved, checked as the target of a save that writes ``writes`` into a folder: a file
+    is always refused; a non-empty folder for which ``is_ours(folder, entry names)`` is False (it
+    holds ``held``, e.g. "no rowsft adapter") is refused unless ``overwrite``. A ValueError naming
+    the fix; nothing is changed."""
+    target = refuse_file(path, what)
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if overwrite or not entries or is_ours(target, entries):
+        return target
+    more = f" and {len(entries) - 3} more" if len(entries) > 3 else ""
+    raise ValueError(f"{str(target)!r} is not empty ({entries[:3]}{more}) and holds {held}; save into a new or empty "
+                     f"folder, or pass overwrite=True (--overwrite on the command line) to write {writes} beside "
+                     f"those files (nothing else there is deleted)")
+
+
 def _new_staging_folder(path) -> tuple[Path, Path]:
     """``(path, staging)``: ``path`` checked (not a file), its parent made, leftovers of killed saves
     cleared, and a new empty temporary folder beside it."""

@@ -35,18 +35,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _add_config_flags(p: argparse.ArgumentParser, config_class, whole=int) -> None:
+    """One flag per field of the dataclass ``config_class`` (``--max-train`` for ``max_train``), its help
+    and default from the field; booleans as ``--x/--no-x``, lists as several values, whole numbers read
+    with ``whole``. Every flag defaults to None: only the flags given override the config."""
+    for f in fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{f.metadata.get('help', '')} (default {shown})"
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, list):
+            kind = int if f.name in ("seeds", "lora_ranks") else str
+            p.add_argument(flag, dest=f.name, nargs="*" if f.name == "lora_ranks" else "+", type=kind, default=None,
+                           help=help_text)
+        else:
+            caster = {"int": whole, "int | None": whole, "float": float, "float | None": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=caster, default=None, help=help_text)
+
+
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file with JobConfig fields; flags override it")
-    for f in fields(JobConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not MISSING else None
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{help_text} (default {default})")
-        else:
-            caster = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            p.add_argument(flag, dest=f.name, type=caster, default=None, help=f"{help_text} (default {default})")
+    _add_config_flags(p, JobConfig)
 
 
 def _job_config(args: argparse.Namespace) -> JobConfig:
@@ -165,17 +176,7 @@ def cmd_merge(args) -> int:
 
 def _add_explore_flags(p: argparse.ArgumentParser) -> None:
     from rowsft.explore.budgets import ExploreConfig
-    for f in fields(ExploreConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default {' '.join(map(str, default)) if isinstance(default, list) else default})"
-        if isinstance(default, list):
-            kind = int if f.name in ("seeds", "lora_ranks") else str
-            p.add_argument(flag, dest=f.name, nargs="*" if f.name == "lora_ranks" else "+", type=kind, default=None,
-                           help=help_text)
-        else:
-            kind = {"int": positive_int, "float": float, "float | None": float}.get(str(f.type), str)
-            p.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+    _add_config_flags(p, ExploreConfig, whole=positive_int)
     p.add_argument("--figure", help="also write the figure: .html, or .png/.svg/.pdf (static, through kaleido)")
 
 
@@ -184,8 +185,9 @@ def cmd_explore(args) -> int:
     from rowsft.explore.summary import summary_text
     values = {f.name: getattr(args, f.name) for f in fields(ExploreConfig) if getattr(args, f.name, None) is not None}
     cfg = ExploreConfig(**values)
-    if args.figure and Path(args.figure).suffix.lower() not in (".html", ".png", ".svg", ".pdf"):
-        raise ValueError(f"--figure {args.figure!r}: give a file ending in .html, .png, .svg or .pdf")
+    if args.figure:
+        from rowsft.viz.export import check_figure_path
+        check_figure_path(args.figure)                 # refused before any fine-tune runs
     records = explore_budgets(cfg)
     print(summary_text(records))
     if args.figure:

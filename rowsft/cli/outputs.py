@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from rowsft.io_utils import atomic_files_into, refuse_file
+from rowsft.io_utils import atomic_files_into, check_output_folder, resolved
 from rowsft.layers import adapters
 from rowsft.layers.adapter_checks import PEFT_TYPE
 
@@ -26,15 +26,9 @@ _WEIGHTS_FILE = r"(?:model|pytorch_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)|(
 def check_model_folder(out, overwrite: bool) -> bool:
     """Refuse a file, and without ``overwrite`` a non-empty folder that is no model folder (no
     config.json); returns whether ``out`` already is a model folder."""
-    target = refuse_file(out, "model folder")
-    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if (target / "config.json").is_file() or not entries:
-        return bool(entries)
-    if overwrite:
-        return False
-    raise ValueError(f"{str(target)!r} is not empty ({entries[:3]}{' ...' if len(entries) > 3 else ''}) and holds "
-                     f"no model (config.json); give a new or empty folder, or pass --overwrite to write the model "
-                     f"files beside those (nothing else there is deleted)")
+    target = check_output_folder(out, "model folder", lambda folder, _: (folder / "config.json").is_file(),
+                                 "no model (config.json)", "the model files", overwrite)
+    return (target / "config.json").is_file()
 
 
 def save_model_folder(model, tokenizer, out, overwrite: bool = False) -> None:
@@ -52,14 +46,10 @@ def save_model_folder(model, tokenizer, out, overwrite: bool = False) -> None:
 def check_peft_folder(out, overwrite: bool) -> Path:
     """Refuse a file, and without ``overwrite`` a non-empty folder holding no peft adapter (a rowsft
     adapter is not replaced by a peft one either)."""
-    target = refuse_file(out, "adapter folder")
-    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if overwrite or not entries or peft_type_of(target) not in (None, PEFT_TYPE):
-        return target
-    held = "a rowsft adapter" if peft_type_of(target) == PEFT_TYPE else "no peft adapter"
-    raise ValueError(f"{str(target)!r} is not empty ({entries[:3]}{' ...' if len(entries) > 3 else ''}) and holds "
-                     f"{held}; give a new or empty folder, or overwrite=True (--overwrite) to write the adapter "
-                     f"files beside those (nothing else there is deleted)")
+    kind = peft_type_of(resolved(out))
+    return check_output_folder(out, "adapter folder", lambda folder, _: kind not in (None, PEFT_TYPE),
+                               "a rowsft adapter" if kind == PEFT_TYPE else "no peft adapter", "the adapter files",
+                               overwrite)
 
 
 def peft_type_of(folder: Path) -> str | None:

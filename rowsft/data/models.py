@@ -32,7 +32,7 @@ import torch
 
 from rowsft.data.assets import asset_dir, cache_dir
 from rowsft.data.batching import ensure_pad_token
-from rowsft.io_utils import atomic_directory
+from rowsft.io_utils import atomic_directory, file_lock
 
 TINY_VOCAB = {"llama": 49152, "gpt2": 49152, "bert": 30522}
 
@@ -111,17 +111,8 @@ def _cache_lock(name: str):
     """An inter-process lock so that parallel test runs convert once, not twice."""
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock, the atomic rename still protects
+    with file_lock(folder / f".{name}.lock"):
         yield
-        return
-    with open(folder / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cached_conversion(name: str, source: Path, convert) -> Path:

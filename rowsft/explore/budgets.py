@@ -11,7 +11,6 @@ budget runs only that budget. `rowsft.viz.budget_explorer` draws the result.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -29,7 +28,7 @@ from rowsft.checks import check_count, check_real
 from rowsft.data import batches as make_batches
 from rowsft.data import load_dataset, load_model
 from rowsft.evaluation.choices import evaluate
-from rowsft.io_utils import atomic_write_text
+from rowsft.io_utils import atomic_write_text, file_lock
 from rowsft.layers.tuner import apply, trainable_parameters
 from rowsft.lean_loss import logit_positions
 from rowsft.scoring.scorer import score
@@ -134,26 +133,10 @@ def write_cache(path, records: Iterable[dict]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         merged = read_cache(path)
         merged.update({r["key"]: r for r in records})
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged.values()))
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    """An exclusive lock on ``lock_path`` (POSIX ``flock``; elsewhere no lock, one process at a time)."""
-    try:
-        import fcntl
-    except ImportError:                      # Windows: no flock; sharing a cache between processes is unsupported
-        yield
-        return
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_point(point: dict) -> dict:

@@ -20,9 +20,12 @@ def series(record: dict) -> str:
     return f"{record['method']} · {record['metric']}"
 
 
-def _interval(record: dict) -> tuple[float, float]:
+def accuracy_interval(record: dict) -> tuple[float, float, float]:
+    """``(accuracy, low, high)`` of a record; the interval is Wilson's 95% on the evaluated questions."""
     result = record["evaluation"]
-    return tuple(result.get("interval") or wilson_interval(round(result["accuracy"] * result["n"]), result["n"]))
+    n, accuracy = int(result["n"]), float(result["accuracy"])
+    low, high = result.get("interval") or wilson_interval(round(accuracy * n), n)
+    return accuracy, float(low), float(high)
 
 
 def point_rows(records: list[dict]) -> list[dict]:
@@ -30,7 +33,7 @@ def point_rows(records: list[dict]) -> list[dict]:
     rows = []
     for r in records:
         result = r["evaluation"]
-        low, high = _interval(r)
+        _, low, high = accuracy_interval(r)
         peak = r.get("predicted_peak_bytes")
         rows.append({"series": series(r), "budget": r.get("budget") or "–", "seed": r["seed"],
                      "trainable": r["trainable_parameters"], "peak_mib": None if peak is None else peak / MIB,

@@ -26,7 +26,7 @@ import safetensors.torch as safetensors_torch
 import torch
 from torch import nn
 
-from rowsft.io_utils import atomic_files_into, refuse_file
+from rowsft.io_utils import atomic_files_into, check_output_folder
 from rowsft.layers.adapter_checks import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -100,14 +100,8 @@ def check_save_target(path, overwrite: bool = False) -> Path:
     holds no rowsft adapter (another kind of adapter, e.g. a peft LoRA, counts as foreign; the weights
     file alone, left by a first save killed between its renames, counts as a rowsft adapter: it
     carries its config); returns ``path`` resolved."""
-    target = refuse_file(path, "adapter folder")
-    shown = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if overwrite or not shown or is_rowsft_adapter_folder(target):
-        return target
-    more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
-    raise ValueError(f"{str(target)!r} is not empty ({shown[:3]}{more}) and holds no rowsft adapter; save into a "
-                     f"new or empty folder, or pass overwrite=True (--overwrite on the command line) to write {CONFIG_NAME} and {WEIGHTS_NAME} "
-                     f"beside those files (nothing else there is deleted)")
+    return check_output_folder(path, "adapter folder", lambda folder, _: is_rowsft_adapter_folder(folder),
+                               "no rowsft adapter", f"{CONFIG_NAME} and {WEIGHTS_NAME}", overwrite)
 
 
 def save_adapter(model: nn.Module, path, base_model_name: str | None = None, overwrite: bool = False) -> Path:

@@ -49,7 +49,7 @@ class ExplorerPanel(Displayable):
         wide = widgets.Layout(width="260px")
         self.budgets = widgets.Text(value=", ".join(map(budget_label, self.config.budgets)), description="budgets",
                                     layout=wide)
-        choices = [m for m in allowed_metrics(self.config.unit)]
+        choices = list(allowed_metrics(self.config.unit))
         self.metrics = widgets.SelectMultiple(options=choices, value=[m for m in self.config.metrics if m in choices],
                                               description="metrics", rows=min(6, len(choices)))
         self.seeds = widgets.BoundedIntText(value=len(self.config.seeds), min=1, max=20, description="seeds",

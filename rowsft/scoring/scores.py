@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from rowsft.io_utils import atomic_files_into, refuse_file
+from rowsft.io_utils import atomic_files_into, check_output_folder
 from rowsft.scoring.agreement import spearman, top_count, topk_overlap
 from rowsft.targets import GroupMember, NeuronGroup, layer_index, module_type
 
@@ -271,11 +271,6 @@ def holds_scores(path: str | Path) -> bool:
 def check_scores_target(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse (ValueError, nothing changed) a file, and without ``overwrite`` a non-empty folder that
     holds no saved scores (a folder holding nothing but scores files counts as one); returns ``path`` resolved."""
-    target = refuse_file(path, "scores folder")
-    shown = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if overwrite or set(shown) <= {_TENSORS_FILE, _META_FILE} or holds_scores(target):
-        return target
-    more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
-    raise ValueError(f"{str(target)!r} is not empty ({shown[:3]}{more}) and holds no saved scores; save into a "
-                     f"new or empty folder, or pass overwrite=True (--overwrite on the command line) to write {_TENSORS_FILE} and {_META_FILE} "
-                     f"beside those files (nothing else there is deleted)")
+    return check_output_folder(path, "scores folder",
+                               lambda folder, names: set(names) <= {_TENSORS_FILE, _META_FILE} or holds_scores(folder),
+                               "no saved scores", f"{_TENSORS_FILE} and {_META_FILE}", overwrite)

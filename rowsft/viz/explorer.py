@@ -6,25 +6,10 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from rowsft.evaluation.stats import wilson_interval
+from rowsft.explore.summary import accuracy_interval, series
 from rowsft.viz.style import MIB, TEMPLATE, series_colors
 
 DODGE_DECADES = 0.01        # how far apart (on the log x axis) series at one budget are drawn
-
-
-def series_name(record: dict) -> str:
-    """``row · taylor``, ``row · random``, ``LoRA (peft)``."""
-    if record["method"] == "lora":
-        return "LoRA (peft)"
-    return f"{record['method']} · {record['metric']}"
-
-
-def accuracy_with_interval(record: dict) -> tuple[float, float, float]:
-    """``(accuracy, low, high)`` of a record; the interval is Wilson's on the evaluated questions."""
-    result = record["evaluation"]
-    n, accuracy = int(result["n"]), float(result["accuracy"])
-    low, high = result.get("interval") or wilson_interval(round(accuracy * n), n)
-    return accuracy, float(low), float(high)
 
 
 def _mean_over_seeds(records: list[dict]) -> list[tuple[int, float, float, float, float | None, str]]:
@@ -34,7 +19,7 @@ def _mean_over_seeds(records: list[dict]) -> list[tuple[int, float, float, float
         by_budget.setdefault(str(r["budget"]), []).append(r)
     rows = []
     for label, group in by_budget.items():
-        stats = [accuracy_with_interval(r) for r in group]
+        stats = [accuracy_interval(r) for r in group]
         rows.append((group[0]["trainable_parameters"], sum(s[0] for s in stats) / len(stats),
                      min(s[1] for s in stats), max(s[2] for s in stats), group[0].get("predicted_peak_bytes"), label))
     return sorted(rows)
@@ -46,10 +31,10 @@ def budget_explorer(records: list[dict], title: str | None = None) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                         subplot_titles=("held-out accuracy (95% interval)", "predicted peak memory"))
     tuned = [r for r in records if r["method"] != "zero-shot"]
-    names = list(dict.fromkeys(series_name(r) for r in tuned))
+    names = list(dict.fromkeys(series(r) for r in tuned))
     colors = series_colors(names)
     for i, name in enumerate(names):
-        rows = _mean_over_seeds([r for r in tuned if series_name(r) == name])
+        rows = _mean_over_seeds([r for r in tuned if series(r) == name])
         x = [row[0] for row in rows]
         nudge = 10 ** (DODGE_DECADES * (i - (len(names) - 1) / 2))     # series at one budget side by side, not on top
         shown_x = [value * nudge for value in x]

@@ -102,14 +102,22 @@ def to_static(fig, fmt: str = "png", width: int | None = None, height: int | Non
                               "`pip install kaleido`, or save as .html instead") from None
 
 
-def save_figure(fig: go.Figure, path, width: int | None = None, height: int | None = None, scale: float = 2.0) -> Path:
-    """Write ``fig`` to ``path`` (``.html`` or one of :data:`STATIC_FORMATS`), atomically; returns the path."""
+def check_figure_path(path) -> Path:
+    """``path`` as a figure file: a ValueError unless it ends in ``.html`` or one of :data:`STATIC_FORMATS`
+    and is not a folder (checked before a figure is made, e.g. by ``rowsft explore --figure``)."""
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix != ".html" and suffix not in STATIC_FORMATS:
         raise ValueError(f"{str(path)!r}: give a file ending in .html or one of {STATIC_FORMATS}")
     if target.is_dir():
         raise ValueError(f"{str(path)!r} is a folder; give a file name such as {target / ('figure' + (suffix or '.html'))}")
+    return target
+
+
+def save_figure(fig: go.Figure, path, width: int | None = None, height: int | None = None, scale: float = 2.0) -> Path:
+    """Write ``fig`` to ``path`` (``.html`` or one of :data:`STATIC_FORMATS`), atomically; returns the path."""
+    target = check_figure_path(path)
+    suffix = target.suffix.lower()
     if suffix == ".html":
         data = fig.to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
     else:
