@@ -38,6 +38,8 @@ _VERBS = {
     "train": "training.loop", "TrainState": "training.loop", "TrainConfig": "training.config",
     "History": "training.history", "Callback": "training.callbacks", "DynamicMask": "training.dynamic",
     "lr_range_test": "training.lr_range", "default_learning_rate": "training.learning_rates",
+    # peft (importing either registers rowsft with peft: rowsft.integrations.peft_config)
+    "RowSFTConfig": "integrations.peft_config", "save_as_lora": "integrations.lora_export",
     # memory, evaluation, baselines
     "MemoryReport": "memory.report", "evaluate": "evaluation.choices", "full_finetune": "baselines",
     # exploration

@@ -217,6 +217,10 @@ def _checked_config(folder: Path, metadata: dict[str, str]) -> dict:
     if config.get("peft_type") != PEFT_TYPE:
         raise ValueError(f"{str(folder)!r} holds a {config.get('peft_type')!r} adapter, not a rowsft one "
                          f"(load it with peft instead)")
+    if "format_version" not in config and "peft_version" in config:
+        raise ValueError(f"{str(folder)!r} holds a RowSFT adapter written by peft (PeftModel.save_pretrained), not "
+                         f"by rowsft.save_adapter: load it with peft.PeftModel.from_pretrained(model, path) (touch "
+                         f"rowsft.RowSFTConfig first: that registers the method with peft)")
     version = config.get("format_version", 0)
     if not _is_int(version):
         raise _damaged(where, f"field 'format_version' must be int, got {version!r:.60}")

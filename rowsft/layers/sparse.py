@@ -63,6 +63,76 @@ def _check_indices(indices, unit: str, shape: tuple[int, int], name: str) -> tor
     return torch.sort(choice.indices).values
 
 
+def fusable(base_layer: nn.Module) -> bool:
+    """True when the frozen matmul of ``base_layer`` may run inside the update's autograd function: a plain
+    nn.Linear / Conv1D, frozen, without forward hooks (otherwise the base layer runs as is)."""
+    return (type(base_layer) in _PLAIN_LINEAR and not base_layer.weight.requires_grad
+            and (base_layer.bias is None or not base_layer.bias.requires_grad)
+            and not (base_layer._forward_hooks or base_layer._forward_pre_hooks or global_forward_hooks()))
+
+
+def sparse_forward(base_layer: nn.Module, unit: str, x: torch.Tensor, update: torch.Tensor, indices: torch.Tensor,
+                   columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None) -> torch.Tensor:
+    """``base_layer(x)`` plus one sparse update of ``unit`` → ``(..., d_out)``: what every rowsft sparse layer (and
+    the peft tuner layer of `rowsft.integrations`) computes. Fast path (`fusable`): the frozen matmul runs inside
+    the update's autograd function (`rowsft.layers.autograd.sparse_linear`); else the base layer runs as is and the
+    update is added into its output (`add_sparse_update`). ``update``: ``delta (k, d_in)`` (row), ``(d_out, k)``
+    (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`."""
+    if fusable(base_layer):
+        return sparse_linear(unit, x, weight_out_in(base_layer), base_layer.bias, update, indices,
+                             is_transposed(base_layer), columns, source)
+    return add_sparse_update(unit, base_layer(x), x, update, indices, linear_shape(base_layer)[1], columns, source)
+
+
+def element_positions(indices: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of flat element positions ``r * d_in + c``."""
+    flat = indices.long()
+    rows = torch.div(flat, d_in, rounding_mode="floor")
+    return rows, flat - rows * d_in
+
+
+@torch.no_grad()
+def fold_update(unit: str, weight: torch.Tensor, update: torch.Tensor, indices: torch.Tensor, sign: int) -> None:
+    """``weight (d_out, d_in) += sign * update`` in place at ``indices`` (``weight`` may be a transposed view, as
+    `weight_out_in` gives for Conv1D); computed in the wider of the two dtypes, stored in the weight's."""
+    wide = torch.promote_types(weight.dtype, update.dtype)
+    if unit == "row":
+        rows = weight.index_select(0, indices).to(wide) + sign * update.to(wide)       # (k, d_in)
+        weight.index_copy_(0, indices, rows.to(weight.dtype))
+    elif unit == "column":
+        cols = weight.index_select(1, indices).to(wide) + sign * update.to(wide)       # (d_out, k)
+        weight.index_copy_(1, indices, cols.to(weight.dtype))
+    else:
+        rows, cols = element_positions(indices, weight.shape[1])
+        new = weight[rows, cols].to(wide) + sign * update.to(wide)                     # (k,)
+        weight.index_put_((rows, cols), new.to(weight.dtype))
+
+
+def dense_update(unit: str, update: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The update as a dense ``shape = (d_out, d_in)`` tensor in the update's dtype (detached)."""
+    d_out, d_in = shape
+    update = update.detach()
+    if unit == "element":
+        dense = torch.zeros(d_out * d_in, dtype=update.dtype, device=update.device)
+        return dense.index_copy_(0, indices.long(), update).view(d_out, d_in)
+    dense = torch.zeros(d_out, d_in, dtype=update.dtype, device=update.device)
+    return dense.index_copy_(0 if unit == "row" else 1, indices, update)
+
+
+class KeptColumns:
+    """Element updates: the touched input columns kept for backward (`input_columns`), computed once per mask and
+    again when the indices change (another tensor, or the same one modified in place)."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, indices: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        key = (indices.data_ptr(), indices._version, indices.device)
+        if self.key != key:
+            self.key, self.value = key, input_columns(indices, d_in)
+        return self.value
+
+
 class SparseLinear(nn.Module):
     """Common machinery of the three sparse layers (not used directly)."""
 
@@ -106,10 +176,10 @@ class SparseLinear(nn.Module):
 
     def _fold(self, weight: torch.Tensor, sign: int) -> None:
         """``weight (d_out, d_in) += sign * update`` in place (weight is a possibly transposed view)."""
-        raise NotImplementedError
+        fold_update(self.unit, weight, self.update, self.indices, sign)
 
     def _dense_update(self) -> torch.Tensor:
-        raise NotImplementedError
+        return dense_update(self.unit, self.update, self.indices, (self.out_features, self.in_features))
 
     @property
     def k(self) -> int:
@@ -131,24 +201,14 @@ class SparseLinear(nn.Module):
         return self.values if self.unit == "element" else self.delta
 
     def _fusable(self) -> bool:
-        """True when the frozen matmul may run inside the update's autograd function: a plain
-        nn.Linear / Conv1D, frozen, without forward hooks."""
-        base = self.base_layer
-        return (type(base) in _PLAIN_LINEAR and not base.weight.requires_grad
-                and (base.bias is None or not base.bias.requires_grad)
-                and not (base._forward_hooks or base._forward_pre_hooks or global_forward_hooks()))
+        """True when the frozen matmul may run inside the update's autograd function (see `fusable`)."""
+        return fusable(self.base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        source = self._input_source(x)
-        if self._fusable():
-            out = sparse_linear(self.unit, x, weight_out_in(self.base_layer), self.base_layer.bias,
-                                self.update, self.indices, is_transposed(self.base_layer), self._kept_columns(),
-                                source)
-        else:
-            out = add_sparse_update(self.unit, self.base_layer(x), x, self.update, self.indices, self.in_features,
-                                    self._kept_columns(), source)
+        out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
+                             self._input_source(x))
         if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)
@@ -229,15 +289,6 @@ class RowSparseLinear(SparseLinear):
     def _bias_index(self, index, d_out, d_in):
         return index
 
-    def _fold(self, weight, sign):
-        wide = torch.promote_types(weight.dtype, self.delta.dtype)
-        rows = weight.index_select(0, self.indices).to(wide) + sign * self.delta.to(wide)  # (k, d_in)
-        weight.index_copy_(0, self.indices, rows.to(weight.dtype))
-
-    def _dense_update(self):
-        dense = torch.zeros(self.out_features, self.in_features, dtype=self.delta.dtype, device=self.delta.device)
-        return dense.index_copy_(0, self.indices, self.delta.detach())
-
 
 class ColumnSparseLinear(SparseLinear):
     """Trains ``k`` columns (input neurons) of a frozen linear layer: ``delta (d_out, k)``, zero at
@@ -251,15 +302,6 @@ class ColumnSparseLinear(SparseLinear):
 
     def _bias_index(self, index, d_out, d_in):
         return torch.arange(d_out)
-
-    def _fold(self, weight, sign):
-        wide = torch.promote_types(weight.dtype, self.delta.dtype)
-        cols = weight.index_select(1, self.indices).to(wide) + sign * self.delta.to(wide)  # (d_out, k)
-        weight.index_copy_(1, self.indices, cols.to(weight.dtype))
-
-    def _dense_update(self):
-        dense = torch.zeros(self.out_features, self.in_features, dtype=self.delta.dtype, device=self.delta.device)
-        return dense.index_copy_(1, self.indices, self.delta.detach())
 
 
 class ElementSparseLinear(SparseLinear):
@@ -291,28 +333,10 @@ class ElementSparseLinear(SparseLinear):
     def _kept_columns(self):
         if not self.lean_input:
             return None
-        key = (self.indices.data_ptr(), self.indices._version, self.indices.device)   # recomputed if the mask changes
-        cached = getattr(self, "_columns_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, input_columns(self.indices, self.in_features))
-            self._columns_cache = cached
-        return cached[1]
-
-    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = self.indices.long()
-        rows = torch.div(flat, self.in_features, rounding_mode="floor")
-        return rows, flat - rows * self.in_features
-
-    def _fold(self, weight, sign):
-        rows, cols = self._positions()
-        wide = torch.promote_types(weight.dtype, self.values.dtype)
-        new = weight[rows, cols].to(wide) + sign * self.values.to(wide)    # (k,)
-        weight.index_put_((rows, cols), new.to(weight.dtype))
-
-    def _dense_update(self):
-        dense = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
-        dense.index_copy_(0, self.indices.long(), self.values.detach())
-        return dense.view(self.out_features, self.in_features)
+        cache = self.__dict__.get("_columns_cache")
+        if cache is None:
+            cache = self._columns_cache = KeptColumns()
+        return cache.get(self.indices, self.in_features)    # recomputed if the mask changes
 
 
 def kept_input_width(unit: str, indices: torch.Tensor, d_in: int, lean_input: bool = True) -> int:
@@ -345,7 +369,8 @@ def sparse_layer(unit: str, base_layer: nn.Module, indices, **kwargs) -> SparseL
 
 
 __all__ = ["SparseLinear", "RowSparseLinear", "ColumnSparseLinear", "ElementSparseLinear", "SPARSE_LAYERS",
-           "sparse_layer", "input_kept_elsewhere", "kept_input_width"]
+           "sparse_layer", "input_kept_elsewhere", "kept_input_width", "sparse_forward", "fusable", "fold_update",
+           "dense_update", "element_positions", "KeptColumns"]
 
 
 def is_sparse_layer(module) -> bool:
