@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+import rowsft
+import rowsft.viz.style
 import torch
 from test_notebook_fakes import (
     fake_lora_parity,
@@ -104,6 +107,10 @@ def test_budget_rows_change_selection_marks_and_memory(model, scores):
     assert f"{trainable:,}" in control.figures.value
     bars = {t.name: list(t.y) for t in control.memory_figure.data if t.type == "bar"}
     assert bars["trainable"] == [4 * trainable, control.memory["LoRA r=2"].trainable, control.memory["full"].trainable]
+    lora = 2 * sum(sum(scores.shapes[n]) for n in scores)            # rank * (d_out + d_in) per layer, by hand
+    labels = control.memory_figure.layout.xaxis.ticktext              # the budgets differ: each bar names its own
+    assert [label.split("<br>")[1] for label in labels] == [
+        f"{rowsft.viz.style.compact_count(c)} trainable" for c in (trainable, lora, control.total_parameters)]
 
 
 def test_budget_ratio_and_lora_parity_modes(model, scores):

@@ -85,6 +85,18 @@ def test_dashboard_scores_selects_marks_and_trains_in_place():
     assert torch.allclose(model.get_submodule(up0).base_layer.weight, expected_merge, atol=1e-6)
 
 
+def test_widgets_outside_a_live_kernel_show_a_one_line_note():
+    """nbconvert's HTML, GitHub and nbviewer show a widget's text/plain: a note, not the widget tree."""
+    dash = fake_dashboard(tiny_llama(), eval_fn=lambda m: 0.5)
+    for shown in (dash, dash.budget, dash.launcher):
+        bundle = shown._repr_mimebundle_()
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        assert "application/vnd.jupyter.widget-view+json" in data          # JupyterLab still draws the widget
+        note = data["text/plain"]
+        assert "\n" not in note and "Jupyter kernel runs" in note and type(shown).__name__ in note
+        assert "children=" not in note
+
+
 def test_dashboard_error_cases_show_messages_and_stay_usable():
     model = tiny_llama()
     dash = fake_dashboard(model)

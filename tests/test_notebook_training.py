@@ -70,7 +70,37 @@ def test_live_curves_overlay_runs_and_restart_a_name():
     again = curves.callback("LoRA")
     again.on_train_begin(FakeState(None, 1))                          # same name: a fresh curve
     assert figure_points(curves, "LoRA", "loss")[0] == []
-    assert len(curves.figure.data) == 3
+    assert len([t for t in curves.figure.data if t.meta.get("kind", "raw") == "raw"]) == 3
+
+
+def test_live_curves_draw_a_running_mean_once_a_run_is_long_enough():
+    curves = nb.LiveCurves(("loss", "memory"), min_interval=0)
+    cb = curves.callback("rows")
+    state = FakeState(None, 40)
+    cb.on_train_begin(state)
+    losses = [3.0 - 0.05 * i + (0.4 if i % 2 else -0.4) for i in range(40)]
+    mean = [t for t in curves.figure.data if t.meta.get("kind") == "mean"]
+    assert [t.meta["metric"] for t in mean] == ["loss"]          # memory is not noisy: no mean trace
+    for step, loss in enumerate(losses[:5], start=1):
+        state.step, state.loss = step, loss
+        cb.on_step_end(state)
+    cb.on_train_end(state)
+    assert list(mean[0].x) == []                                  # 5 points: too short for a mean
+    for step, loss in enumerate(losses[5:], start=6):
+        state.step, state.loss = step, loss
+        cb.on_step_end(state)
+    cb.on_train_end(state)
+    window = 4                                                    # 40 points // 10
+    by_hand = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(40)]
+    assert list(mean[0].x) == list(range(1, 41))
+    assert list(mean[0].y) == pytest.approx(by_hand, rel=1e-3)
+    assert mean[0].line.color == figure_line_color(curves, "rows", "loss")
+    raw = [t for t in curves.figure.data if t.meta == {"run": "rows", "metric": "loss"}][0]
+    assert raw.mode == "markers" and raw.opacity < 1              # the raw points turn faint
+
+
+def figure_line_color(curves, run, metric):
+    return [t for t in curves.figure.data if t.meta == {"run": run, "metric": metric}][0].line.color
 
 
 def test_live_curves_accept_points_from_many_threads():

@@ -107,9 +107,21 @@ def section(title: str) -> widgets.HTML:
     return widgets.HTML(f"<h3 style='margin:12px 0 4px 0'>{html.escape(title)}</h3>")
 
 
+LIVE_KERNEL_NOTE = ("{name}: an interactive widget, shown only while a Jupyter kernel runs this notebook "
+                    "(the static HTML, GitHub and nbviewer show this line instead; run the notebook to use it)")
+
+
 class Displayable:
-    """Mixin: an object whose ``.widget`` is shown when it is the last expression of a cell."""
+    """Mixin: an object whose ``.widget`` is shown when it is the last expression of a cell.
+
+    Its plain-text form (what nbconvert's HTML, GitHub and nbviewer show of a widget whose state is
+    not saved) is a one-line note that the widget needs a live kernel, not the widget tree's repr.
+    """
     widget: widgets.Widget
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, tuple):          # (data, metadata)
+            data, metadata = bundle
+            return {**data, "text/plain": LIVE_KERNEL_NOTE.format(name=type(self).__name__)}, metadata
+        return {**(bundle or {}), "text/plain": LIVE_KERNEL_NOTE.format(name=type(self).__name__)}

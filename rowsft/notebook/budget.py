@@ -47,6 +47,11 @@ def _default_predict(model, what, batch_size: int, seq_len: int, rank: int, targ
     return predict(model, what, batch_size, seq_len, logit_positions=logit_positions)
 
 
+def lora_count(selection, rank: int) -> int:
+    """Trainable parameters of LoRA of ``rank`` on the selection's layers: ``rank * (d_out + d_in)`` each."""
+    return int(rank * sum(choice.shape[0] + choice.shape[1] for choice in selection.layers.values()))
+
+
 def _total(report) -> float:
     total = getattr(report, "total", None)
     if total is None:
@@ -209,7 +214,11 @@ class BudgetControl(Displayable):
         if problems:
             self.status.error("memory estimate unavailable for " + "; ".join(problems))
         if reports:
-            refresh_figure(self.memory_figure, viz.memory_breakdown(reports, title="Predicted training memory"))
+            counts = {"row-sparse": trainable, f"LoRA r={rank}": lora_count(selection, rank),
+                      "full": self.total_parameters}
+            refresh_figure(self.memory_figure, viz.memory_breakdown(
+                reports, title="Predicted training memory (each bar: its own trainable parameters)",
+                trainable_parameters=counts))
             self.memory_figure.layout.height = 320
         if self.heatmap is not None:
             try:

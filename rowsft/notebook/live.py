@@ -4,7 +4,10 @@
 step (``state.step``, ``state.loss``, the memory figure of ``state.memory``) and evaluation metrics
 (``on_eval``). Points land in a buffer under a lock; the ``FigureWidget`` is redrawn from it in one
 ``batch_update`` at most every ``min_interval`` seconds (default 0.5 s) and once more at the end of
-the run (final flush), so a long run stays fluid however fast its steps are.
+the run (final flush), so a long run stays fluid however fast its steps are. Noisy per-step metrics
+(loss, gradient norm) get the same running mean as ``rowsft.viz.training_curves`` once a run has
+``rowsft.viz.curves.MIN_POINTS_FOR_MEAN`` points: the raw points turn faint and a second trace of the
+same colour (``meta["kind"] == "mean"``) draws the trailing mean over the window ``mean_window("auto", n)``.
 
 Threads: the callback runs in the training thread. Setting a ``FigureWidget`` trace from there is
 allowed: ipywidgets sends the change as a comm message through the kernel's IOPub channel, which
@@ -24,7 +27,7 @@ import plotly.graph_objects as go
 
 from rowsft import viz
 from rowsft.notebook._widgets import Displayable
-from rowsft.viz.curves import MIB, curve_trace
+from rowsft.viz.curves import MIB, RAW_OPACITY, SMOOTHED, curve_trace, mean_window, mean_trace, running_mean
 from rowsft.viz.style import memory_value
 
 
@@ -95,14 +98,28 @@ class LiveCurves(Displayable):
             if not dirty:
                 return
             self._ensure_traces(dirty)
-            traces = {(t.meta["run"], t.meta["metric"]): t for t in self.figure.data if t.meta}
+            traces = {(t.meta["run"], t.meta["metric"], t.meta.get("kind", "raw")): t for t in self.figure.data if t.meta}
             with self.figure.batch_update():
                 for run in dirty:
                     for metric, (xs, ys) in self._points[run].items():
-                        trace = traces[(run, metric)]
-                        trace.x, trace.y = tuple(xs), tuple(ys)
-                        trace.mode = "lines+markers" if metric == "accuracy" or len(xs) < 30 else "lines"
+                        self._draw(traces, run, metric, xs, ys)
             self.flushes += 1
+
+    @staticmethod
+    def _draw(traces, run: str, metric: str, xs: list, ys: list) -> None:
+        """Set one run's raw trace of ``metric`` and, for noisy metrics, its running mean."""
+        raw, mean = traces[(run, metric, "raw")], traces.get((run, metric, "mean"))
+        window = mean_window("auto", len(xs)) if mean is not None else 0
+        raw.x, raw.y = tuple(xs), tuple(ys)
+        if window and len(xs) > window:
+            raw.update(mode="markers", opacity=RAW_OPACITY, marker=dict(size=4))
+            mean.x, mean.y = tuple(xs), tuple(running_mean(ys, window).tolist())
+            mean.meta = {**mean.meta, "window": window}
+            mean.hovertemplate = f"{run}<br>%{{x}}: %{{y:.4g}}<extra>running mean of {window}</extra>"
+        else:
+            raw.update(mode="lines+markers" if metric == "accuracy" or len(xs) < 30 else "lines", opacity=1)
+            if mean is not None:
+                mean.x, mean.y = (), ()
 
     def _ensure_traces(self, runs) -> None:
         have = {t.meta["run"] for t in self.figure.data if t.meta}
@@ -114,6 +131,8 @@ class LiveCurves(Displayable):
             have.add(run)
             for row, metric in enumerate(self.metrics, start=1):
                 self.figure.add_trace(curve_trace(run, metric, color, showlegend=row == 1), row=row, col=1)
+                if metric in SMOOTHED:
+                    self.figure.add_trace(mean_trace(run, metric, color, showlegend=False), row=row, col=1)
 
 
 class CurveCallback:

@@ -177,11 +177,8 @@ def training_curves(runs, metrics: Sequence[str] = ("loss", "memory"), x: str = 
                            hovertemplate=f"{name}<br>%{{x}}: %{{y:.4g}}<extra>{metric} of this step</extra>")
             fig.add_trace(raw, row=row, col=1)
             if smoothed:
-                fig.add_trace(go.Scatter(x=xs, y=round_significant(running_mean(ys, window)), name=name, legendgroup=name,
-                                         showlegend=row == 1, mode="lines", line=dict(color=color, width=2.2),
-                                         meta={"run": name, "metric": metric, "kind": "mean", "window": window},
-                                         hovertemplate=f"{name}<br>%{{x}}: %{{y:.4g}}<extra>running mean of "
-                                                       f"{window}</extra>"), row=row, col=1)
+                fig.add_trace(mean_trace(name, metric, color, showlegend=row == 1, x=xs,
+                                         y=running_mean(ys, window), window=window), row=row, col=1)
             ex, ey = eval_series(run, metric, x)
             if len(ex):
                 held_out = True
@@ -220,3 +217,14 @@ def curve_trace(run: str, metric: str, color: str, showlegend: bool = True, x=()
     return go.Scatter(x=x, y=round_significant(y), name=run, legendgroup=run, showlegend=showlegend,
                       mode=mode, line=dict(color=color), meta={"run": run, "metric": metric},
                       hovertemplate=f"{run}<br>%{{x}}: %{{y:.4g}}<extra>{metric}</extra>")
+
+
+def mean_trace(run: str, metric: str, color: str, showlegend: bool = True, x=(), y=(), window: int | None = None) -> go.Scatter:
+    """The running-mean line of one run in one metric's panel (``meta = {"run", "metric", "kind": "mean"}``)."""
+    meta = {"run": run, "metric": metric, "kind": "mean"}
+    if window:
+        meta["window"] = window
+    label = f"running mean of {window}" if window else "running mean"
+    return go.Scatter(x=np.asarray(x, dtype=np.float64), y=round_significant(y), name=run, legendgroup=run,
+                      showlegend=showlegend, mode="lines", line=dict(color=color, width=2.2), meta=meta,
+                      hovertemplate=f"{run}<br>%{{x}}: %{{y:.4g}}<extra>{label}</extra>")
