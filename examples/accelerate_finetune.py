@@ -1,10 +1,12 @@
-"""Fine-tune with rowsft on several processes with Hugging Face accelerate (data parallel).
+"""Fine-tune with rowsft on several processes with Hugging Face accelerate (DDP, or sharded with FSDP2).
 
 Run it on 2 CPU processes (no GPU needed), or on every GPU of the machine::
 
     accelerate launch --multi_gpu --num_processes 2 examples/accelerate_finetune.py --model tiny-llama --steps 4
     torchrun --nproc_per_node 2 examples/accelerate_finetune.py --model tiny-llama --steps 4     # the same
     accelerate launch --multi_gpu examples/accelerate_finetune.py --model smollm2-135m --steps 200 --out runs/boolq
+    # sharded: frozen weights, deltas and optimizer state split across the processes (torch FSDP2)
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/accelerate_finetune.py --cpu --steps 4
 
 Without a GPU the processes train on the CPU and talk through gloo. (``accelerate launch --cpu
 --num_processes 2`` starts ONE process in accelerate 1.x unless an MPI hostfile is configured; pass
@@ -15,9 +17,11 @@ What every process does, in order (see ``rowsft.distributed`` for why this order
 1. load the same model and the same shuffled batches; keep its own share of them (``ShardedBatches``);
 2. score rows on its calibration batches: ``rowsft.score`` all-reduces the scores across processes,
    so every process selects the same rows (``check_same_selection`` verifies it);
-3. ``rowsft.apply`` BEFORE ``accelerator.prepare`` (DDP must see the deltas when it is built);
+3. ``rowsft.apply`` BEFORE ``accelerator.prepare`` (DDP and FSDP2 must see the deltas when they wrap or shard);
 4. train: ``accelerator.backward`` averages the deltas' gradients across processes;
-5. the main process saves the adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+5. the adapter is saved (``adapter_config.json`` + ``adapter_model.safetensors``): by the main process under
+   DDP; under FSDP2 every process calls ``rowsft.save_adapter`` (it gathers the deltas' slices) and the main
+   process writes.
 
 Prints one JSON line per step (loss averaged over processes) and a final summary line from the main
 process. The script never needs the network for the bundled models and tasks.
@@ -26,15 +30,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, gather_object
 
 import rowsft
-from rowsft.distributed import ShardedBatches, check_same_selection, wrapper_kind
 from rowsft.cli.job import parse_budget
+from rowsft.distributed import (
+    ShardedBatches,
+    check_same_selection,
+    check_supported_wrapper,
+    is_sharded,
+    local_bytes,
+    wrapper_kind,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,10 +77,27 @@ def batches_forever(batches):
         yield from batches
 
 
+def fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """accelerate 1.x selects FSDP only with GPUs: under an FSDP config, CPU processes would quietly train with DDP.
+    Switch accelerate's own FSDP2 path on for them (gloo), so the config shards on a laptop as it does on GPUs."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" \
+            or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()                 # the launcher's FSDP_* settings
+    if plugin.fsdp_version != 2:
+        raise SystemExit("rowsft shards with FSDP2 only: set fsdp_version: 2 in the accelerate config "
+                         "(examples/accelerate_fsdp2.yaml)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())   # CPU processes use gloo
+    fsdp_on_cpu(accelerator)
     if args.expect_processes is not None and accelerator.num_processes != args.expect_processes:
         raise SystemExit(f"expected {args.expect_processes} processes, the launcher started "
                          f"{accelerator.num_processes}: use `accelerate launch --multi_gpu --num_processes "
@@ -100,15 +129,19 @@ def main(argv=None) -> None:
     for process, process_digest in enumerate(gather_object([digest])):
         log(json.dumps({"process": process, "selection": process_digest}))
 
-    # 3. apply before prepare (DDP registers the deltas when it wraps the model)
+    # 3. apply before prepare (DDP registers the deltas when it wraps the model, FSDP2 when it shards it)
     rowsft.apply(model, selection)
     trainable, total = rowsft.trainable_parameters(model)
     log(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    check_supported_wrapper(model)                        # FSDP1 / DeepSpeed: a message naming FSDP2
     log(json.dumps({"processes": accelerator.num_processes, "wrapper": wrapper_kind(model)}))
+    # what each process holds: under FSDP2 its slice of every weight, delta and (later) optimizer state
+    for process, held in enumerate(gather_object([local_bytes(model)])):
+        log(json.dumps({"bytes": held, "of_process": process}))
 
-    # 4. train: gradients of the deltas are averaged across processes by DDP
+    # 4. train: gradients of the deltas are averaged across processes (DDP all-reduce, FSDP2 reduce-scatter)
     model.train()
     start = time.perf_counter()
     losses = []
@@ -122,11 +155,12 @@ def main(argv=None) -> None:
         losses.append(mean_loss)
         log(json.dumps({"step": step, "loss": round(mean_loss, 6), "elapsed": round(time.perf_counter() - start, 3)}))
 
-    # 5. the main process saves the adapter
+    # 5. save the adapter: the main process under DDP; every process under FSDP2 (the deltas' slices are
+    #    gathered, the main process writes, the others wait)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if is_sharded(model) or accelerator.is_main_process:
         rowsft.save_adapter(accelerator.unwrap_model(model), args.out)
-        log(json.dumps({"adapter": args.out, "selection": digest, "trainable": trainable, "losses": losses}))
+    log(json.dumps({"adapter": args.out, "selection": digest, "trainable": trainable, "losses": losses}))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

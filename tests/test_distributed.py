@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) give the same scores on every rank and the same deltas as one process
-with the same global batch; wrappers that rowsft cannot serve are refused with the supported path.
+with the same global batch; wrong orders (apply after wrapping or sharding) are refused with the supported
+path. FSDP2 training itself: tests/test_fsdp.py.
 
 The single-process reference is dense fine-tuning in float64 whose weight gradient is masked to the
 selected rows (no rowsft layers, no DDP), on the concatenation of both ranks' batches.
@@ -82,7 +83,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def _fsdp2_message() -> str:
-    """Shard a small model with FSDP2 on CPU and return rowsft's refusal (or why FSDP2 is unavailable)."""
+    """Shard a small model with FSDP2 on CPU and return rowsft's refusal to apply afterwards (or why FSDP2 is
+    unavailable); the sharded model itself is a supported wrapper."""
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -91,9 +93,10 @@ def _fsdp2_message() -> str:
     except Exception as e:  # noqa: BLE001 - FSDP2 on CPU depends on the torch build
         return f"unavailable: {type(e).__name__}: {e}"
     assert wrapper_kind(tiny) == "fsdp2"
+    check_supported_wrapper(tiny)
     try:
         check_can_apply(tiny)
-    except NotImplementedError as e:
+    except RuntimeError as e:
         return str(e)
     return "not refused"
 
@@ -174,7 +177,7 @@ def test_wrong_orders_are_refused_with_the_supported_path(ranks):
     fsdp = errors["fsdp2"]
     if fsdp.startswith("unavailable"):
         pytest.skip(f"FSDP2 on CPU: {fsdp}")
-    assert "FSDP2" in fsdp and "DistributedDataParallel" in fsdp
+    assert "FSDP2" in fsdp and "rowsft.distributed.shard(model)" in fsdp and "first" in fsdp
 
 
 def test_sharded_batches_split_evenly():

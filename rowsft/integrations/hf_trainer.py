@@ -20,6 +20,10 @@ Usage::
     trainer.train()
     rowsft.save_adapter(model, "runs/x")      # the final adapter (trainer.save_model writes the full model)
 
+With a model sharded by FSDP2 (``fully_shard``, `rowsft.distributed.shard`, accelerate's ``fsdp_version: 2``)
+the checkpoint adapters are gathered from every rank and written by rank 0; FSDP1 and DeepSpeed are
+refused when training begins, with a message naming FSDP2.
+
 ``state.loss`` is the step's mean loss per label token on this process, taken from the model's own
 outputs in training mode (a forward hook), so it is exact every step, not only at ``logging_steps``.
 """
@@ -33,7 +37,7 @@ from typing import Any, Iterable
 import torch
 from transformers import TrainerCallback
 
-from rowsft.distributed import unwrap
+from rowsft.distributed import SHARD_ORDER, check_supported_wrapper, is_sharded, unwrap
 from rowsft.layers.adapter_checks import CONFIG_NAME, WEIGHTS_NAME
 from rowsft.layers.adapters import save_adapter
 from rowsft.layers.tuner import sparse_layers
@@ -65,6 +69,7 @@ class RowSFTTrainerCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        check_trainer_parallelism(args, model)
         if self.save_adapter and model is not None and not sparse_layers(unwrap(model)):
             raise ValueError(f"{type(unwrap(model)).__name__} has no rowsft sparse layer, so the Trainer would "
                              "fine-tune every weight and no adapter could be saved: call rowsft.apply(model, "
@@ -117,10 +122,13 @@ class RowSFTTrainerCallback(TrainerCallback):
         return self._maybe_stop(control)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if self.save_adapter and model is not None and args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                save_adapter_into(model, folder)
+        if not self.save_adapter or model is None:
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if is_sharded(unwrap(model)):
+            save_adapter_into(model, folder)     # every rank gathers its slices; rank 0 writes
+        elif args.should_save and os.path.isdir(folder):
+            save_adapter_into(model, folder)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -182,6 +190,17 @@ class RowSFTTrainerCallback(TrainerCallback):
         return total / max(count, 1e-12)
 
 
+def check_trainer_parallelism(args, model) -> None:
+    """Refuse, when training begins, the sharded setups rowsft does not support (DeepSpeed, FSDP1); DDP and
+    FSDP2 pass."""
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None):
+        raise NotImplementedError("rowsft does not support DeepSpeed under the Trainer: it is not tested under "
+                                  "DeepSpeed's engine. For sharded training use torch FSDP2 (fully_shard; in accelerate "
+                                  f"configs fsdp_version: 2), with rowsft.apply first. Order: {SHARD_ORDER}.")
+    if model is not None:
+        check_supported_wrapper(model)
+
+
 def _inner_optimizer(optimizer):
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (which the Trainer hands out)."""
     inner = getattr(optimizer, "optimizer", None)
@@ -198,7 +217,8 @@ def _current_lr(optimizer, lr_scheduler, default: float) -> float:
 
 def save_adapter_into(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:
     """Write the rowsft adapter files of ``model`` into an existing ``folder`` (e.g. a Trainer
-    checkpoint) without touching its other files; returns the file names written."""
+    checkpoint) without touching its other files; returns the file names written. A model sharded with
+    FSDP2: call it on every rank (rank 0 writes)."""
     save_adapter(unwrap(model), folder, overwrite=True)
     return sorted([CONFIG_NAME, WEIGHTS_NAME])
 
@@ -212,4 +232,4 @@ def trainer_checkpoint_adapter(checkpoint: str | os.PathLike) -> str:
     return checkpoint
 
 
-__all__ = ["RowSFTTrainerCallback", "save_adapter_into", "trainer_checkpoint_adapter"]
+__all__ = ["RowSFTTrainerCallback", "save_adapter_into", "trainer_checkpoint_adapter", "check_trainer_parallelism"]

@@ -23,6 +23,7 @@ folder are kept, and a non-empty folder that holds no LoRA adapter is refused un
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from rowsft.distributed import unwrap
+from rowsft.distributed import full_tensor, is_sharded, reshard, run_on_main_process, unwrap
 from rowsft.integrations.peft_layer import RowSFTLayer
 from rowsft.integrations.peft_plan import most_common_k
 from rowsft.io_utils import atomic_files_into, check_output_folder
@@ -169,8 +170,22 @@ def save_as_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
     ``model``: after `rowsft.apply`, or a peft model of RowSFT (``adapter_name``: which adapter, default the
     active one). Everything is checked before anything is written (ValueError / RuntimeError naming the
-    fix); see the module docstring for the mapping and what is refused."""
+    fix); see the module docstring for the mapping and what is refused.
+
+    On a model sharded with FSDP2 (``rowsft.distributed.shard``), call it on **every** process: the deltas and
+    heads are gathered from all of them and process 0 checks the folder and writes it."""
+    if is_sharded(model):
+        reshard(model)                                            # the shards the optimizer steps, no gathered copies
+        updates, heads = collect_updates(model, adapter_name)
+        updates = {name: dataclasses.replace(u, delta=full_tensor(u.delta.detach())) for name, u in updates.items()}
+        heads = {key: full_tensor(p.detach()) for key, p in heads.items()}   # collectives: same order on every rank
+        return run_on_main_process(lambda: _write_lora(model, path, updates, heads, overwrite), "save_as_lora")
     updates, heads = collect_updates(model, adapter_name)
+    return _write_lora(model, path, updates, heads, overwrite)
+
+
+def _write_lora(model: nn.Module, path, updates: dict, heads: dict, overwrite: bool) -> Path:
+    """Check the folder, then write the LoRA config and factors into it atomically."""
     check_output_folder(path, "LoRA adapter folder", lambda folder, _: is_lora_folder(folder), "no peft LoRA adapter",
                         f"{CONFIG_NAME} and {WEIGHTS_NAME}", overwrite)
     plain = _plain(model)
