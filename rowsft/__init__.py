@@ -15,9 +15,23 @@ Submodules are imported lazily so that ``import rowsft`` stays fast.
 """
 from __future__ import annotations
 
+import logging
+
 from rowsft._lazy import lazy_exports
 
 __version__ = "0.1.0"
+
+
+class _HubKernelNote(logging.Filter):
+    """Drops bitsandbytes' import-time note that an optional CPU kernel could not be fetched from the model hub
+    (it then uses its own CPU code): offline, every import would print it, whoever imports bitsandbytes first
+    (rowsft.load_model, or peft)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelNote())
 
 # public name -> the module that defines it (imported on first use)
 _VERBS = {
@@ -31,7 +45,7 @@ _VERBS = {
     "Selection": "selection.choice",
     # layers
     "apply": "layers.tuner", "merge": "layers.tuner", "unmerge": "layers.tuner", "unload": "layers.tuner",
-    "merge_and_unload": "layers.tuner", "trainable_parameters": "layers.tuner",
+    "merge_and_unload": "layers.tuner", "dequantize_and_merge": "layers.tuner", "trainable_parameters": "layers.tuner",
     "print_trainable_parameters": "layers.tuner", "sparse_layers": "layers.tuner",
     "current_selection": "layers.tuner", "save_adapter": "layers.adapters", "load_adapter": "layers.adapters",
     # training

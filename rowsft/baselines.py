@@ -3,7 +3,11 @@
 - `full_finetune(model)`: every parameter trains.
 - `lora(model, rank=8, ...)`: LoRA through the real ``peft`` library (``LoraConfig`` + ``get_peft_model``)
   on the same target modules rowsft would tune (`rowsft.targets.find_targets`); GPT-2's ``Conv1D``
-  layers get ``fan_in_fan_out=True``.
+  layers get ``fan_in_fan_out=True``. On a model loaded with ``rowsft.load_model(..., quantization="nf4")``
+  this is QLoRA: peft puts its own bitsandbytes LoRA layers (float32 adapters) over the 4-bit base.
+  `qlora` names that. ``peft.prepare_model_for_kbit_training`` is not called: it would turn on gradient
+  checkpointing (and cast the norms), which no other method here gets, so the comparison would no
+  longer be of the methods alone.
 - `lora_parity_rank(model, rows_or_selection)`: the LoRA rank whose trainable-parameter count is
   closest to a row selection's (the inverse of ``rowsft.selection.lora_parity``).
 - `dense_scatter_reference(model, selection)`: SPEFT's way of training sparse weights: every forward
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from rowsft.selection.choice import Selection
-from rowsft.targets import find_targets, is_transposed, linear_shape, weight_out_in
+from rowsft.targets import find_targets, is_quantized, is_transposed, linear_shape, quantization_kind, weight_out_in
 
 
 def full_finetune(model: nn.Module) -> nn.Module:
@@ -68,6 +72,16 @@ def lora(model: nn.Module, rank: int = 8, targets="all-linear", alpha: float | N
         return get_peft_model(model, config)
 
 
+def qlora(model: nn.Module, rank: int = 8, targets="all-linear", **kwargs):
+    """QLoRA: `lora` on a model whose target layers are 4-bit (``rowsft.load_model(name, quantization="nf4")``);
+    a ValueError when none of them is."""
+    kinds = {quantization_kind(m) for m in find_targets(model, targets, layers=kwargs.get("layers")).values()}
+    if not kinds & {"nf4", "fp4"}:
+        raise ValueError("qlora needs a 4-bit base: load it with rowsft.load_model(name, quantization='nf4'); "
+                         "on a float model use rowsft.baselines.lora")
+    return lora(model, rank=rank, targets=targets, **kwargs)
+
+
 def lora_trainable_parameters(model: nn.Module, rank: int, targets="all-linear", layers=None) -> int:
     """Trainable parameters of LoRA of ``rank`` on ``targets``: ``rank * (d_in + d_out)`` per layer."""
     return rank * sum(sum(linear_shape(m)) for m in find_targets(model, targets, layers=layers).values())
@@ -108,6 +122,9 @@ class DenseScatterLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, unit: str, indices):
         super().__init__()
         d_out, d_in = linear_shape(base_layer)
+        if is_quantized(base_layer):
+            raise TypeError("the dense-scatter reference writes the update into a dense copy of the stored weight, "
+                            "which a quantized layer does not have; use rowsft.apply on a quantized base")
         if unit not in ("row", "column", "element"):
             raise ValueError(f"unit must be 'row', 'column' or 'element', got {unit!r}")
         weight = base_layer.weight
@@ -166,5 +183,5 @@ def dense_scatter_reference(model: nn.Module, selection: Selection) -> nn.Module
     return model
 
 
-__all__ = ["full_finetune", "lora", "lora_trainable_parameters", "lora_parity_rank", "DenseScatterLinear",
+__all__ = ["full_finetune", "lora", "qlora", "lora_trainable_parameters", "lora_parity_rank", "DenseScatterLinear",
            "dense_scatter_reference"]

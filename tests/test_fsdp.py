@@ -81,7 +81,8 @@ def _refusals(rank: int, out_dir: str, trained) -> dict[str, str]:
     plain = model32()
     for key, call in {"apply_after_shard": lambda: rowsft.apply(trained, {"model.layers.0.mlp.up_proj": [0]}),
                       "shard_twice": lambda: shard(trained),
-                      "merge_sharded": lambda: check_not_sharded(trained, "rowsft.merge"),
+                      "merge_sharded": lambda: rowsft.merge(trained),
+                      "unmerge_sharded": lambda: rowsft.unmerge(trained),
                       "shard_without_layers": lambda: shard(plain),
                       "load_into_sharded_plain": lambda: _shard_plain_then_load(out_dir),
                       "save_into_foreign_folder": lambda: rowsft.save_adapter(trained, _foreign_folder(rank, out_dir))}.items():
@@ -265,7 +266,8 @@ def test_wrong_orders_on_a_sharded_model_are_refused_with_the_order_to_use(ranks
         errors = result["errors"]
         assert "already sharded" in errors["apply_after_shard"] and "rowsft.distributed.shard" in errors["apply_after_shard"]
         assert "already sharded" in errors["shard_twice"]
-        assert "rowsft.load_adapter" in errors["merge_sharded"] and "slice" in errors["merge_sharded"]
+        for key in ("merge_sharded", "unmerge_sharded"):
+            assert "rowsft.load_adapter" in errors[key] and "slice" in errors[key], errors[key]
         assert errors["shard_without_layers"].startswith("ValueError") and "rowsft.apply" in errors["shard_without_layers"]
         assert "load the adapter into the plain model" in errors["load_into_sharded_plain"].lower()
         foreign = errors["save_into_foreign_folder"]

@@ -36,7 +36,7 @@ from rowsft.layers.sparse import (
     sparse_forward,
 )
 from rowsft.selection.choice import LayerChoice
-from rowsft.targets import is_linear_like, is_transposed, linear_shape, weight_out_in
+from rowsft.targets import is_linear_like, is_quantized, is_transposed, linear_shape, quantization_kind, weight_dtype, weight_out_in
 
 LAYER_UNITS = ("row", "column", "element")
 
@@ -90,7 +90,7 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         if unit == "element" and shape[0] * shape[1] < 2**31:
             index = index.to(torch.int32)                                           # as ElementSparseLinear
         weight = self.get_base_layer().weight
-        dtype = delta_dtype or weight.dtype
+        dtype = delta_dtype or weight_dtype(self.get_base_layer())       # a quantized base stores packed codes
         delta = torch.zeros(update_shape(unit, index.numel(), *shape), dtype=dtype, device=weight.device)
         self.rowsft_delta[adapter_name] = nn.Parameter(delta)
         self.rowsft_indices[adapter_name] = index.to(weight.device)
@@ -113,7 +113,8 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
     def _source(self, adapter: str, x: torch.Tensor):
         """A rebuild source of ``x`` (`rowsft.layers.rebuild`), as `rowsft.layers.SparseLinear` finds it."""
         if not self.rowsft_rebuild[adapter] or self.rowsft_unit[adapter] == "column" \
-                or not self.rowsft_delta[adapter].requires_grad:
+                or not self.rowsft_delta[adapter].requires_grad \
+                or quantization_kind(self.get_base_layer()) == "int8":    # bitsandbytes' int8 matmul keeps x itself
             return None
         return source_of(x)
 
@@ -145,6 +146,7 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active (or the named) adapters into the base weight (peft's semantics)."""
+        self._refuse_quantized_merge("merge")
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = weight_out_in(self.get_base_layer())                                # (d_out, d_in) view
         for adapter in adapter_names:
@@ -167,12 +169,20 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self._refuse_quantized_merge("unmerge")
         weight = weight_out_in(self.get_base_layer())
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.rowsft_delta:
                 fold_update(self.rowsft_unit[adapter], weight, self.rowsft_delta[adapter],
                             self.rowsft_indices[adapter], -1)
+
+    def _refuse_quantized_merge(self, action: str) -> None:
+        """A quantized base weight is packed codes: folding into a dequantized copy would change nothing."""
+        if is_quantized(self.get_base_layer()):
+            raise RuntimeError(f"{self.module_name}: cannot {action} a RowSFT adapter into a quantized "
+                               f"({quantization_kind(self.get_base_layer())}) base weight; keep it as an adapter "
+                               f"(save_pretrained), or load the base model in float and merge there")
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}: {self.rowsft_unit[a]} k={self.k(a)}" for a in self.rowsft_unit)

@@ -17,6 +17,17 @@ kernel as the layer's own forward, so step-0 outputs are bit-identical); a hooke
 layer is called as is and the update is added into its output. ``y`` is a fresh tensor either way. ``merge()`` folds the update into the base weight
 (computed in the wider of the two dtypes, stored in the base dtype), ``unmerge()`` takes it out again.
 
+A bitsandbytes-quantized base layer (``Linear4bit`` nf4/fp4, ``Linear8bitLt`` int8;
+`rowsft.layers.quantized`) takes the second way: its own quantized forward and backward compute the frozen
+product, the update (float: the base's compute dtype by default) is added into that output, so step 0 is
+the quantized model's output bit for bit. Row and element layers over a 4-bit base rebuild their input as
+over a float one (the 4-bit matmul keeps only its packed weight for backward, so the norm or MLP product
+that keeps the input's source is what there is to keep). Over an int8 base they keep the input itself:
+bitsandbytes' int8 matmul keeps its own input for backward (``ctx.A`` on CPU, ``ctx.tensors`` on CUDA), so
+a rebuilt one would save nothing and cost an elementwise pass in backward. ``merge()`` refuses a quantized
+base unless asked to re-quantize (``merge(requantize=True)``, which records `merge_error` and cannot be
+undone); see `rowsft.layers.quantized` for why, and for the float export.
+
 Weight decay of an optimizer over these parameters decays the *update* (pulls the weights toward
 their pretrained values), not the full weight.
 """
@@ -28,9 +39,11 @@ import torch
 from torch import nn
 
 from rowsft.layers.autograd import add_sparse_update, input_columns, sparse_linear
+from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, merge_requantized
 from rowsft.layers.rebuild import global_forward_hooks, source_of
 from rowsft.selection.choice import LayerChoice
-from rowsft.targets import is_linear_like, is_transposed, linear_shape, role, weight_out_in
+from rowsft.targets import (is_linear_like, is_transposed, linear_shape, quantization_kind, role, weight_dtype,
+                            weight_out_in)
 
 try:
     from transformers.pytorch_utils import Conv1D as _Conv1D
@@ -81,7 +94,17 @@ def sparse_forward(base_layer: nn.Module, unit: str, x: torch.Tensor, update: to
     if fusable(base_layer):
         return sparse_linear(unit, x, weight_out_in(base_layer), base_layer.bias, update, indices,
                              is_transposed(base_layer), columns, source)
-    return add_sparse_update(unit, base_layer(x), x, update, indices, linear_shape(base_layer)[1], columns, source)
+    return add_sparse_update(unit, writable(base_layer(x)), x, update, indices, linear_shape(base_layer)[1], columns,
+                             source)
+
+
+def writable(out: torch.Tensor) -> torch.Tensor:
+    """``out``, or a copy of it when autograd may forbid writing into it: a view made inside a custom autograd
+    function or custom op (bitsandbytes' 4-bit matmul returns one for a non-contiguous input, as GPT-2's attention
+    output is), with or without grad. Views made by ordinary differentiable ops are written into as they are."""
+    if out._is_view() and (out.grad_fn is None or isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)):
+        return out.clone()
+    return out
 
 
 def element_positions(indices: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +169,17 @@ class SparseLinear(nn.Module):
         label = name or f"{type(self).__name__}({type(base_layer).__name__} {d_out}x{d_in})"
         index = _check_indices(indices, self.unit, (d_out, d_in), label)
         weight = base_layer.weight
+        if delta_dtype is not None and not (isinstance(delta_dtype, torch.dtype) and delta_dtype.is_floating_point):
+            raise TypeError(f"{label}: delta_dtype must be a floating-point torch dtype, got {delta_dtype!r}")
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = d_in, d_out
         self.merged = False
-        self.delta_dtype = delta_dtype or weight.dtype
+        self.label = label
+        self.quantization = quantization_kind(base_layer)        # "nf4" / "fp4" / "int8" for a bitsandbytes base
+        self.merge_error: MergeError | None = None               # set by a re-quantizing merge
+        self.delta_dtype = delta_dtype or weight_dtype(base_layer)   # a quantized base: its float compute dtype
         self.register_buffer("indices", self._index_buffer(index, d_out, d_in).to(weight.device))
         self._init_update(d_out, d_in, index.numel(), dict(dtype=self.delta_dtype, device=weight.device))
         bias_index = self._bias_index(index, d_out, d_in) if train_bias else None
@@ -217,7 +245,8 @@ class SparseLinear(nn.Module):
     def _input_source(self, x: torch.Tensor):
         """A `rowsft.layers.rebuild.Source` of ``x`` when the update would keep ``x`` (or a large part of it) and the
         frozen graph keeps what rebuilds it; None otherwise (and always for columns, which keep only ``k``)."""
-        if not self.rebuild_input or self.unit == "column" or not self.update.requires_grad:
+        if not self.rebuild_input or self.unit == "column" or not self.update.requires_grad \
+                or self.quantization == "int8":     # bitsandbytes' int8 matmul keeps x itself (module docstring)
             return None
         return source_of(x)
 
@@ -235,20 +264,40 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def _fold_all(self, sign: int) -> None:
         self._fold(weight_out_in(self.base_layer), sign)
+        self._fold_bias(sign)
+
+    @torch.no_grad()
+    def _fold_bias(self, sign: int) -> None:
         if self.bias_delta is not None:
             b = self.base_layer.bias
             wide = torch.promote_types(b.dtype, self.bias_delta.dtype)
             rows = b.index_select(0, self.bias_indices).to(wide) + sign * self.bias_delta.to(wide)
             b.index_copy_(0, self.bias_indices, rows.to(b.dtype))
 
-    def merge(self) -> None:
-        """Add the update into the base weight (base dtype); forward is then the base layer alone."""
-        if not self.merged:
+    def merge(self, requantize: bool = False) -> None:
+        """Add the update into the base weight (base dtype); forward is then the base layer alone.
+
+        A quantized base is refused unless ``requantize=True``: then the update is folded into the dequantized
+        weight, which is quantized again (`rowsft.layers.quantized.merge_requantized`; the error lands in
+        ``merge_error``), and the merge can no longer be undone."""
+        if self.merged:
+            return
+        if self.quantization is not None:
+            if not requantize:
+                raise RuntimeError(MERGE_REFUSAL.format(name=self.label, kind=self.quantization))
+            self.merge_error = merge_requantized(self.base_layer, self._dense_update(),
+                                                 lambda weight: self._fold(weight, +1))
+            self._fold_bias(+1)
+        else:
             self._fold_all(+1)
-            self.merged = True
+        self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract the update from the base weight again (exact in float32/64 up to rounding)."""
+        """Subtract the update from the base weight again (exact in float32/64 up to rounding); refused after a
+        re-quantizing merge, whose rounding cannot be taken back."""
+        if self.merged and self.quantization is not None:
+            raise RuntimeError(f"{self.label}: the update was merged into re-quantized weights, which cannot be "
+                               f"undone; load the quantized base and the saved adapter again")
         if self.merged:
             self._fold_all(-1)
             self.merged = False
@@ -260,7 +309,7 @@ class SparseLinear(nn.Module):
         ``k`` selected columns, the element layer ``x`` or its touched columns (:meth:`kept_input_width`).
         Where the frozen graph lets the input be rebuilt (`rowsft.layers.rebuild`), row and element layers keep none
         of it at run time; this figure is what they keep otherwise."""
-        dtype = dtype or self.base_layer.weight.dtype
+        dtype = dtype or weight_dtype(self.base_layer)
         tokens = math.prod(tuple(input_shape)[:-1])
         return tokens * self.kept_input_width() * torch.empty((), dtype=dtype).element_size()
 

@@ -4,21 +4,29 @@
 matching sparse layer of :mod:`rowsft.layers` (in place, same module name), so only the zero-initialised
 updates train. ``merge`` folds them into the weights, ``unload`` puts the original modules back.
 Saving and loading adapters lives in :mod:`rowsft.layers.adapters`.
+
+On a bitsandbytes-quantized base (`rowsft.layers.quantized`) the update stays an adapter by default:
+``merge`` refuses, before touching any layer, unless ``requantize=True`` (then it reports the rounding
+error in a warning, and each layer keeps its `MergeError`, see `merge_errors`); ``dequantize_and_merge``
+turns the model into a plain float one with every update merged exactly.
 """
 from __future__ import annotations
 
 import difflib
+import warnings
 import weakref
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from rowsft.distributed import check_can_apply
+from rowsft.data.models import forget_quantization
+from rowsft.distributed import check_can_apply, check_not_sharded
+from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, float_linear
 from rowsft.layers.rebuild import track_norm_outputs
 from rowsft.layers.sparse import SPARSE_LAYERS, SparseLinear
 from rowsft.selection.choice import LayerChoice, Selection
-from rowsft.targets import is_linear_like, linear_modules, linear_shape
+from rowsft.targets import is_linear_like, is_quantized, linear_modules, linear_shape
 
 # Classification heads that ``train_heads=True`` keeps trainable (PEFT's modules_to_save for SEQ_CLS).
 NO_TRAINABLE = "no trainable parameters: call rowsft.apply(model, selection) first"
@@ -117,7 +125,8 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
     the model's outputs are unchanged until training. ``train_heads``: ``True`` keeps the
     classification heads (``classifier``, ``score``, ``qa_outputs``) trainable, as in the paper's
     classification runs; or a list of head module names. ``delta_dtype``: dtype of the updates
-    (default: each layer's weight dtype; e.g. ``torch.float32`` over a bf16 model).
+    (default: each layer's weight dtype, a quantized layer's float compute dtype; e.g. ``torch.float32``
+    over a bf16 model).
     ``train_bias``: also train the bias entries of the selected neurons, where the layer has a bias.
     ``rebuild_inputs``: row and element layers keep no copy of an input that the frozen model can rebuild
     in backward (a norm's output, an MLP product: `rowsft.layers.rebuild`); ``False`` keeps the inputs themselves.
@@ -163,21 +172,65 @@ def tied_elsewhere(model: nn.Module) -> dict[str, list[str]]:
             if any(not o.startswith(name + ".") for o in owners.get(id(layer.base_layer.weight), []))}
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Fold every update into its base weight; the sparse layers then forward the base alone.
-    Refuses layers whose weight is tied to another parameter (merging would change that one too)."""
+    Refuses layers whose weight is tied to another parameter (merging would change that one too), and
+    layers over a quantized base unless ``requantize=True`` (see the module docstring): then a warning
+    sums up the rounding error, and `merge_errors` gives it per layer."""
+    check_not_sharded(model, "rowsft.merge")
     tied = tied_elsewhere(model)
     if tied:
         name, others = next(iter(tied.items()))
         raise RuntimeError(f"{name}'s weight is tied to {others}; merging would change those too. Keep the "
                            f"adapter unmerged, or untie the weights (e.g. config.tie_word_embeddings=False) first")
+    layers = sparse_layers(model)
+    quantized = {name: layer for name, layer in layers.items() if layer.quantization is not None and not layer.merged}
+    if quantized and not requantize:
+        name, layer = next(iter(quantized.items()))
+        raise RuntimeError(MERGE_REFUSAL.format(name=name, kind=layer.quantization))
+    for layer in layers.values():
+        layer.merge(requantize=requantize)
+    if quantized:
+        errors = {name: layer.merge_error for name, layer in quantized.items()}
+        worst = max(errors.values(), key=lambda e: e.relative_to_update)
+        largest = max(e.max_abs for e in errors.values())
+        kept = min(e.update_kept for e in errors.values())
+        warnings.warn(f"rowsft.merge re-quantized {len(errors)} layers: largest element error {largest:.3g}, error up "
+                      f"to {worst.relative_to_update:.2f}× the update's norm, update kept along its direction down to "
+                      f"{kept:.2f}; per layer: rowsft.layers.tuner.merge_errors(model)", UserWarning, stacklevel=2)
+    return model
+
+
+def merge_errors(model: nn.Module) -> dict[str, MergeError]:
+    """The `MergeError` of every sparse layer that a re-quantizing merge folded into its quantized base."""
+    return {name: layer.merge_error for name, layer in sparse_layers(model).items() if layer.merge_error is not None}
+
+
+def dequantize_and_merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A plain float model from a quantized one, in place: every bitsandbytes linear layer becomes an
+    ``nn.Linear`` holding its dequantized weight (in ``dtype``, default each layer's float dtype), every
+    sparse update is merged into it exactly, the sparse layers are unloaded, and transformers' record of
+    the quantization is dropped (``save_pretrained`` then writes a float model). Returns ``model``."""
+    check_not_sharded(model, "rowsft.layers.tuner.dequantize_and_merge")
+    for name, layer in sparse_layers(model).items():
+        if layer.merged and layer.quantization is not None:
+            raise RuntimeError(f"{name} was merged into re-quantized weights; the exact update is gone. Load the "
+                               f"quantized base and the saved adapter again, then call dequantize_and_merge")
     for layer in sparse_layers(model).values():
-        layer.merge()
+        if layer.quantization is not None:
+            layer.base_layer = float_linear(layer.base_layer, dtype)
+            layer.quantization = None
+    for name, module in list(model.named_modules()):
+        if is_quantized(module) and not isinstance(module, SparseLinear):
+            _set_module(model, name, float_linear(module, dtype))
+    merge_and_unload(model)
+    forget_quantization(model)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Take merged updates out of the base weights again."""
+    check_not_sharded(model, "rowsft.unmerge")
     for layer in sparse_layers(model).values():
         layer.unmerge()
     return model
@@ -232,5 +285,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
           f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
-__all__ = ["apply", "merge", "unmerge", "unload", "merge_and_unload", "sparse_layers", "current_selection",
+__all__ = ["apply", "merge", "unmerge", "unload", "merge_and_unload", "merge_errors", "dequantize_and_merge",
+           "sparse_layers", "current_selection",
            "trainable_parameters", "parameters_to_train", "print_trainable_parameters", "trained_heads", "HEAD_NAMES"]

@@ -6,7 +6,8 @@ import warnings
 import torch
 
 from rowsft.memory.measure import live_bytes, profile_peak
-from rowsft.memory.report import PARTS, MemoryReport, SavedTensorCounter, model_tensors, static_report
+from rowsft.memory.report import (PARTS, MemoryReport, SavedTensorCounter, int8_inputs_counted, model_tensors,
+                                  static_report)
 
 
 class MemoryCallback:
@@ -45,6 +46,8 @@ class MemoryCallback:
 
     def on_step_begin(self, state) -> None:
         self._counter = SavedTensorCounter(self._exclude, hold=False).__enter__()
+        self._int8_inputs = int8_inputs_counted(state.model, self._counter)   # bitsandbytes int8 layers' kept inputs
+        self._int8_inputs.__enter__()
         self._baseline = live_bytes(state.model, state.optimizer)
         if self._measure_now(state.step):
             if self._device.type == "cuda":
@@ -67,6 +70,7 @@ class MemoryCallback:
             peak = profile_peak(self._profile)[0]
             self._profile = None
         if self._counter is not None:
+            self._int8_inputs.__exit__(None, None, None)
             self._counter.__exit__(None, None, None)
         return peak
 

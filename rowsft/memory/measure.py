@@ -10,7 +10,8 @@
 
 Neither counts bytes that were live before the measured region, so the reported peak is
 ``baseline + peak_delta`` where ``baseline`` is the bytes of the tensors the step starts with
-(parameters, buffers, optimizer state, the batch; unique storages). Never RSS.
+(parameters, buffers, the quantization statistics of bitsandbytes layers, optimizer state, the batch;
+unique storages). Never RSS.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from rowsft.data.batching import to_device
 from rowsft.layers.tuner import parameters_to_train
 from rowsft.lean_loss import training_loss
+from rowsft.targets import is_quantized, linear_shape, quantization_tensors, weight_dtype
 
 
 def storage_key(t: torch.Tensor) -> tuple:
@@ -48,9 +50,24 @@ def state_tensors(obj: Any):
             yield from state_tensors(v)
 
 
+def quantization_state(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors quantized layers keep beside their parameters (bitsandbytes' absmax per block, code tables,
+    int8 row scales): part of the weights' memory, though neither parameters nor buffers."""
+    return [t for module in model.modules() for t in quantization_tensors(module)]
+
+
+def dequantized_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the largest quantized layer's weight dequantized to its float dtype: the transient that
+    bitsandbytes makes and frees in each forward and backward of that layer (0 without quantized layers)."""
+    sizes = [linear_shape(m)[0] * linear_shape(m)[1] * torch.empty((), dtype=weight_dtype(m)).element_size()
+             for m in model.modules() if is_quantized(m) and not hasattr(m, "base_layer")]
+    return max(sizes, default=0)
+
+
 def live_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, extra: Any = ()) -> int:
-    """Bytes live in ``model`` (parameters, buffers, gradients), ``optimizer``'s state and ``extra``."""
-    tensors = list(model.parameters()) + list(model.buffers())
+    """Bytes live in ``model`` (parameters, buffers, quantization statistics, gradients), ``optimizer``'s state
+    and ``extra``."""
+    tensors = list(model.parameters()) + list(model.buffers()) + quantization_state(model)
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     if optimizer is not None:
         tensors += list(state_tensors(optimizer.state))
@@ -173,4 +190,5 @@ def measure_peak(model: torch.nn.Module, batch: dict, optimizer_factory: Callabl
     return out
 
 
-__all__ = ["measure_peak", "cpu_peak", "cuda_peak", "region_peak", "live_bytes", "unique_storage_bytes"]
+__all__ = ["measure_peak", "cpu_peak", "cuda_peak", "region_peak", "live_bytes", "unique_storage_bytes",
+           "quantization_state", "dequantized_weight_bytes"]

@@ -29,6 +29,16 @@ block that trains on (all blocks for full fine-tuning). Pre-norm blocks (Llama, 
 first norm only when gradients reach the block input; post-norm blocks (BERT) save both norms of
 every trained block. Gradient checkpointing is not modelled.
 
+Quantized bases (bitsandbytes): the weights are the packed codes (4-bit: half a byte per weight; int8: one)
+plus their statistics (4-bit: one float32 absmax per block of 64 weights and a 16-entry code table; int8:
+one float32 scale per row), exactly as `rowsft.memory.breakdown` counts them; the trainable part is priced
+in the float dtype the layers compute in. A 4-bit layer keeps only its packed weight for backward, so the
+formula above holds unchanged; the transient adds the largest quantized layer's weight dequantized to its
+float dtype, which each of its forwards and backwards makes and frees. An int8 layer keeps its input for
+backward whenever the input needs a gradient, trained or not (bitsandbytes' int8 matmul holds it in its
+context), so under an int8 base every linear input that gradients reach counts whole, and rowsft layers keep
+their inputs instead of rebuilding them (`rowsft.layers.sparse`).
+
 Calibrated against `rowsft.memory.breakdown` on the tiny Llama, GPT-2 and BERT models (float32, CPU)
 for full, row, column, element and LoRA training and for single-layer selections: within 3% there;
 the documented (and tested) tolerance is 25%.
@@ -41,9 +51,10 @@ from dataclasses import dataclass
 import torch
 
 from rowsft.layers.sparse import input_kept_elsewhere, is_sparse_layer, kept_input_width
+from rowsft.memory.measure import dequantized_weight_bytes, quantization_state
 from rowsft.memory.report import OPTIMIZER_MOMENTS, MemoryReport
 from rowsft.selection.choice import Selection
-from rowsft.targets import find_targets, layer_index, linear_shape, module_type, role
+from rowsft.targets import find_targets, layer_index, linear_shape, module_type, quantization_kind, role
 
 
 def _cfg(config, *names, default=None):
@@ -72,11 +83,13 @@ class Shapes:
     resid_dropout: bool
     causal_lm: bool
     dtype_bytes: int
+    int8: bool = False     # bitsandbytes int8 linear layers, which keep their inputs for backward
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "Shapes":
         config = getattr(model, "config", None)
-        param = next(model.parameters())
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        param = next(model.parameters()) if param is None else param     # the float dtype, past packed codes
         hidden = _cfg(config, "hidden_size", "n_embd", "d_model", default=0)
         heads = _cfg(config, "num_attention_heads", "n_head", default=1)
         kv_heads = _cfg(config, "num_key_value_heads", default=heads)
@@ -97,7 +110,8 @@ class Shapes:
                    math_attention=math_attention, attention_bytes=4 if cpu_math else param.element_size(),
                    attn_dropout=attn_p > 0, resid_dropout=resid_p > 0,
                    causal_lm=hasattr(model, "lm_head") or "CausalLM" in type(model).__name__ or "LMHead" in type(model).__name__,
-                   dtype_bytes=param.element_size())
+                   dtype_bytes=param.element_size(),
+                   int8=any(quantization_kind(m) == "int8" for m in model.modules()))
 
 
 def head_positions(seq_len: int, logit_positions: int | None) -> int:
@@ -155,6 +169,11 @@ def activation_formula(shapes: Shapes, adapted: dict[str, tuple], batch_size: in
         types = trained_types.get(layer, set())
         rebuilt = {"qkv": flowing and norm_keeps_input, "up": res_mid and norm_keeps_input, "o": False,
                    "down": mlp_core and (shapes.mlp != "gated" or res_mid or {"gate_proj", "up_proj"} <= types)}
+        if shapes.int8:     # every int8 layer whose input needs a gradient keeps that input itself
+            reached = {"qkv": (flowing, h), "o": (attn_core, h), "up": (res_mid, h), "down": (mlp_core, i)}
+            slots = {r: [max(slots.get(r, [0] * 4)[0], width) if needed else slots.get(r, [0] * 4)[0],
+                         *slots.get(r, [0] * 4)[1:]] for r, (needed, width) in reached.items()}
+            rebuilt = dict.fromkeys(rebuilt, False)
         if attn_core and not shapes.math_attention and "o" in slots:
             slots = {**slots, "o": [0, slots["o"][1], 0, slots["o"][3]]}   # the whole o input: the kernel's saved output
         for r, (whole, part, rb_whole, rb_part) in slots.items():
@@ -233,9 +252,10 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
     s = shapes.dtype_bytes
     adapter_ids = _adapter_param_names(model)
     seen, base = set(), 0
-    for p in model.parameters():
+    frozen = [p for p in model.parameters() if id(p) not in adapter_ids] + quantization_state(model)
+    for p in frozen:                                          # quantized layers: packed codes, then their statistics
         key = p.untyped_storage().data_ptr()
-        if id(p) not in adapter_ids and key not in seen:
+        if key not in seen:
             seen.add(key)
             base += p.untyped_storage().nbytes()
     full, extra, indices = False, 0, 0
@@ -245,7 +265,8 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
             raise ValueError("the selection names no layer; pick at least one layer and a budget above zero")
         trainable = spec.trainable_parameters * s
         adapted = {name: (kept_input_width(c.unit, c.indices, c.shape[1], not input_kept_elsewhere(name)), c.shape[1],
-                          c.unit != "column") for name, c in spec.layers.items()}   # as the layers built from it will keep
+                          c.unit != "column" and not shapes.int8)
+                   for name, c in spec.layers.items()}   # as the layers built from it will keep
         indices = sum(_index_bytes(c) for c in spec.layers.values())
         units = sorted({c.unit for c in spec.layers.values()})
         method = "rowsft-" + "/".join(units)
@@ -277,7 +298,7 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
     # gradients of the fp32 log-probabilities and of the logits at the start of backward
     labels = int(_cfg(getattr(model, "config", None), "num_labels", default=0) or 0)
     outputs = head_positions(seq_len, logit_positions) * shapes.vocab if shapes.causal_lm else labels
-    transient = batch_size * outputs * (4 + s)
+    transient = batch_size * outputs * (4 + s) + dequantized_weight_bytes(model)   # + a quantized layer's float weight
     weights = base if full else base + trainable
     return MemoryReport(weights=weights, trainable=trainable, gradients=trainable, optimizer=OPTIMIZER_MOMENTS[optimizer] * trainable,
                         activations=activations, indices=indices, transient=transient, method=method,

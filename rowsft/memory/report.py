@@ -16,6 +16,7 @@ freed while gradients appear during backward), which matters only when the train
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -24,7 +25,9 @@ from rowsft.data.batching import to_device
 from rowsft.layers.rebuild import transparent
 from rowsft.layers.sparse import is_sparse_layer
 from rowsft.lean_loss import lean_forward
-from rowsft.memory.measure import state_tensors, storage_key, unique_storage_bytes
+from rowsft.targets import quantization_kind
+from rowsft.memory.measure import (dequantized_weight_bytes, quantization_state, state_tensors, storage_key,
+                                   unique_storage_bytes)
 
 MiB = 1024 ** 2
 PARTS = ("weights", "gradients", "optimizer", "activations", "indices", "transient")
@@ -109,7 +112,8 @@ def static_report(model: torch.nn.Module, optimizer="adamw", method: str | None 
     trainable = [p for p in params if p.requires_grad]
     trainable_bytes = unique_storage_bytes(trainable)
     idx = index_bytes(model)
-    return MemoryReport(weights=unique_storage_bytes(params), trainable=trainable_bytes, gradients=trainable_bytes,
+    weights = unique_storage_bytes(params + quantization_state(model))     # quantized layers: codes + their scales
+    return MemoryReport(weights=weights, trainable=trainable_bytes, gradients=trainable_bytes,
                         optimizer=optimizer_bytes(trainable, optimizer), indices=idx,
                         method=method or describe_method(model))
 
@@ -155,8 +159,9 @@ class SavedTensorCounter:
     def bytes(self) -> int:
         return int(sum(self.seen.values()))
 
-    @transparent   # rowsft.layers.rebuild still finds layer-input sources while counting (and counts their tensors)
-    def _pack(self, t: torch.Tensor):
+    def note(self, t: torch.Tensor) -> None:
+        """Count ``t`` as kept for backward (once per storage): for tensors an op keeps outside autograd's
+        saved tensors (bitsandbytes' int8 matmul keeps its input as a plain attribute of its context)."""
         if t.device.type != "meta":
             key = storage_key(t)
             if key not in self.exclude and key not in self.seen:
@@ -164,6 +169,10 @@ class SavedTensorCounter:
                 self.seen[key] = storage.nbytes()
                 if self.hold:
                     self._held.append(storage)
+
+    @transparent   # rowsft.layers.rebuild still finds layer-input sources while counting (and counts their tensors)
+    def _pack(self, t: torch.Tensor):
+        self.note(t)
         return t if self.backward else _COUNTED_ONLY
 
     @staticmethod
@@ -184,7 +193,7 @@ class SavedTensorCounter:
 
 
 def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    return list(model.parameters()) + list(model.buffers())
+    return list(model.parameters()) + list(model.buffers()) + quantization_state(model)
 
 
 def _logits_bytes(output, batch: dict) -> int:
@@ -193,6 +202,23 @@ def _logits_bytes(output, batch: dict) -> int:
         return 0
     # backward of the loss makes the gradient of the fp32 log-probabilities and of the logits
     return logits.numel() * (4 + logits.element_size())
+
+
+@contextlib.contextmanager
+def int8_inputs_counted(model: torch.nn.Module, counter: SavedTensorCounter):
+    """Count the inputs that bitsandbytes' int8 layers keep for their backward (not through autograd's saved
+    tensors, so the counter would not see them): every input that needs a gradient, in training mode."""
+    def keep(module, inputs):
+        x = inputs[0] if inputs else None
+        if torch.is_tensor(x) and x.requires_grad and torch.is_grad_enabled() and module.training:
+            counter.note(x)
+    handles = [m.register_forward_pre_hook(keep) for m in model.modules()
+               if quantization_kind(m) == "int8" and not hasattr(m, "base_layer")]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def activation_bytes(model: torch.nn.Module, batch: dict, lean_logits: bool = True) -> tuple[int, int]:
@@ -204,7 +230,8 @@ def activation_bytes(model: torch.nn.Module, batch: dict, lean_logits: bool = Tr
     model.train()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
-                SavedTensorCounter(model_tensors(model), hold=True, backward=False) as counter:
+                SavedTensorCounter(model_tensors(model), hold=True, backward=False) as counter, \
+                int8_inputs_counted(model, counter):
             output = lean_forward(model, batch, lean_logits)
             transient = _logits_bytes(output, batch) if counter.bytes else 0
             saved = counter.bytes
@@ -217,18 +244,21 @@ def activation_bytes(model: torch.nn.Module, batch: dict, lean_logits: bool = Tr
 def breakdown(model: torch.nn.Module, batch: dict, optimizer="adamw", lean_logits: bool = True) -> MemoryReport:
     """The memory of one training step of ``model`` on ``batch`` (bytes), part by part.
 
-    ``weights``: every parameter once per storage (tied weights once, trainable included);
-    ``trainable`` / ``gradients``: the parameters that require grad; ``optimizer``: their optimizer
-    state (see `optimizer_bytes`); ``activations``: bytes autograd saves during one train-mode
-    forward of ``batch`` (with its labels, so the loss is included; with ``lean_logits`` the LM head
-    runs only at labelled positions, as `rowsft.train` does by default); ``indices``: rowsft index
-    buffers; ``transient``: the logits' gradients that exist at the start of backward.
+    ``weights``: every parameter once per storage (tied weights once, trainable included; a quantized
+    layer's packed codes plus its absmax / scales, `rowsft.memory.measure.quantization_state`);
+    ``trainable`` / ``gradients``: the parameters that require grad; ``optimizer``: their optimizer state
+    (see `optimizer_bytes`); ``activations``: bytes autograd saves during one train-mode forward of
+    ``batch`` (with its labels, so the loss is included; with ``lean_logits`` the LM head runs only at
+    labelled positions, as `rowsft.train` does by default); ``indices``: rowsft index
+    buffers; ``transient``: the logits' gradients that exist at the start of backward, plus, on a quantized
+    base, the largest layer's dequantized weight (`rowsft.memory.measure.dequantized_weight_bytes`).
 
     With gradient checkpointing on, only what is saved outside the checkpointed blocks (and by the
     checkpoints themselves) counts; the recomputation of one block during backward does not.
     """
     report = static_report(model, optimizer)
     report.activations, report.transient = activation_bytes(model, batch, lean_logits)
+    report.transient += dequantized_weight_bytes(model)    # a quantized layer's weight, dequantized for its matmul
     ids = batch.get("input_ids") if isinstance(batch, dict) else None
     if torch.is_tensor(ids):
         report.details.update(batch_size=int(ids.shape[0]), seq_len=int(ids.shape[-1]))

@@ -36,6 +36,11 @@ Definitions (``b`` = calibration batch, ``L_b`` = the model's loss on it, ``G^b 
   non-padding tokens (``attention_mask == 1``) of the calibration batches.
 - ``activation``: row ``i`` → ``‖Y_i‖`` (norm of the output neuron over tokens), column ``j`` → ``‖X_j‖``.
 
+Quantized layers (bitsandbytes nf4/fp4/int8): the tap sees the quantized layer's input and output
+gradient as for any layer, so ``G^b`` needs no weight gradient; ``W`` is the layer's dequantized weight
+(`rowsft.targets.weight_out_in`), made when the metric needs it, one layer at a time, and dropped at
+once, so no dense copy of the model ever exists.
+
 Sums are accumulated in float32 (float64 for float64 models). Under an initialised torch.distributed
 process group the raw sums (and example counts) are all-reduced before the last step, so every rank
 ends with the scores of all ranks' batches.
@@ -56,7 +61,7 @@ from torch import nn
 from rowsft.distributed import is_distributed
 from rowsft.lean_loss import lean_forward
 from rowsft.scoring.recompute import recompute_blocks, transformer_blocks
-from rowsft.targets import weight_out_in
+from rowsft.targets import linear_shape, weight_dtype, weight_out_in
 
 # element saliency from the weight W and the total gradient G (both (d_out, d_in)); overwrites G
 TOTAL_GRADIENT_SALIENCY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -76,9 +81,15 @@ def reduce_view(e: torch.Tensor, view: str) -> torch.Tensor:
     return e
 
 
-def accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
-    """float64 for float64 models, float32 otherwise (bf16/fp16 weights accumulate in float32)."""
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+def accumulation_dtype(weight: torch.Tensor | torch.dtype) -> torch.dtype:
+    """float64 for float64 models, float32 otherwise (bf16/fp16 weights accumulate in float32); takes a weight
+    or its dtype (`rowsft.targets.weight_dtype`, which a quantized layer answers without dequantizing)."""
+    dtype = weight if isinstance(weight, torch.dtype) else weight.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _device(module: nn.Module) -> torch.device:
+    return getattr(module, "base_layer", module).weight.device
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
@@ -156,8 +167,9 @@ class Accumulator:
                           f"{len(missing)} target layers ({missing[:3]}...) during the calibration passes; "
                           "they score 0", stacklevel=3)
             for n in missing:
-                w = weight_out_in(self.targets[n])
-                zeros = torch.zeros(w.shape, dtype=accumulation_dtype(w), device=w.device)  # (d_out, d_in)
+                module = self.targets[n]
+                zeros = torch.zeros(linear_shape(module), dtype=accumulation_dtype(weight_dtype(module)),
+                                    device=_device(module))                             # (d_out, d_in)
                 self.sums[n] = {view: reduce_view(zeros, view) for view in self.views[n]}
         return self.sums
 
@@ -180,11 +192,12 @@ class SquaredGradientAccumulator(Accumulator):
         self.examples: dict[str, torch.Tensor] = {}
 
     def on_backward(self, name, module, x, g_out):
-        w = weight_out_in(module)
-        dtype = accumulation_dtype(w)
+        dtype = accumulation_dtype(weight_dtype(module))
         e = per_example_square_sum(g_out, x, dtype, self.max_example_elements)  # (d_out, d_in)
         if self.metric == "hessian":
+            w = weight_out_in(module)                                            # dequantized: transient
             e.mul_(w).mul_(w)
+            del w
         self.add(name, e)
         count = self.examples.setdefault(name, torch.zeros((), dtype=dtype, device=x.device))
         count += x.shape[0]
@@ -207,7 +220,7 @@ class TotalGradientAccumulator(Accumulator):
         self.grads: dict[str, torch.Tensor] = {}
 
     def on_backward(self, name, module, x, g_out):
-        grad = weight_gradient(x, g_out, accumulation_dtype(weight_out_in(module)))  # (d_out, d_in)
+        grad = weight_gradient(x, g_out, accumulation_dtype(weight_dtype(module)))  # (d_out, d_in)
         if name in self.grads:
             self.grads[name] += grad
         else:
@@ -233,7 +246,7 @@ class ActivationAccumulator(Accumulator):
         self.output_sq: dict[str, torch.Tensor] = {}
 
     def on_forward(self, name, module, x, y, mask):
-        dtype = accumulation_dtype(weight_out_in(module))
+        dtype = accumulation_dtype(weight_dtype(module))
         xs = tokens(x, mask).to(dtype)  # (N, d_in)
         self.input_sq[name] = self.input_sq.get(name, 0) + (xs * xs).sum(0)
         if self.metric == "activation" and "row" in self.views[name]:

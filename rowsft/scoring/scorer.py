@@ -24,6 +24,14 @@ batch whose labels are all -100 (no loss to differentiate: every row would score
 the raw accumulators are summed over ranks (each rank scoring its own batches), so every rank holds
 the same scores and selects the same rows. The model comes back as it was (training flags,
 ``requires_grad`` flags, no hooks), even when scoring fails.
+
+On a bitsandbytes-quantized base (``load_model(..., quantization="nf4" | "fp4" | "int8")``) every metric
+but ``grasp`` and ``synflow`` (which differentiate with respect to the weights themselves, and refuse)
+reads the layers' dequantized weights one layer at a time (`rowsft.targets.weight_out_in`), never a dense
+copy of the model; gradient metrics need only the layers' inputs and output gradients. The scores are
+those of the float model holding the dequantized weights. bitsandbytes' int8 layers choose their kernel
+by training mode (in eval mode they quantize their inputs to int8 as well): scoring keeps them in
+training mode (they have no dropout), so that the scores describe the function that training changes.
 """
 from __future__ import annotations
 
@@ -42,7 +50,8 @@ from rowsft.scoring import accumulators as _metrics
 from rowsft.scoring.saliency import grasp, synflow
 from rowsft.scoring.scores import NORMALIZATIONS, Scores, check_finite, normalization_scale
 from rowsft.scoring.zeroth_order import zo_taylor
-from rowsft.targets import NeuronGroup, find_targets, linear_shape, neuron_groups, weight_out_in
+from rowsft.targets import (NeuronGroup, find_targets, is_quantized, linear_shape, neuron_groups, quantization_kind,
+                            weight_out_in)
 
 __all__ = ["score", "ScoreConfig", "Scores", "METRICS", "allowed_metrics"]
 
@@ -132,6 +141,7 @@ def score(model: nn.Module, batches: Iterable[dict] | None = None, metric: str =
     else:
         views = {n: {cfg.unit} for n in modules}
 
+    check_quantized_targets(name, modules)
     calibration = _calibration_batches(batches, cfg.num_batches, model) if METRICS[name] else []
     if name in LOSS_METRICS:
         check_labelled(calibration, name)
@@ -178,6 +188,19 @@ def canonical_metric(metric: str, unit: str, p: int | None) -> tuple[str, int | 
         if p not in (1, 2):
             raise ValueError(f"magnitude needs p=1 or p=2, got p={p!r}")
     return name, p
+
+
+WEIGHT_AUTOGRAD_METRICS = ("grasp", "synflow")   # differentiate with respect to the stored weights
+
+
+def check_quantized_targets(metric: str, modules: dict[str, nn.Module]) -> None:
+    """A ValueError when ``metric`` needs the weights as autograd leaves and a target layer is quantized."""
+    quantized = [n for n, m in modules.items() if is_quantized(m)]
+    if metric in WEIGHT_AUTOGRAD_METRICS and quantized:
+        kind = quantization_kind(modules[quantized[0]])
+        raise ValueError(f"metric {metric!r} differentiates with respect to the weights themselves, which a quantized "
+                         f"layer does not hold as a float tensor ({quantized[0]} is {kind}); use 'taylor', 'hessian', "
+                         f"'fisher', 'gradient', 'snip', 'wanda', 'magnitude' or 'zo-taylor'")
 
 
 def check_counts(cfg: ScoreConfig) -> None:
@@ -261,6 +284,9 @@ def scoring_mode(model: nn.Module):
         if use_cache is not None:
             config.use_cache = False
         model.eval()
+        for m in model.modules():
+            if quantization_kind(m) == "int8" and not hasattr(m, "base_layer"):
+                m.training = True          # bitsandbytes' int8 layer: the training kernel (module docstring)
         for p in grads:
             p.requires_grad_(False)
         yield model

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rowsft.scoring.accumulators import _all_reduce_sum, accumulation_dtype, calibration_loss, reduce_view
-from rowsft.targets import linear_shape, weight_out_in
+from rowsft.targets import linear_shape, weight_dtype, weight_out_in
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -56,7 +56,7 @@ def _perturbed(targets: dict[str, nn.Module], state: dict, distribution: str, se
 
     def make_hook(layer, module):
         shape = linear_shape(module)
-        dtype = accumulation_dtype(weight_out_in(module))
+        dtype = accumulation_dtype(weight_dtype(module))
 
         def hook(mod, inputs, output):
             if not state["sign"]:
@@ -83,9 +83,9 @@ def zo_taylor(model: nn.Module, targets: dict[str, nn.Module], views: dict[str, 
         raise ValueError(f"zo-taylor needs num_perturbations >= 1 and eps > 0; got {num_perturbations}, {eps}")
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"perturbation={distribution!r} is not known; choose one of {DISTRIBUTIONS}")
-    first = weight_out_in(next(iter(targets.values())))
-    dtype = accumulation_dtype(first)
-    coefficients = torch.zeros(num_perturbations, dtype=dtype, device=first.device)  # c_k, (K,)
+    first = getattr(next(iter(targets.values())), "base_layer", next(iter(targets.values())))
+    dtype = accumulation_dtype(weight_dtype(first))
+    coefficients = torch.zeros(num_perturbations, dtype=dtype, device=first.weight.device)  # c_k, (K,)
     state = {"sign": 0, "k": 0, "eps": float(eps)}
     with torch.no_grad(), _perturbed(targets, state, distribution, seed):
         for k in range(num_perturbations):
@@ -104,8 +104,8 @@ def zo_taylor(model: nn.Module, targets: dict[str, nn.Module], views: dict[str, 
     out: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for layer, (name, module) in enumerate(targets.items()):
-            w = weight_out_in(module)
-            z_dtype = accumulation_dtype(w)  # as drawn in the forward hook
+            w = weight_out_in(module)  # a quantized layer's dequantized weight: one layer at a time
+            z_dtype = accumulation_dtype(weight_dtype(module))  # as drawn in the forward hook
             g_hat = torch.zeros(linear_shape(module), dtype=dtype, device=w.device)  # (d_out, d_in)
             for k in range(num_perturbations):
                 z = perturbation(tuple(g_hat.shape), perturbation_seed(seed, k, layer), distribution, z_dtype, w.device)
