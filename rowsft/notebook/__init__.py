@@ -10,6 +10,8 @@ train) and render what the training callbacks report. Each piece works alone:
 - :class:`LiveCurves` — loss and memory per step of several runs, throttled live updates;
 - :class:`TrainLauncher` — Launch / Stop around ``rowsft.train`` in a background thread;
 - :class:`ExplorerPanel` — the budget explorer: short fine-tunes over budgets, accuracy with intervals;
+- :class:`AdaptersPanel` — keep trained updates under names, switch between them, compare two
+  (``keep_adapter`` / ``use_adapter`` / ``use_none`` / ``compare_adapters``: the same, without widgets);
 - :class:`Dashboard` — all of them composed for one model and data set.
 
 Bad input shows a red line in the control's status area, never a traceback. For notebooks,
@@ -33,10 +35,13 @@ from rowsft.notebook.settings import FAST_SETTINGS, FULL_SETTINGS, NotebookSetti
 _NAMES = {"StatusArea": "_widgets", "BudgetControl": "budget", "Dashboard": "dashboard", "as_batches": "dashboard",
           "RunSummary": "launcher", "TrainLauncher": "launcher", "LayerPicker": "layer_picker",
           "CurveCallback": "live", "LiveCurves": "live", "CountingBatches": "metric", "MetricChooser": "metric",
-          "ExplorerPanel": "explorer"}
+          "ExplorerPanel": "explorer", "AdaptersPanel": "adapters", "KeptAdapter": "adapters",
+          "keep_adapter": "adapters", "use_adapter": "adapters", "use_none": "adapters",
+          "compare_adapters": "adapters", "comparison_text": "adapters"}
 
-__all__ = ["BudgetControl", "CountingBatches", "CurveCallback", "Dashboard", "ExplorerPanel", "FAST_SETTINGS", "FULL_SETTINGS",
-           "LayerPicker", "LiveCurves", "MetricChooser", "NotebookSettings", "RunSummary", "StatusArea",
-           "TrainLauncher", "as_batches", "fast_mode", "settings"]
+__all__ = ["AdaptersPanel", "BudgetControl", "CountingBatches", "CurveCallback", "Dashboard", "ExplorerPanel",
+           "FAST_SETTINGS", "FULL_SETTINGS", "KeptAdapter", "LayerPicker", "LiveCurves", "MetricChooser",
+           "NotebookSettings", "RunSummary", "StatusArea", "TrainLauncher", "as_batches", "compare_adapters",
+           "comparison_text", "fast_mode", "keep_adapter", "settings", "use_adapter", "use_none"]
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _NAMES)

@@ -10,7 +10,11 @@ already carries a different one, ``rowsft.merge_and_unload`` first keeps what wa
 calls ``rowsft.train``. While a run trains, Score and budget changes are refused with a message
 (scoring freezes the model's parameters, which would end the run). A fourth, folded section is the
 :class:`ExplorerPanel`: short fine-tunes of fresh copies of the model over several budgets, to
-choose a budget by held-out accuracy with intervals (it never changes the notebook's model).
+choose a budget by held-out accuracy with intervals (it never changes the notebook's model). A fifth,
+folded section is the :class:`AdaptersPanel`: keep a trained update under a name, switch the model between
+kept ones (or none), compare two on the same held-out questions. Once an adapter is kept, Launch with a new
+selection unloads a kept (or zero) update instead of merging it, so the next run starts from the same frozen
+weights, and refuses to merge an update that is not kept (that would change the weights the adapters need).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from rowsft.explore.budgets import ExploreConfig
 from rowsft.layers import tuner
 from rowsft.lean_loss import logit_positions
 from rowsft.notebook._widgets import Displayable, StatusArea, refresh_figure, section
+from rowsft.notebook.adapters import AdaptersPanel, unkept
 from rowsft.notebook.budget import BudgetControl
 from rowsft.notebook.explorer import ExplorerPanel
 from rowsft.notebook.launcher import TrainLauncher
@@ -117,9 +122,9 @@ class Dashboard(Displayable):
         self.heatmap = go.FigureWidget()
         self.heatmap.add_class("rowsft-heatmap")
         self.curves = LiveCurves(("loss", "memory"))
+        self.eval_fn = eval_fn if eval_fn is not None else default_eval_fn(data, tokenizer, cfg)
         self.launcher = TrainLauncher(model, self.batches, steps=cfg.steps, lr=cfg.lr, run_name="row-sparse",
-                                      curves=self.curves, eval_fn=eval_fn if eval_fn is not None else
-                                      default_eval_fn(data, tokenizer, cfg), prepare=prepare or self.prepare,
+                                      curves=self.curves, eval_fn=self.eval_fn, prepare=prepare or self.prepare,
                                       train_fn=train_fn, train_kwargs=train_kwargs, background=background)
         self.budget: BudgetControl | None = None
         self._budget_kwargs = dict(rows=cfg.rows, rank=cfg.lora_rank, batch_size=cfg.batch_size, seq_len=self.seq_len,
@@ -134,10 +139,14 @@ class Dashboard(Displayable):
                                       background=background)
         folded = widgets.Accordion(children=[self.explorer.widget], selected_index=None)
         folded.set_title(0, "4 · Budget explorer: accuracy against budget, taylor vs random, LoRA at parity")
+        self.adapters = AdaptersPanel(model, eval_fn=self.eval_fn, busy_fn=self.busy, background=background)
+        kept = widgets.Accordion(children=[self.adapters.widget], selected_index=None)
+        kept.set_title(0, "5 · Adapters: keep trained updates, switch between them, compare two on the same questions")
         self.widget = widgets.VBox([
             section("1 · Importance"), self.chooser.widget, widgets.HBox([self.heatmap_type, self.heatmap_order]),
             self.heatmap, section("2 · Layers and budget"), self.budget_box,
-            section("3 · Train"), self.launcher.widget, self.curves.widget, folded, self.status])
+            section("3 · Train"), self.launcher.widget, self.curves.widget, folded, kept,
+            self.status])
         self.chooser.run()
 
     # ------------------------------------------------------------------ reactions
@@ -151,6 +160,9 @@ class Dashboard(Displayable):
         """Why the model must not be scored or re-selected now (None: it may)."""
         if self.is_training:
             return "a run is training this model; press Stop or wait for it to end"
+        adapters = getattr(self, "adapters", None)
+        if adapters is not None and adapters.running:
+            return "two adapters are being compared on this model; wait for the comparison to end"
         return None
 
     @property
@@ -196,6 +208,8 @@ class Dashboard(Displayable):
         if self.explorer.running:
             raise ValueError("the budget explorer is running (it would halve the speed of both); press its Stop "
                              "or wait for it to end")
+        if self.adapters.running:
+            raise ValueError("two adapters are being compared on this model; wait for the comparison to end")
         if self.budget is not None and self.budget.pending:
             self.budget.update()          # a change made while the last run trained
         selection = self.selection
@@ -207,8 +221,20 @@ class Dashboard(Displayable):
             if set(current) == set(selection) and all(current[n].equal(selection[n]) for n in selection):
                 self.launcher.status.info("continuing with the selection already on the model")
                 return
-            tuner.merge_and_unload(model)
+            self._take_off_update(model)
         tuner.apply(model, selection)
+
+    def _take_off_update(self, model) -> None:
+        """Before another selection: merge the update (no adapter kept), else unload a kept or zero one."""
+        kept = self.adapters.adapters
+        if not kept:
+            tuner.merge_and_unload(model)              # keep what was learnt in the weights
+        elif unkept(model, kept.values()):
+            raise ValueError("the model's update is not kept as an adapter, and merging it would change the weights "
+                             f"the kept adapters ({', '.join(map(repr, kept))}) apply to: keep it (section 5), or "
+                             "press None there twice to drop it, then Launch")
+        else:
+            tuner.unload(model)                        # kept (or zero): the next run starts from the same weights
 
     def wait(self, timeout: float | None = None):
         """Block until the current training run ends; its History."""
