@@ -86,21 +86,45 @@ def _is_blank(answer) -> bool:
     return answer is None or answer is Ellipsis
 
 
-def check(question: str, answer, expected, rel_tol: float = 0.02, explanation: str = "") -> bool | None:
+class Verdict:
+    """What :func:`check` found: ``.right`` is True, False, or None (not answered). A check cell ends
+    with the call, so the object shows nothing of its own (the printed line is the feedback)."""
+
+    def __init__(self, right: bool | None):
+        self.right = right
+
+    def __bool__(self) -> bool:
+        return bool(self.right)
+
+    def _ipython_display_(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"Verdict(right={self.right})"
+
+
+def check(question: str, answer, expected, rel_tol: float = 0.02, explanation: str = "",
+          notes: dict | None = None) -> Verdict:
     """Compare a student's ``answer`` with ``expected`` and print right/wrong with an explanation.
 
-    Numbers count as right within ``rel_tol`` (relative); anything else must be equal. ``answer``
-    left as ``None`` or ``...`` prints a reminder and returns ``None``.
+    Numbers count as right within ``rel_tol`` (relative); anything else must be equal (text: ignoring
+    case and surrounding spaces). ``answer`` left as ``None`` or ``...`` prints a reminder and returns
+    ``Verdict(None)``. ``notes``: ``{wrong answer: hint}`` for tempting wrong answers, printed instead of the
+    general hint when the student gives one of them.
     """
     if _is_blank(answer):
         print(f"{question}: not answered yet - replace the ... above with your answer and run this cell again.")
-        return None
+        return Verdict(None)
+    for wrong, note in (notes or {}).items():
+        if answer == wrong or str(answer).strip().lower() == str(wrong).strip().lower():
+            print(f"{question}: not quite - you said {answer!r}. {note}")
+            return Verdict(False)
     if isinstance(expected, (int, float)) and not isinstance(expected, bool):
         try:
             value = float(answer)
         except (TypeError, ValueError):
             print(f"{question}: expected a number, got {answer!r}.")
-            return False
+            return Verdict(False)
         scale = max(abs(float(expected)), 1e-12)
         right = abs(value - float(expected)) <= rel_tol * scale
     else:
@@ -109,7 +133,7 @@ def check(question: str, answer, expected, rel_tol: float = 0.02, explanation: s
         print(f"{question}: RIGHT. {explanation}".rstrip())
     else:
         print(f"{question}: not quite - you said {answer!r}. Hint: {explanation}".rstrip())
-    return right
+    return Verdict(right)
 
 
 def human_bytes(n: float) -> str:

@@ -27,7 +27,6 @@ from rowsft.data.models import tiny_model
 from rowsft.distributed import (
     ShardedBatches,
     check_can_apply,
-    check_not_sharded,
     check_same_selection,
     check_supported_wrapper,
     full_tensor,

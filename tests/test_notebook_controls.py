@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import rowsft
-import rowsft.viz.style
 import torch
 from test_notebook_fakes import (
     fake_lora_parity,
@@ -21,6 +18,8 @@ from test_notebook_fakes import (
     tiny_llama,
 )
 
+import rowsft
+import rowsft.viz.style
 from rowsft import notebook as nb
 from rowsft import viz
 

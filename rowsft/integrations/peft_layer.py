@@ -36,7 +36,15 @@ from rowsft.layers.sparse import (
     sparse_forward,
 )
 from rowsft.selection.choice import LayerChoice
-from rowsft.targets import is_linear_like, is_quantized, is_transposed, linear_shape, quantization_kind, weight_dtype, weight_out_in
+from rowsft.targets import (
+    is_linear_like,
+    is_quantized,
+    is_transposed,
+    linear_shape,
+    quantization_kind,
+    weight_dtype,
+    weight_out_in,
+)
 
 LAYER_UNITS = ("row", "column", "element")
 

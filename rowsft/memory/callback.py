@@ -6,8 +6,14 @@ import warnings
 import torch
 
 from rowsft.memory.measure import live_bytes, profile_peak
-from rowsft.memory.report import (PARTS, MemoryReport, SavedTensorCounter, int8_inputs_counted, model_tensors,
-                                  static_report)
+from rowsft.memory.report import (
+    PARTS,
+    MemoryReport,
+    SavedTensorCounter,
+    int8_inputs_counted,
+    model_tensors,
+    static_report,
+)
 
 
 class MemoryCallback:

@@ -25,9 +25,14 @@ from rowsft.data.batching import to_device
 from rowsft.layers.rebuild import transparent
 from rowsft.layers.sparse import is_sparse_layer
 from rowsft.lean_loss import lean_forward
+from rowsft.memory.measure import (
+    dequantized_weight_bytes,
+    quantization_state,
+    state_tensors,
+    storage_key,
+    unique_storage_bytes,
+)
 from rowsft.targets import quantization_kind
-from rowsft.memory.measure import (dequantized_weight_bytes, quantization_state, state_tensors, storage_key,
-                                   unique_storage_bytes)
 
 MiB = 1024 ** 2
 PARTS = ("weights", "gradients", "optimizer", "activations", "indices", "transient")

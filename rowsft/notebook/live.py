@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 
 from rowsft import viz
 from rowsft.notebook._widgets import Displayable
-from rowsft.viz.curves import MIB, RAW_OPACITY, SMOOTHED, curve_trace, mean_window, mean_trace, running_mean
+from rowsft.viz.curves import MIB, RAW_OPACITY, SMOOTHED, curve_trace, mean_trace, mean_window, running_mean
 from rowsft.viz.style import memory_value
 
 

@@ -50,8 +50,15 @@ from rowsft.scoring import accumulators as _metrics
 from rowsft.scoring.saliency import grasp, synflow
 from rowsft.scoring.scores import NORMALIZATIONS, Scores, check_finite, normalization_scale
 from rowsft.scoring.zeroth_order import zo_taylor
-from rowsft.targets import (NeuronGroup, find_targets, is_quantized, linear_shape, neuron_groups, quantization_kind,
-                            weight_out_in)
+from rowsft.targets import (
+    NeuronGroup,
+    find_targets,
+    is_quantized,
+    linear_shape,
+    neuron_groups,
+    quantization_kind,
+    weight_out_in,
+)
 
 __all__ = ["score", "ScoreConfig", "Scores", "METRICS", "allowed_metrics"]
 
