@@ -113,7 +113,9 @@ def test_finetune_in_place_dashboard_in_jupyterlab():
         assert any(0 < n < final for n in growing), \
             f"the live memory curve did not gain points during the run: seen {growing}, final {final}"
         assert final == STEPS, f"{final} memory points for {STEPS} steps"
-        assert trace_points(dash, curves_title, "scatter", meta={"run": RUN, "metric": "loss"}) == STEPS
+        raw_loss = {"run": RUN, "metric": "loss", "kind": None}          # the raw points (their meta has no kind)
+        assert trace_points(dash, curves_title, "scatter", meta=raw_loss) == STEPS
+        assert trace_points(dash, curves_title, "scatter", meta={**raw_loss, "kind": "mean"}) == STEPS   # running mean
         assert f"{STEPS} / {STEPS}" in summary.inner_text(), summary.inner_text()
         wait_for_plot(dash, title=curves_title, trace_type="scatter", min_points=STEPS)
         scroll_to(dash.locator(".js-plotly-plot").last)
