@@ -352,6 +352,7 @@ def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_complete():
                         self.state["calls"] = [1]
                         os.kill(os.getpid(), signal.SIGINT)
 
+    handler_before = signal.getsignal(signal.SIGINT)    # default_int_handler; SIG_IGN in a background job
     model = train_mlp_only(llama(torch.float64))
     reference = train_mlp_only(llama(torch.float64))
     batch = token_batches(n=1)
@@ -361,7 +362,7 @@ def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_complete():
     train(reference, batch, steps=1, lr=0.1, optimizer="sgd", max_grad_norm=None, schedule="constant", **QUIET)
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-12), name  # every parameter got its update
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before      # training put the caller's handler back
 
 
 def test_config_help_and_overrides():
