@@ -21,6 +21,12 @@ Writes ``benchmarks/results/<name>.json`` and a plotly figure ``<name>.fig.json`
     .venv/bin/python benchmarks/methods.py --autocast bf16 --name methods-bf16   # every method under autocast
     .venv/bin/python benchmarks/methods.py --seqs 64 128 256 512 1024 --methods element dense-scatter \
         --update benchmarks/results/sweep_tokens.json     # re-measure some methods of an existing sweep
+    .venv/bin/python benchmarks/methods.py --methods floor row lora --steps 1 --profile 20 --name profiled
+                                                          # also print each method's top 20 operators of one step
+
+``--profile N`` (issue 23): after the timed steps, each method is built again, takes one untimed step, and one
+more step runs under ``torch.profiler``; the N operators with the most self CPU time are printed per method
+(and kept in the results file under ``profiles``), so where a method's time goes can be read next to its step time.
 """
 from __future__ import annotations
 
@@ -108,6 +114,33 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
     return builders, meta
 
 
+def profile_step(build, batch: dict, autocast: str | None, top: int) -> list[dict]:
+    """One step of a freshly built method under ``torch.profiler`` (after one untimed step): its ``top`` operators
+    by self CPU time, each ``{"name", "self_cpu_ms", "calls", "cpu_total_ms"}``, the step's own time as ``step``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    stepper = harness._Stepper(build(), batch, autocast=autocast)
+    stepper.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        seconds = stepper.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    rows = [{"name": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count,
+             "cpu_total_ms": e.cpu_time_total / 1e3} for e in events]
+    return [{"name": "step", "self_cpu_ms": seconds * 1e3, "calls": 1, "cpu_total_ms": seconds * 1e3}] + rows
+
+
+def profile_table(rows: list[dict]) -> str:
+    """`profile_step`'s rows as text; each operator's share of the profiled step's time."""
+    step = rows[0]["self_cpu_ms"]
+    lines = [f"{'operator':<48}{'self ms':>10}{'share':>8}{'calls':>8}{'total ms':>10}", "-" * 84]
+    for r in rows[1:]:
+        lines.append(f"{r['name'][:47]:<48}{r['self_cpu_ms']:>10.1f}{r['self_cpu_ms'] / step:>8.1%}{r['calls']:>8}"
+                     f"{r['cpu_total_ms']:>10.1f}")
+    lines.append(f"{'(profiled step, wall)':<48}{step:>10.1f}")
+    return "\n".join(lines)
+
+
 def figure(points: list[dict], path: Path) -> None:
     """Peak memory and step time against tokens per batch or trainable parameters."""
     try:
@@ -160,6 +193,9 @@ def main(argv=None) -> int:
                     "step, which compiles, apart")
     ap.add_argument("--autocast", choices=("bf16", "fp16"), help="run every method's steps under torch.autocast "
                     "to this dtype (weights stay float32, as do rowsft's updates and LoRA's adapters)")
+    ap.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="N",
+                    help="after the timed steps, profile one step per method and print its top N operators by self "
+                    "CPU time (default 15 with no N)")
     ap.add_argument("--replot", type=Path, help="only redraw the figure of an existing results file")
     ap.add_argument("--update", type=Path, help="an existing results file whose points of the measured methods "
                     "(same tokens and rank) are replaced by this run's; the file records which were re-measured when")
@@ -170,7 +206,7 @@ def main(argv=None) -> int:
 
     import rowsft
     _, tokenizer = rowsft.load_model(args.model)
-    points = []
+    points, profiles = [], {}
     for seq in args.seqs:
         batch = harness.real_batch(tokenizer, args.batch, seq)
         for rank in args.ranks:
@@ -189,6 +225,12 @@ def main(argv=None) -> int:
                                "first_step_s": r.extra.get("first_step_s"), "compiled": args.compile,
                                "autocast": args.autocast,
                                "unit_choice": meta.get(r.extra["key"], {}).get("unit_choice")})
+            if args.profile:
+                for key, (label, build) in builders.items():
+                    top = profile_step(build, batch, args.autocast, args.profile)
+                    profiles[f"{key} {args.batch}x{seq} r{rank}"] = top
+                    print(f"\n{label}: top {args.profile} operators by self CPU time, one step")
+                    print(profile_table(top))
             by = {r.extra["key"]: r for r in results}
             if {"lora", "full"} <= by.keys():
                 best = min((by[k] for k in ("row", "column", "lean") if k in by), key=lambda r: r.peak_bytes, default=None)
@@ -211,6 +253,8 @@ def main(argv=None) -> int:
                 v = by["element"].peak_bytes / by["dense-scatter"].peak_bytes
                 print(f"{'PASS' if v <= 0.7 else 'MISS'}  element peak ≤ 0.7 × dense-scatter peak: {v:.3f}")
     payload = {"args": vars(args), "points": points}
+    if profiles:
+        payload["profiles"] = profiles
     if args.update:
         payload = json.loads(args.update.read_text())
         payload.setdefault("first_run", {k: payload.get(k) for k in ("machine", "command", "date")})

@@ -526,3 +526,49 @@ def test_element_column_cache_follows_a_mask_loaded_in_place():
     (layer(x) * g).sum().backward()
     dense = g.reshape(-1, 48).T @ x.detach().reshape(-1, 40)              # (d_out, d_in) weight gradient
     torch.testing.assert_close(layer.values.grad, dense.reshape(-1)[new.long()], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- issue 23: the row path's faster forms
+@pytest.mark.parametrize("k", [1, 11, 16, 29])
+@pytest.mark.parametrize("layout", ["3d", "2d", "strided"])
+def test_thin_product_equals_linear(k, layout):
+    """``delta xᵀ`` transposed back (the faster BLAS shape on CPU) is ``x deltaᵀ``, for any token layout."""
+    from rowsft.layers.autograd import thin_product
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 5, 24, generator=g, dtype=torch.float64)
+    if layout == "2d":
+        x = x.reshape(10, 24)
+    elif layout == "strided":
+        x = torch.randn(5, 2, 24, generator=g, dtype=torch.float64).transpose(0, 1)
+    delta = torch.randn(k, 24, generator=g, dtype=torch.float64)
+    got = thin_product(x, delta)
+    assert got.shape == x.shape[:-1] + (k,)
+    torch.testing.assert_close(got, F.linear(x, delta), rtol=1e-12, atol=1e-12)
+
+
+def test_norm_output_rebuilt_from_the_saved_scale():
+    """A Llama RMSNorm's output is rebuilt from what its last product keeps (``weight * (h * scale)``), bit for bit;
+    a norm computed in another order is rebuilt by running it again."""
+    import rowsft
+    from rowsft.layers import rebuild
+
+    class SwappedRMSNorm(nn.Module):          # (h * scale) * weight: the graph differs, so the rule must not apply
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+        def forward(self, h):
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)) * self.weight
+
+    model = rowsft.tiny_model("llama", vocab_size=128, seed=3)
+    norm = model.model.layers[0].post_attention_layernorm.requires_grad_(False)
+    for module, scaled in ((norm, True), (SwappedRMSNorm(norm.weight.numel()).requires_grad_(False), False)):
+        handles = rebuild.track_norm_outputs(module)
+        h = torch.randn(2, 7, norm.weight.numel(), requires_grad=True)
+        out = module(h)
+        source = rebuild.source_of(out)
+        assert source is not None and source.what == "norm"
+        assert (source.rebuild.__name__ == "scaled") == scaled      # rebuild._norm_rebuild's two-product form
+        assert torch.equal(source.rebuild(*source.tensors), out.detach())
+        for handle in handles:
+            handle.remove()

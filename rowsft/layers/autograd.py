@@ -47,18 +47,32 @@ def compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatch when it is already that dtype (most calls in float32: 210 layers × ~15 casts a step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """``(..., d)`` → ``(N, d)``."""
     return t.reshape(-1, t.shape[-1])
 
 
 def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``target += a @ b`` in place (``a (..., m)``, ``b (m, n)``, ``target (..., n)``), fused when it can."""
+    """``target += a @ b`` in place (``a (..., m)`` or flat ``(N, m)``, ``b (m, n)``, ``target (..., n)``), fused when it can."""
     if target.dtype == a.dtype == b.dtype and target.is_contiguous():
         _flat(target).addmm_(_flat(a), b)
     else:
-        target.add_((a @ b.to(a.dtype)).to(target.dtype))
+        target.add_(_to(_flat(a) @ _to(b, a.dtype), target.dtype).view(target.shape))
     return target
+
+
+def thin_product(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``x deltaᵀ`` for a thin ``delta (k, d_in)`` and ``x (..., d_in)`` → ``(..., k)``, a transposed view.
+
+    Computed as ``delta xᵀ`` ``(k, N)``: on CPU the BLAS runs that shape 1.5-4× faster than ``x deltaᵀ``
+    ``(N, k)`` when ``k`` is not a multiple of 16 (SmolLM2 at LoRA-8 parity: k = 11 for k/v/down_proj, 29 for
+    gate/up), and never slower. Same products summed over the same ``d_in``; only the order may differ."""
+    return torch.mm(delta, _flat(x).T).T.view(*x.shape[:-1], delta.shape[0])   # (k, N) → (..., k)
 
 
 def add_into_columns(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -77,16 +91,16 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     fresh (non-view) ``(..., d_out)`` tensor so that later in-place ops on it stay cheap and legal."""
     dt = compute_dtype(x, weight.dtype)
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=dt, device=x.device)   # (..., d_out)
-    x, w = x.to(dt), weight.to(dt)
+    x, w = _to(x, dt), _to(weight, dt)
     if conv1d or x.dim() <= 2 or x.is_contiguous():   # one (add)mm over the flattened tokens
         if bias is None:
             torch.mm(_flat(x), w.T, out=_flat(out))
         else:
-            torch.addmm(bias.to(dt), _flat(x), w.T, out=_flat(out))
+            torch.addmm(_to(bias, dt), _flat(x), w.T, out=_flat(out))
     else:                                             # strided input: torch.linear's matmul, then the bias
         torch.matmul(x, w.T, out=out)
         if bias is not None:
-            out.add_(bias.to(dt))
+            out.add_(_to(bias, dt))
     return out
 
 
@@ -199,7 +213,7 @@ class _SparseUpdate(torch.autograd.Function):
         x_dt = ctx.base_dt = None                           # x in the update's compute dtype, when cast anyway
         if out is None:
             ctx.base_dt = compute_dtype(x, weight.dtype)
-            base_x = x.to(ctx.base_dt)                      # cast once (autocast): the update's product reads it too
+            base_x = _to(x, ctx.base_dt)                    # cast once (autocast): the update's product reads it too
             out = frozen_linear(base_x, weight, bias, conv1d)    # (..., d_out), frozen base
             x_dt = base_x if base_x.dtype == dt else None
         else:
@@ -216,7 +230,8 @@ class _SparseUpdate(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[1]:
             if weight is not None:                               # the frozen base's share: g W
-                grad_x = (grad_out.to(ctx.base_dt) @ weight.to(ctx.base_dt)).to(ctx.x_dtype)  # (..., d_in)
+                g = _flat(_to(grad_out, ctx.base_dt))                                # (N, d_out)
+                grad_x = _to(torch.mm(g, _to(weight, ctx.base_dt)), ctx.x_dtype).view(ctx.x_shape)  # (..., d_in)
         grad_x, grad_update = cls._grads(ctx, grad_out, grad_x, kept, update, index)
         return grad_out if ctx.fallback else None, grad_x, None, None, grad_update, None, None, None
 
@@ -231,21 +246,22 @@ class RowUpdate(_SparseUpdate):
 
     @staticmethod
     def _add(ctx, out, x, delta, index, d_in, dt, x_dt=None):
-        contribution = F.linear(x.to(dt) if x_dt is None else x_dt, delta.to(dt))   # (..., k)
-        add_into_columns(out, index, contribution.to(out.dtype))
+        contribution = thin_product(_to(x, dt) if x_dt is None else x_dt, _to(delta, dt))   # (..., k)
+        add_into_columns(out, index, _to(contribution, out.dtype))
         return x
 
     @staticmethod
     def _grads(ctx, grad_out, grad_x, x, delta, index):
-        grad_rows = grad_out.index_select(-1, index).to(ctx.dt)              # (..., k)
+        grad_rows = _to(_flat(grad_out).index_select(1, index), ctx.dt)      # (N, k)
         grad_delta = None
         if ctx.needs_input_grad[1]:
+            delta = _to(delta, ctx.dt)                                        # (k, d_in)
             if grad_x is None:
-                grad_x = (grad_rows @ delta.to(ctx.dt)).to(ctx.x_dtype)
+                grad_x = _to(torch.mm(grad_rows, delta), ctx.x_dtype).view(ctx.x_shape)
             else:
-                _add_product(grad_x, grad_rows, delta.to(ctx.dt))
+                _add_product(grad_x, grad_rows, delta)
         if ctx.needs_input_grad[4]:
-            grad_delta = (_flat(grad_rows).T @ _flat(x).to(ctx.dt)).to(ctx.update_dtype)  # (k, d_in)
+            grad_delta = _to(torch.mm(grad_rows.T, _to(_flat(x), ctx.dt)), ctx.update_dtype)  # (k, d_in)
         return grad_x, grad_delta
 
 

@@ -100,6 +100,12 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 
 def _norm_rebuild(module: nn.Module, device_type: str, autocast: tuple[bool, torch.dtype]):
+    if isinstance(module, _ScaledNorm):       # two multiplications, which autocast never casts
+        def scaled(h: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return module.forward(h)
+        return scaled
+
     def rebuild(h: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
             return module.forward(h)      # not module(h): no hooks run again in backward
@@ -121,7 +127,50 @@ def _tag_norm_output(module: nn.Module, inputs: tuple, output) -> None:
             or h.shape != output.shape or h.element_size() > output.element_size():
         return   # other hooks (they might change the output), extra arguments, a wider input: keep x itself
     device_type = h.device.type
-    setattr(output, _TAG, Source((h,), _norm_rebuild(module, device_type, _autocast_state(device_type)), "norm"))
+    source = _scaled_source(module, h, output, device_type)
+    if source is None:
+        source = Source((h,), _norm_rebuild(module, device_type, _autocast_state(device_type)), "norm")
+    setattr(output, _TAG, source)
+
+
+class _ScaledNorm:
+    """An RMSNorm's output from what its last product keeps: ``weight * (h * scale)``, ``scale (..., 1)``; stands in
+    for the norm module in `_norm_rebuild`."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        self.weight, self.scale = weight, scale
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.mul(self.weight, torch.mul(h, self.scale))     # (d,) * ((..., d) * (..., 1))
+
+
+def _scaled_source(module: nn.Module, h: torch.Tensor, output: torch.Tensor, device_type: str) -> Source | None:
+    """An RMSNorm computed as ``weight * (h * scale)`` (Llama, Mistral, Qwen ...; ``scale = rsqrt(mean(h²) + eps)``,
+    ``(..., 1)``): the product's node keeps ``h`` and ``scale``, so backward rebuilds the output with those two
+    multiplications instead of running the whole norm again (0.5 ms → 0.12 ms for SmolLM2 at 1024 tokens).
+
+    Checked on the graph at every call (the nodes, the weight and ``h`` themselves), and once per norm, autocast
+    state and dtype on the values: the rule is used only where it gave the norm's output bit for bit."""
+    weight, node = getattr(module, "weight", None), output.grad_fn
+    if not isinstance(weight, torch.Tensor) or node is None or node.name() != "MulBackward0" \
+            or len(node.next_functions) != 2 or node.next_functions[1][0] is None:
+        return None
+    inner = node.next_functions[1][0]
+    if inner.name() != "MulBackward0":
+        return None
+    w, kept, scale = _saved(node, "_saved_self"), _saved(inner, "_saved_self"), _saved(inner, "_saved_other")
+    if not all(torch.is_tensor(t) for t in (w, kept, scale)) or w.data_ptr() != weight.data_ptr() \
+            or w.shape != weight.shape or kept.data_ptr() != h.data_ptr() or kept.shape != h.shape \
+            or kept.stride() != h.stride() or kept.dtype != h.dtype or scale.shape != h.shape[:-1] + (1,):
+        return None
+    scaled = _ScaledNorm(weight, scale)        # scale: (..., 1), kept by the norm's own node anyway
+    autocast = _autocast_state(device_type)
+    checked = module.__dict__.setdefault("_rowsft_scaled_rebuild", {})
+    key = (h.dtype, output.dtype, device_type, autocast)
+    if key not in checked:                     # once: the rule must give the norm's own bits
+        with torch.no_grad():
+            checked[key] = bool(torch.equal(scaled.forward(h), output))
+    return Source((h,), _norm_rebuild(scaled, device_type, autocast), "norm") if checked[key] else None
 
 
 def track_norm_outputs(model: nn.Module) -> list:

@@ -42,8 +42,15 @@ from rowsft.layers.autograd import add_sparse_update, input_columns, sparse_line
 from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, merge_requantized
 from rowsft.layers.rebuild import global_forward_hooks, source_of
 from rowsft.selection.choice import LayerChoice
-from rowsft.targets import (is_linear_like, is_transposed, linear_shape, quantization_kind, role, weight_dtype,
-                            weight_out_in)
+from rowsft.targets import (
+    is_linear_like,
+    is_transposed,
+    linear_shape,
+    quantization_kind,
+    role,
+    weight_dtype,
+    weight_out_in,
+)
 
 try:
     from transformers.pytorch_utils import Conv1D as _Conv1D
