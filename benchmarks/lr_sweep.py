@@ -39,8 +39,8 @@ GRID = (
     ("row taylor", "rowsft", "taylor", "2", (3e-4, 1e-3, 3e-3)),
     ("row taylor", "rowsft", "taylor", "lora:8", (3e-4, 1e-3, 3e-3)),
     ("column taylor", "column", "taylor", "lora:8", (1e-4, 3e-4, 1e-3, 3e-3)),
-    ("SPEFT gradient", "element", "gradient", "lora:8", (3e-4, 1e-3, 3e-3)),
-    ("LoRA r=8", "lora", "taylor", "-", (3e-4, 1e-3, 3e-3)),
+    ("SPEFT gradient", "element", "gradient", "lora:8", (1e-4, 3e-4, 1e-3, 3e-3)),
+    ("LoRA r=8", "lora", "taylor", "-", (1e-4, 3e-4, 1e-3, 3e-3)),
 )
 
 
