@@ -32,3 +32,15 @@ def random_batches(n: int = 4, batch_size: int = 2, seq_len: int = 16, vocab_siz
         ids = torch.randint(first_token, vocab_size, (batch_size, seq_len), generator=g)  # (batch, seq)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     return out
+
+
+def mask_of(choice) -> torch.Tensor:
+    """The boolean ``(d_out, d_in)`` mask of the weights a `LayerChoice` trains (rows, columns or flat elements)."""
+    mask = torch.zeros(choice.shape, dtype=torch.bool)
+    if choice.unit == "row":
+        mask[choice.indices] = True
+    elif choice.unit == "column":
+        mask[:, choice.indices] = True
+    else:
+        mask.view(-1)[choice.indices] = True
+    return mask

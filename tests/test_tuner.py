@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from _reference import random_batches
+from _reference import mask_of, random_batches
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -23,18 +23,6 @@ def weight_out_in(module):
 
 def shape_of(module):
     return tuple(weight_out_in(module).shape)
-
-
-def mask_of(choice):
-    d_out, d_in = choice.shape
-    mask = torch.zeros(d_out, d_in, dtype=torch.bool)
-    if choice.unit == "row":
-        mask[choice.indices] = True
-    elif choice.unit == "column":
-        mask[:, choice.indices] = True
-    else:
-        mask.view(-1)[choice.indices] = True
-    return mask
 
 
 def mixed_selection(model, names_units, seed=0):
