@@ -26,19 +26,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from rowsft.layers.autograd import add_sparse_update
-from rowsft.layers.rebuild import source_of
 from rowsft.layers.sparse import (
     KeptColumns,
     SparseLinear,
     dense_update,
     fold_update,
     input_kept_elsewhere,
+    input_source,
     sparse_forward,
 )
 from rowsft.selection.choice import LayerChoice
 from rowsft.targets import (
     is_linear_like,
-    is_quantized,
     is_transposed,
     linear_shape,
     quantization_kind,
@@ -71,6 +70,7 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
                             f"transformers Conv1D layers only")
         self.base_layer = base_layer
         self.out_features, self.in_features = linear_shape(base_layer)
+        self.base_quantization = quantization_kind(base_layer)  # "nf4" / "fp4" / "int8" for a bitsandbytes base
         self.module_name = name
         self.rowsft_delta = nn.ParameterDict()
         self.rowsft_indices = BufferDict(persistent=True)
@@ -120,11 +120,8 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
 
     def _source(self, adapter: str, x: torch.Tensor):
         """A rebuild source of ``x`` (`rowsft.layers.rebuild`), as `rowsft.layers.SparseLinear` finds it."""
-        if not self.rowsft_rebuild[adapter] or self.rowsft_unit[adapter] == "column" \
-                or not self.rowsft_delta[adapter].requires_grad \
-                or quantization_kind(self.get_base_layer()) == "int8":    # bitsandbytes' int8 matmul keeps x itself
-            return None
-        return source_of(x)
+        return input_source(x, self.rowsft_unit[adapter], self.rowsft_delta[adapter], self.rowsft_rebuild[adapter],
+                            self.base_quantization)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -187,9 +184,9 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
 
     def _refuse_quantized_merge(self, action: str) -> None:
         """A quantized base weight is packed codes: folding into a dequantized copy would change nothing."""
-        if is_quantized(self.get_base_layer()):
+        if self.base_quantization is not None:
             raise RuntimeError(f"{self.module_name}: cannot {action} a RowSFT adapter into a quantized "
-                               f"({quantization_kind(self.get_base_layer())}) base weight; keep it as an adapter "
+                               f"({self.base_quantization}) base weight; keep it as an adapter "
                                f"(save_pretrained), or load the base model in float and merge there")
 
     def extra_repr(self) -> str:

@@ -105,6 +105,15 @@ def sparse_forward(base_layer: nn.Module, unit: str, x: torch.Tensor, update: to
                              source)
 
 
+def input_source(x: torch.Tensor, unit: str, update: torch.Tensor, rebuild_input: bool, quantization: str | None):
+    """A `rowsft.layers.rebuild.Source` of ``x`` when the update would keep ``x`` (or a large part of it) and the
+    frozen graph keeps what rebuilds it; None otherwise: rebuilding off, a column update (it keeps only ``k``
+    inputs), a frozen update, or an int8 base (bitsandbytes' int8 matmul keeps ``x`` itself)."""
+    if not rebuild_input or unit == "column" or not update.requires_grad or quantization == "int8":
+        return None
+    return source_of(x)
+
+
 def writable(out: torch.Tensor) -> torch.Tensor:
     """``out``, or a copy of it when autograd may forbid writing into it: a view made inside a custom autograd
     function or custom op (bitsandbytes' 4-bit matmul returns one for a non-contiguous input, as GPT-2's attention
@@ -250,12 +259,7 @@ class SparseLinear(nn.Module):
         return out
 
     def _input_source(self, x: torch.Tensor):
-        """A `rowsft.layers.rebuild.Source` of ``x`` when the update would keep ``x`` (or a large part of it) and the
-        frozen graph keeps what rebuilds it; None otherwise (and always for columns, which keep only ``k``)."""
-        if not self.rebuild_input or self.unit == "column" or not self.update.requires_grad \
-                or self.quantization == "int8":     # bitsandbytes' int8 matmul keeps x itself (module docstring)
-            return None
-        return source_of(x)
+        return input_source(x, self.unit, self.update, self.rebuild_input, self.quantization)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense ``(d_out, d_in)`` tensor in the update's dtype (for tests and merging)."""
