@@ -121,7 +121,6 @@ class Displayable:
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.widget._repr_mimebundle_(**kwargs)
-        if isinstance(bundle, tuple):          # (data, metadata)
-            data, metadata = bundle
-            return {**data, "text/plain": LIVE_KERNEL_NOTE.format(name=type(self).__name__)}, metadata
-        return {**(bundle or {}), "text/plain": LIVE_KERNEL_NOTE.format(name=type(self).__name__)}
+        data, metadata = bundle if isinstance(bundle, tuple) else (bundle or {}, None)   # (data, metadata) or data
+        data = {**data, "text/plain": LIVE_KERNEL_NOTE.format(name=type(self).__name__)}
+        return data if metadata is None else (data, metadata)
