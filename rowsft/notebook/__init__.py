@@ -35,9 +35,9 @@ from rowsft.notebook.settings import FAST_SETTINGS, FULL_SETTINGS, NotebookSetti
 _NAMES = {"StatusArea": "_widgets", "BudgetControl": "budget", "Dashboard": "dashboard", "as_batches": "dashboard",
           "RunSummary": "launcher", "TrainLauncher": "launcher", "LayerPicker": "layer_picker",
           "CurveCallback": "live", "LiveCurves": "live", "CountingBatches": "metric", "MetricChooser": "metric",
-          "ExplorerPanel": "explorer", "AdaptersPanel": "adapters", "KeptAdapter": "adapters",
-          "keep_adapter": "adapters", "use_adapter": "adapters", "use_none": "adapters",
-          "compare_adapters": "adapters", "comparison_text": "adapters"}
+          "ExplorerPanel": "explorer", "AdaptersPanel": "adapters", "KeptAdapter": "kept_adapters",
+          "keep_adapter": "kept_adapters", "use_adapter": "kept_adapters", "use_none": "kept_adapters",
+          "compare_adapters": "kept_adapters", "comparison_text": "kept_adapters"}
 
 __all__ = ["AdaptersPanel", "BudgetControl", "CountingBatches", "CurveCallback", "Dashboard", "ExplorerPanel",
            "FAST_SETTINGS", "FULL_SETTINGS", "KeptAdapter", "LayerPicker", "LiveCurves", "MetricChooser",
