@@ -13,6 +13,8 @@ writes ``benchmarks/results/<name>.json`` and ``.md`` (``--device cuda`` when a 
 benchmark on CUDA, results named ``quantized-cuda`` by default).
 
     .venv/bin/python benchmarks/quantized.py [--model smollm2-135m] [--batch 4] [--seq 256] [--rank 8] [--steps 3]
+    .venv/bin/python benchmarks/quantized.py --double-quant        # both nf4 bases with QLoRA's double quantization
+                                                                   # (8-bit absmax), results named quantized-dq
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import harness  # noqa: E402
 TARGETS = {"rows nf4 / QLoRA": 0.85, "rows nf4 / LoRA float32": 0.65}
 
 
-def build_methods(model_name: str, batch: dict, rank: int, device: str):
+def build_methods(model_name: str, batch: dict, rank: int, device: str, double_quant: bool = False):
     """``[(label, builder)]`` of the four methods, and the row selection's trainable-parameter count."""
     import rowsft
     from rowsft import baselines
@@ -36,7 +38,8 @@ def build_methods(model_name: str, batch: dict, rank: int, device: str):
     from rowsft.selection import strategies as sel
 
     def fresh(quantization=None):
-        return rowsft.load_model(model_name, quantization=quantization, device=device)[0]
+        nested = {"double_quant": double_quant} if quantization is not None else {}
+        return rowsft.load_model(model_name, quantization=quantization, device=device, **nested)[0]
 
     probe = fresh()
     selection = sel.select(score(probe, [batch], metric="random", unit="row", num_batches=1), sel.lora_parity(rank))
@@ -49,8 +52,9 @@ def build_methods(model_name: str, batch: dict, rank: int, device: str):
             return model
         return build
 
-    builders = [("rows on nf4", rows("nf4")),
-                (f"QLoRA r={rank} (peft, nf4)", lambda: baselines.qlora(fresh("nf4"), rank=rank)),
+    nf4 = "nf4 + double quant" if double_quant else "nf4"
+    builders = [(f"rows on {nf4}", rows("nf4")),
+                (f"QLoRA r={rank} (peft, {nf4})", lambda: baselines.qlora(fresh("nf4"), rank=rank)),
                 ("rows on float32", rows(None)),
                 (f"LoRA r={rank} (peft, float32)", lambda: baselines.lora(fresh(), rank=rank))]
     specs = [selection, ("lora", rank), selection, ("lora", rank)]
@@ -75,7 +79,7 @@ def with_predictions(builders, specs, batch: dict, predicted: list[int]):
 def markdown(results, predicted, ratios, args) -> str:
     lines = [f"SmolLM2-135M ({args.model}), one BoolQ batch of {args.batch} × {args.seq} tokens, LoRA-rank-{args.rank} "
              f"parity, {args.steps} timed steps each (interleaved), {harness.machine()['threads']} threads, "
-             f"device {args.device}.", "",
+             f"device {args.device}{', nf4 with double quantization' if args.double_quant else ''}.", "",
              "| method | trainable | peak MiB (measured) | predicted MiB | median step s | peak × QLoRA "
              "| peak × LoRA fp32 |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -98,9 +102,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--double-quant", action="store_true",
+                    help="quantize the nf4 bases' absmax statistics too (QLoRA's double quantization)")
     ap.add_argument("--name", default=None, help="results file name (default: quantized, or quantized-cuda)")
     args = ap.parse_args(argv)
-    args.name = args.name or ("quantized" if args.device == "cpu" else f"quantized-{args.device.split(':')[0]}")
+    args.name = args.name or ("quantized" + ("-dq" if args.double_quant else "")
+                              + ("" if args.device == "cpu" else f"-{args.device.split(':')[0]}"))
 
     import rowsft
     from rowsft.data.batching import to_device
@@ -108,7 +115,7 @@ def main(argv=None) -> int:
 
     _, tokenizer = rowsft.load_model(args.model)
     batch = to_device(harness.real_batch(tokenizer, args.batch, args.seq), args.device)
-    builders, specs, trainable = build_methods(args.model, batch, args.rank, args.device)
+    builders, specs, trainable = build_methods(args.model, batch, args.rank, args.device, args.double_quant)
     predicted: list[int] = []
     results = harness.measure_methods(with_predictions(builders, specs, batch, predicted), batch, args.steps)
     rows_nf4, qlora, _, lora = results

@@ -180,3 +180,38 @@ def test_job_flags_without_a_subcommand_run_the_main_job(monkeypatch):
     monkeypatch.setattr(commands, "build_parser", parser_with_fake_run)
     assert main(["--steps", "5", "--no-progress"]) == 0 and main([]) == 0
     assert seen[0].steps == 5 and seen[0].progress is False and seen[1].steps is None
+
+
+def test_bad_quantization_flags_are_refused_before_loading(capsys, monkeypatch):
+    import rowsft.cli.job as job
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the flags"))
+    for flags, words in ((["--quantization", "int4"], "quantization must be one of"),
+                         (["--quantization", "int8", "--double-quant"], "double_quant applies to"),
+                         (["--double-quant"], "needs quantization nf4 or fp4"),
+                         (["--quantization", "nf4", "--method", "full"], "full fine-tuning cannot train quantized")):
+        assert main(["run", *TINY_RUN, *flags]) == 2, flags
+        assert words in capsys.readouterr().err, flags
+
+
+@pytest.mark.parametrize("method", ["rowsft", "lora"])
+def test_a_job_on_an_nf4_base_trains_over_4bit_layers_and_saves_its_adapter(method, tmp_path, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    import rowsft.cli.job as job
+    loaded = {}
+
+    def recording_load_model(*args, **kwargs):
+        loaded["kwargs"] = kwargs
+        loaded["model"], tokenizer = job_load_model(*args, **kwargs)
+        return loaded["model"], tokenizer
+    job_load_model = job.load_model
+    monkeypatch.setattr(job, "load_model", recording_load_model)
+    cfg = job.JobConfig(model="tiny-llama", task="boolq", steps=2, max_train=16, eval_examples=8, calibration_batches=1,
+                        batch_size=2, max_length=64, method=method, quantization="NF4", double_quant=True,
+                        out=str(tmp_path / "adapter"), progress=False, device="cpu")
+    result = job.run_job(cfg, log=lambda line: None)
+    assert loaded["kwargs"] == {"quantization": "nf4", "double_quant": True, "device": "cpu"}
+    layers = [m for m in loaded["model"].modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.nested for m in layers)       # trained over double-quantized nf4
+    assert 0.0 <= result.accuracy_after <= 1.0 and result.paired is not None
+    assert result.config["quantization"] == "nf4" and result.config["double_quant"] is True
+    assert any((tmp_path / "adapter").iterdir())

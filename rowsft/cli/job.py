@@ -18,6 +18,7 @@ from rowsft import baselines, memory
 from rowsft.cli.outputs import check_job_output, save_job_output
 from rowsft.data import batches as make_batches
 from rowsft.data import load_dataset, load_model
+from rowsft.data.quantization import FOUR_BIT, QUANTIZATIONS
 from rowsft.evaluation.choices import evaluate
 from rowsft.evaluation.stats import correctness, exact_mcnemar
 from rowsft.layers import tuner
@@ -40,6 +41,8 @@ FALSE_WORDS = ("false", "no", "off", "0", "n")
 class JobConfig:
     """A fine-tuning job. Every field has a default so ``JobConfig()`` is the main job."""
     model: str = field(default="smollm2-135m", metadata={"help": "bundled name (smollm2-135m, minilm-l6, tiny-llama, ...), HF id or path"})
+    quantization: str | None = field(default=None, metadata={"help": "nf4, fp4 or int8: load the frozen base quantized by bitsandbytes (the 'quantized' extra); rows then train over it, and method lora is QLoRA"})
+    double_quant: bool = field(default=False, metadata={"help": "with nf4/fp4: quantize the per-block absmax statistics too, as QLoRA does"})
     task: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes (the model learns it in minutes), boolq (the hard case), piqa, siqa, openbookqa, commonsenseqa"})
     method: str = field(default="rowsft", metadata={"help": f"one of {METHODS}"})
     metric: str = field(default="taylor", metadata={"help": "importance metric for rowsft/column/element selection"})
@@ -90,7 +93,22 @@ class JobConfig:
             canonical_metric(self.metric, unit, None)
         check_targets(self.targets)
         check_device(self.device)
+        self._check_quantization()
         return self
+
+    def _check_quantization(self) -> None:
+        if self.quantization is None:
+            if self.double_quant:
+                raise ValueError("double_quant quantizes the 4-bit statistics; it needs quantization nf4 or fp4")
+            return
+        self.quantization = self.quantization.strip().lower()
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None (float), got {self.quantization!r}")
+        if self.double_quant and self.quantization not in FOUR_BIT:
+            raise ValueError(f"double_quant applies to {FOUR_BIT}, not {self.quantization!r}; drop it or pick nf4")
+        if self.method == "full":
+            raise ValueError("full fine-tuning cannot train quantized weights; drop quantization, or train rows "
+                             "(method rowsft) or LoRA (QLoRA) over the quantized base")
 
 
 def coerce_field(name: str, kind: str, value: Any) -> Any:
@@ -225,9 +243,13 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
     job_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model is None:
+    if model is None and cfg.quantization is not None:     # placed by bitsandbytes' loading; 4-bit refuses .to()
+        model, tokenizer = load_model(cfg.model, quantization=cfg.quantization, double_quant=cfg.double_quant,
+                                      device=device)
+    elif model is None:
         model, tokenizer = load_model(cfg.model)
-    model.to(device)
+    if cfg.quantization is None:
+        model.to(device)
     data = data if data is not None else load_dataset(cfg.task, max_train=cfg.max_train, seed=cfg.seed)
     if len(data["train"]) == 0:
         raise ValueError(f"task {cfg.task!r} has no training rows (max_train={cfg.max_train})")

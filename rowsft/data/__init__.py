@@ -3,6 +3,7 @@ and batches for training.
 
 - :mod:`rowsft.data.assets`: the pip packages that ship weights and data, and the cache folder;
 - :mod:`rowsft.data.models`: ``load_model``, ``tiny_model``;
+- :mod:`rowsft.data.quantization`: the bitsandbytes settings behind ``load_model(..., quantization=...)``;
 - :mod:`rowsft.data.tasks`: ``load_dataset``, prompt templates and verbalizers;
 - :mod:`rowsft.data.batching`: ``batches`` (tokenise, truncate, pad, label only the answer).
 """

@@ -18,21 +18,9 @@ SmolLM2 ships as a 4-bit GGUF file; the first :func:`load_model` dequantises it 
 is handed to transformers' ``Auto*`` classes (a local folder, or a hub id when a hub is reachable;
 with ``HF_HUB_OFFLINE`` set only local files are used).
 
-Quantized bases (``load_model(name, quantization="nf4" | "fp4" | "int8")``, bitsandbytes, the ``quantized``
-extra): every route goes through transformers' own ``BitsAndBytesConfig`` loading, which runs on CPU with
-bitsandbytes >= 0.50 as on CUDA. Pretrained models (bundled, local folders, hub ids) are loaded with it
-directly; the tiny test models, built from a config, are written to a temporary folder once and loaded back
-through the same call, so they are quantized exactly as a real model is (linear layers, GPT-2's ``Conv1D``
-included, become ``Linear4bit`` / ``Linear8bitLt``; the embeddings and the output heads that
-``rowsft.targets`` names, ``lm_head``, ``classifier``, ``score``, ..., stay in ``dtype``: a new
-classification head must be trainable). 4-bit layers compute in ``dtype`` (``bnb_4bit_compute_dtype``), with
-single (not nested) absmax statistics per block of 64 weights. On CPU, bitsandbytes would repack a 4-bit
-layer's weight for a bf16 inference kernel the first time it runs in eval mode on an input that needs no
-gradient: a different product (bf16) from the one training sees, and no gradient through it afterwards.
-``load_model`` turns that repacking off (``support_avx512bf16_for_cpu = False``), so every forward
-multiplies by the dequantized weight, in evaluation as in training. Its one-line note about an optional hub
-kernel it cannot fetch offline is silenced, and its per-call note that int8 inputs are cast to float16 (eval
-mode) is shown once.
+Quantized bases (``load_model(name, quantization="nf4" | "fp4" | "int8")``) are described in
+:mod:`rowsft.data.quantization`; tiny test models are quantized exactly as a pretrained one is (written to a
+temporary folder once and loaded back through the same ``BitsAndBytesConfig`` call).
 
 Datasets live in :mod:`rowsft.data.tasks`, batching in :mod:`rowsft.data.batching`, asset folders in
 :mod:`rowsft.data.assets`.
@@ -40,9 +28,7 @@ Datasets live in :mod:`rowsft.data.tasks`, batching in :mod:`rowsft.data.batchin
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -51,8 +37,13 @@ import torch
 
 from rowsft.data.assets import asset_dir, cache_dir
 from rowsft.data.batching import ensure_pad_token
+from rowsft.data.quantization import (
+    bitsandbytes_config,
+    check_quantization,
+    forget_quantization,
+    settle_quantized_layers,
+)
 from rowsft.io_utils import atomic_directory, file_lock
-from rowsft.targets import OUTPUT_HEAD_NAMES
 
 TINY_VOCAB = {"llama": 49152, "gpt2": 49152, "bert": 30522}
 
@@ -70,8 +61,6 @@ MODELS = {
     "tiny-bert": ((), "classification"),
 }
 HEADS = ("auto", "causal-lm", "classification", None)
-QUANTIZATIONS = ("nf4", "fp4", "int8")
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what a quantized base may compute in
 
 
 def tiny_model(arch: str, vocab_size: int | None = None, seed: int = 0, num_labels: int = 2,
@@ -160,19 +149,6 @@ def _convert_smollm2(gguf: Path, dest: Path) -> None:
     _convert_smollm2_tokenizer(gguf, dest)
 
 
-def forget_quantization(model) -> None:
-    """Drop transformers' record that ``model`` was quantized (config entry, quantizer, flags), for a model whose
-    weights are plain floats again, so that ``save_pretrained`` writes a plain model."""
-    with contextlib.suppress(AttributeError):
-        del model.config.quantization_config
-    with contextlib.suppress(AttributeError):
-        model.config._is_quantized = False
-    for attribute, plain in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None),
-                             ("is_loaded_in_4bit", False), ("is_loaded_in_8bit", False)):
-        if hasattr(model, attribute):
-            setattr(model, attribute, plain)
-
-
 def _convert_smollm2_tokenizer(gguf: Path, dest: Path) -> None:
     from transformers import AutoTokenizer
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dest)
@@ -217,7 +193,8 @@ def _canonical(name: str) -> str | None:
 
 
 def load_model(name: str, *, head: str | None = "auto", num_labels: int = 2, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", seed: int = 0, quantization: str | None = None, **model_kwargs):
+               device: str | torch.device = "cpu", seed: int = 0, quantization: str | None = None, double_quant: bool = False,
+               **model_kwargs):
     """Load a model and its tokenizer by name → ``(model, tokenizer)``, in eval mode.
 
     ``name``: a bundled name (``smollm2-135m``, ``minilm-l6``, ``tiny-llama``, ``tiny-gpt2``,
@@ -230,15 +207,16 @@ def load_model(name: str, *, head: str | None = "auto", num_labels: int = 2, dty
 
     ``quantization``: ``"nf4"``, ``"fp4"`` (4-bit) or ``"int8"``: the linear layers are quantized by
     bitsandbytes through transformers' ``BitsAndBytesConfig`` (see the module docstring), computing in ``dtype``
-    (float32, bfloat16 or float16), on CPU or CUDA; the rest of the model stays in ``dtype``. Checked before
-    anything loads.
+    (float32, bfloat16 or float16), on CPU or CUDA; the rest of the model stays in ``dtype``. ``double_quant``
+    (4-bit only): quantize the per-block absmax statistics too, as QLoRA does (`rowsft.data.quantization`).
+    Checked before anything loads.
 
     The tokenizer always has a pad token (its eos token when it had none), and
     ``model.config.pad_token_id`` matches it.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    quantization = check_quantization(quantization, dtype, device, model_kwargs)
+    quantization = check_quantization(quantization, dtype, device, model_kwargs, double_quant)
     canonical = _canonical(name) if isinstance(name, str) else None
     if canonical is None and isinstance(name, str) and name.lower().startswith("tiny-"):
         raise ValueError(f"unknown model {name!r}; bundled models are: {', '.join(bundled_models())}")
@@ -247,10 +225,10 @@ def load_model(name: str, *, head: str | None = "auto", num_labels: int = 2, dty
     if canonical in ("tiny-llama", "tiny-gpt2", "tiny-bert"):
         model, tokenizer = _load_tiny(canonical, head, num_labels, dtype, seed, **model_kwargs)
         if quantization is not None:
-            model = _quantized_copy(model, quantization, dtype, device)
+            model = _quantized_copy(model, quantization, dtype, device, double_quant)
     else:
         if quantization is not None:
-            model_kwargs.update(quantization_config=bitsandbytes_config(quantization, dtype),
+            model_kwargs.update(quantization_config=bitsandbytes_config(quantization, dtype, double_quant),
                                 device_map={"": str(torch.device(device))})
         if canonical == "smollm2-135m":
             path = smollm2_folder()
@@ -270,93 +248,16 @@ def load_model(name: str, *, head: str | None = "auto", num_labels: int = 2, dty
     return model.to(device).eval(), tokenizer
 
 
-# ----------------------------------------------------------------------------------------------
-# quantized bases
-
-
-def check_quantization(quantization, dtype, device, model_kwargs: dict) -> str | None:
-    """``quantization`` in lower case (None stays None), after checking that it can be honoured: a known kind,
-    a float compute ``dtype``, a CPU or CUDA ``device``, no ``quantization_config`` of the caller's own beside
-    it, and bitsandbytes installed. Every refusal comes before anything loads."""
-    if quantization is None:
-        return None
-    if not isinstance(quantization, str) or quantization.strip().lower() not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS} (or None for a float model), got "
-                         f"{quantization!r}")
-    if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"a quantized base computes in float32, bfloat16 or float16; dtype={dtype} is none of "
-                         f"these (it sets the compute dtype of the quantized layers and the dtype of the rest)")
-    try:
-        device_type = torch.device(device).type
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device ({e})") from None
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"quantized models load on 'cpu' or 'cuda' here, not {device!r}")
-    if "quantization_config" in model_kwargs:
-        raise ValueError("pass either quantization=... or your own quantization_config, not both")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("quantization needs bitsandbytes: pip install --no-deps 'bitsandbytes>=0.50' (the "
-                          "'quantized' extra; --no-deps keeps the CPU torch already installed)")
-    import_bitsandbytes()
-    return quantization.strip().lower()
-
-
-class _FirstOnly(logging.Filter):
-    """Lets a log message that starts with ``prefix`` through once per process."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix, self.seen = prefix, False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        shown, self.seen = self.seen, True
-        return not shown
-
-
-def import_bitsandbytes():
-    """``import bitsandbytes`` without its import-time note that an optional CPU kernel from the model hub could
-    not be fetched (it falls back to its own CPU code), and with its int8 per-call note shown only once."""
-    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops.level
-    cpu_ops.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-    finally:
-        cpu_ops.setLevel(level)
-    autograd_log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _FirstOnly) for f in autograd_log.filters):
-        autograd_log.addFilter(_FirstOnly("MatMul8bitLt: inputs will be cast"))
-    return bitsandbytes
-
-
-def bitsandbytes_config(quantization: str, dtype: torch.dtype):
-    """transformers' ``BitsAndBytesConfig`` for ``quantization`` ("nf4", "fp4", "int8") computing in ``dtype``."""
-    from transformers import BitsAndBytesConfig
-    heads = list(OUTPUT_HEAD_NAMES)     # output heads stay in dtype (a new classification head must train)
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=heads)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=dtype,
-                              bnb_4bit_use_double_quant=False, llm_int8_skip_modules=heads)
-
-
-def _quantized_copy(model, quantization: str, dtype: torch.dtype, device):
+def _quantized_copy(model, quantization: str, dtype: torch.dtype, device, double_quant: bool = False):
     """A tiny model quantized as a pretrained one is: written to a temporary folder, loaded back with the config."""
     name = model.config.name_or_path
     with tempfile.TemporaryDirectory(prefix="rowsft-quantize-") as folder, quiet_transformers():
         model.save_pretrained(folder)
-        quantized = type(model).from_pretrained(folder, quantization_config=bitsandbytes_config(quantization, dtype),
-                                                dtype=dtype, device_map={"": str(torch.device(device))})
+        config = bitsandbytes_config(quantization, dtype, double_quant)
+        quantized = type(model).from_pretrained(folder, quantization_config=config, dtype=dtype,
+                                                device_map={"": str(torch.device(device))})
     quantized.config.name_or_path = name
     return quantized
-
-
-def settle_quantized_layers(model) -> None:
-    """Keep every 4-bit layer on the dequantize-and-multiply path in eval mode too (see the module docstring)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _resolve_path(name) -> str:

@@ -23,8 +23,11 @@ Documented bound of a re-quantized merge (checked per element in ``tests/test_qu
 ``T = W_q + D`` the merged target (``W_q`` the dequantized base weight, ``D`` the update), each element of
 the re-quantized weight is within half the widest gap of the code table times its block's new absmax of
 ``T`` (nf4: 0.152 × absmax, fp4: 0.167 × absmax; blocks of 64 consecutive weights of the row-major
-``(d_out, d_in)`` weight), int8 within ``rowmax / 254`` plus the float16 rounding bitsandbytes applies before
-quantizing (``|T| · 2⁻¹¹``). Blocks (int8: rows) the update does not touch come back unchanged.
+``(d_out, d_in)`` weight; with double quantization, whose stored absmax ``A'`` is itself 8-bit, plus
+``|A' - A|``, how far the stored absmax is from the exact one), int8 within ``rowmax / 254`` plus the float16 rounding bitsandbytes applies before
+quantizing (``|T| · 2⁻¹¹``). Blocks (int8: rows) the update does not touch come back unchanged; with double
+quantization they keep their codes, but their 8-bit absmax may move a little (the absmax of 256 blocks share one
+scale and a layer shares one offset), within the same bound.
 """
 from __future__ import annotations
 
@@ -84,8 +87,22 @@ def requantization_bound(module: nn.Module, target: torch.Tensor) -> torch.Tenso
         flat = target.reshape(-1)
         padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % blocksize))
         absmax = padded.view(-1, blocksize).abs().amax(dim=1, keepdim=True)             # (blocks, 1)
-        bound = (absmax * code_half_gap(module)).expand(-1, blocksize).reshape(-1)[:flat.numel()].view(target.shape)
+        per_block = absmax * code_half_gap(module)
+        stored = stored_absmax(module)                                                  # (blocks,)
+        if stored is not None:      # double quantization: the codes are scaled by an 8-bit absmax A', not A
+            per_block = per_block + (stored.view(-1, 1).to(absmax) - absmax).abs()
+        bound = per_block.expand(-1, blocksize).reshape(-1)[:flat.numel()].view(target.shape)
     return bound * (1 + BOUND_SLACK) + target.abs() * BOUND_SLACK
+
+
+def stored_absmax(module: nn.Module) -> torch.Tensor | None:
+    """A 4-bit layer's absmax per block as its dequantization uses it, ``(blocks,)`` float32, when double
+    quantization stores it in 8 bits (``quant_state.nested``); None when the absmax are stored exactly."""
+    state = module.weight.quant_state
+    if not getattr(state, "nested", False):
+        return None
+    import bitsandbytes.functional as bnb_functional
+    return (bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float().reshape(-1)
 
 
 def _quantized_codes(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,4 +193,4 @@ def float_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Line
 
 
 __all__ = ["MERGE_REFUSAL", "MergeError", "merge_requantized", "requantize", "requantization_bound",
-           "float_linear", "code_half_gap"]
+           "float_linear", "code_half_gap", "stored_absmax"]

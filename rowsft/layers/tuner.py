@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from rowsft.data.models import forget_quantization
+from rowsft.data.quantization import forget_quantization
 from rowsft.distributed import check_can_apply, check_not_sharded
 from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, float_linear
 from rowsft.layers.rebuild import track_norm_outputs

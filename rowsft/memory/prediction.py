@@ -30,7 +30,8 @@ first norm only when gradients reach the block input; post-norm blocks (BERT) sa
 every trained block. Gradient checkpointing is not modelled.
 
 Quantized bases (bitsandbytes): the weights are the packed codes (4-bit: half a byte per weight; int8: one)
-plus their statistics (4-bit: one float32 absmax per block of 64 weights and a 16-entry code table; int8:
+plus their statistics (4-bit: one float32 absmax per block of 64 weights, or one byte with double quantization plus a
+float32 absmax per 256 of those, and a 16-entry code table; int8:
 one float32 scale per row), exactly as `rowsft.memory.breakdown` counts them; the trainable part is priced
 in the float dtype the layers compute in. A 4-bit layer keeps only its packed weight for backward, so the
 formula above holds unchanged; the transient adds the largest quantized layer's weight dequantized to its
