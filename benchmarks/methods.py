@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
-ALL = ("row", "row-kept", "column", "lean", "element", "dense-scatter", "lora", "full", "floor")
-COLORS = {"row": "#1f77b4", "row-kept": "#aec7e8", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e",
+ALL = ("row", "row-kept", "row-ungrouped", "column", "lean", "element", "dense-scatter", "lora", "full", "floor")
+COLORS = {"row": "#1f77b4", "row-kept": "#aec7e8", "row-ungrouped": "#6baed6", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e",
           "dense-scatter": "#d62728", "lora": "#9467bd", "full": "#7f7f7f", "floor": "#bcbd22"}
 
 
@@ -78,7 +78,7 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
              for u in ("row", "column", "element") if any(m in methods for m in (u, "lean", "dense-scatter"))}
     budget = sel.lora_parity(rank)
     selections = {}
-    if "row" in methods or "row-kept" in methods:
+    if any(m in methods for m in ("row", "row-kept", "row-ungrouped")):
         selections["row"] = sel.select(score["row"], budget)
     if "column" in methods:
         selections["column"] = sel.select(score["column"], budget)
@@ -88,10 +88,10 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
         selections["element"] = sel.select(score["element"], budget, strategy="global")
     del probe
 
-    def sparse(kind, rebuild_inputs=True):
+    def sparse(kind, rebuild_inputs=True, group_updates=True):
         def build():
             m = fresh()
-            tuner.apply(m, selections[kind], rebuild_inputs=rebuild_inputs)
+            tuner.apply(m, selections[kind], rebuild_inputs=rebuild_inputs, group_updates=group_updates)
             return m
         return build
 
@@ -101,6 +101,8 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
             builders[m] = (f"{m}", sparse(m))
         elif m == "row-kept":
             builders[m] = ("row, inputs kept (rebuild_inputs=False)", sparse("row", rebuild_inputs=False))
+        elif m == "row-ungrouped":
+            builders[m] = ("row, one product per layer (group_updates=False)", sparse("row", group_updates=False))
         elif m == "dense-scatter":
             builders[m] = ("element, dense scatter (SPEFT-style)",
                            lambda: baselines.dense_scatter_reference(fresh(), selections["element"]))

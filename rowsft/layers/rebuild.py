@@ -64,11 +64,15 @@ class Shared:
 @dataclass(frozen=True)
 class Source:
     """``rebuild(*tensors)`` equals the layer input, bit for bit; ``what`` names the rule (for reports);
-    ``shared``: the rebuilt value's hand-over between the layers that read the same input."""
+    ``shared``: the rebuilt value's hand-over between the layers that read the same input; ``scaled``:
+    ``(weight (d,), scale (..., 1))`` when the input is ``weight * (tensors[0] * scale)`` (a scaled RMSNorm's
+    output), so that a row update's gradient can take the two scalings on its thin factors instead of
+    rebuilding the input (`rowsft.layers.autograd.RowUpdate`)."""
     tensors: tuple[torch.Tensor, ...]
     rebuild: Callable[..., torch.Tensor]
     what: str
     shared: Shared = field(default_factory=Shared)
+    scaled: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def transparent(pack):
@@ -170,7 +174,9 @@ def _scaled_source(module: nn.Module, h: torch.Tensor, output: torch.Tensor, dev
     if key not in checked:                     # once: the rule must give the norm's own bits
         with torch.no_grad():
             checked[key] = bool(torch.equal(scaled.forward(h), output))
-    return Source((h,), _norm_rebuild(scaled, device_type, autocast), "norm") if checked[key] else None
+    if not checked[key]:
+        return None
+    return Source((h,), _norm_rebuild(scaled, device_type, autocast), "norm", scaled=(weight, scale))
 
 
 def track_norm_outputs(model: nn.Module) -> list:

@@ -177,6 +177,7 @@ class SparseLinear(nn.Module):
 
     unit: str = ""
     rebuild_input: bool = True   # keep a `rowsft.layers.rebuild.Source` of the input instead of the input, when there is one
+    row_group = None             # a `rowsft.layers.grouped.RowGroup` of the row layers reading the same input, or None
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -251,8 +252,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
-                             self._input_source(x))
+        out = None if self.row_group is None else self.row_group.forward(self, x)     # `rowsft.layers.grouped`
+        if out is None:
+            out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
+                                 self._input_source(x))
         if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)

@@ -22,6 +22,7 @@ from torch import nn
 
 from rowsft.data.quantization import forget_quantization
 from rowsft.distributed import check_can_apply, check_not_sharded
+from rowsft.layers.grouped import assign_groups
 from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, float_linear
 from rowsft.layers.rebuild import track_norm_outputs
 from rowsft.layers.sparse import SPARSE_LAYERS, SparseLinear
@@ -116,7 +117,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- the verbs
 def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, delta_dtype: torch.dtype | None = None,
-          train_bias: bool = False, rebuild_inputs: bool = True) -> nn.Module:
+          train_bias: bool = False, rebuild_inputs: bool = True, group_updates: bool = True) -> nn.Module:
     """Make ``model`` train only the selected rows / columns / elements, in place; returns ``model``.
 
     ``selection``: a :class:`Selection`, or a plain ``{module name: row indices}`` dict (rows).
@@ -130,6 +131,8 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
     ``train_bias``: also train the bias entries of the selected neurons, where the layer has a bias.
     ``rebuild_inputs``: row and element layers keep no copy of an input that the frozen model can rebuild
     in backward (a norm's output, an MLP product: `rowsft.layers.rebuild`); ``False`` keeps the inputs themselves.
+    ``group_updates``: row layers that read one input (q/k/v, gate/up) compute their updates as one product per
+    group (`rowsft.layers.grouped`; the same result up to float rounding); ``False``: one product per layer.
     """
     check_can_apply(model)  # a DDP/FSDP-wrapped model: apply before wrapping (clear message)
     if getattr(model, _STATE, None) is not None or sparse_layers(model):
@@ -156,6 +159,8 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
         for p in head.parameters():
             p.requires_grad_(True)
     setattr(model, _STATE, {"requires_grad": requires_grad, "heads": list(heads), "meta": dict(selection.meta)})
+    if group_updates:
+        assign_groups(sparse_layers(model))     # q/k/v and gate/up rows: one product per group (rowsft.layers.grouped)
     if rebuild_inputs:
         _NORM_HOOKS[model] = track_norm_outputs(model)   # norm outputs become rebuildable inputs (rowsft.layers.rebuild)
     return model

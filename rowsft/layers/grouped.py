@@ -1,0 +1,165 @@
+"""Grouped row updates: the row layers that read one input (``q/k/v``; ``gate/up``) compute their updates as one product.
+
+Each row layer's update is a thin product, ``x deltaᵀ`` in forward and ``g_rowsᵀ x`` / ``g_rows delta`` in backward.
+Layers that read the same ``x`` pay for reading it once per layer; grouped, they read it once per group. The
+first layer of a group to run with a new input (the *leader*) runs `GroupedRowUpdate`: its own frozen product, then
+``[delta_1; ...; delta_m] xᵀ`` ``(K, N)`` in one product, adding its own share into its output and returning every
+other member's share ``(..., k_i)`` as extra outputs. The others (*members*) run `GroupMemberUpdate` on the same
+``x``: their frozen product plus the share the leader computed for them, whose gradient (``g[..., index]``) flows
+back into the leader. In backward the leader gathers all shares' gradients into ``G (N, K)`` and computes
+``grad x += G [delta_1; ...]`` and ``grad [delta_1; ...] = Gᵀ x`` once; members compute only their frozen
+``g W``. Nothing dense is made (the concatenated deltas are ``(K, d_in)``, rebuilt in backward rather than kept),
+what the leader keeps of ``x`` is what one row layer keeps (the input itself, or a `rowsft.layers.rebuild.Source`),
+and the results equal the ungrouped layers' up to float rounding (the products are summed in another order).
+
+A member uses the leader's share only for the very tensor the leader saw (same object, same version); any other
+input, a merged or non-row sibling, a quantized base (its product runs in bitsandbytes), ``torch.compile`` (which
+would trace Python state), or a layer run on its own falls back to the ungrouped update. `assign_groups` forms the
+groups when `rowsft.apply` builds the layers: row layers of one parent module with the role ``qkv`` or ``up``.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+
+import torch
+
+from rowsft.layers.autograd import _save, _saved, saved_extra
+from rowsft.layers.products import add_into_columns, cast, compute_dtype, flat, frozen_linear, row_gradient
+from rowsft.layers.sparse import fusable
+from rowsft.targets import is_transposed, role, weight_out_in
+
+GROUPED_ROLES = ("qkv", "up")
+
+
+class GroupedRowUpdate(torch.autograd.Function):
+    """The leader: ``out = x Wᵀ + b`` with its own rows' share added, plus the other members' shares.
+
+    Inputs: ``x (..., d_in)``, frozen ``weight (d_out, d_in)``, ``bias``, ``conv1d``, the leader's ``index (k_0,)``,
+    ``source`` (a `rowsft.layers.rebuild.Source` of ``x`` or None), then ``delta_0 (k_0, d_in), ..., delta_m``.
+    Outputs: ``out (..., d_out)``, then ``share_1 (..., k_1), ..., share_m``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv1d, index, source, *deltas):
+        dt = compute_dtype(x, deltas[0].dtype)
+        ctx.base_dt = compute_dtype(x, weight.dtype)
+        base_x = cast(x, ctx.base_dt)
+        out = frozen_linear(base_x, weight, bias, conv1d)                                 # (..., d_out)
+        x_dt = base_x if base_x.dtype == dt else cast(x, dt)
+        stacked = torch.cat([cast(d, dt) for d in deltas])                                  # (K, d_in), transient
+        shares = torch.mm(stacked, flat(x_dt).T).split([d.shape[0] for d in deltas])     # each (k_i, N)
+        lead_shape = (*x.shape[:-1], deltas[0].shape[0])
+        add_into_columns(out, index, cast(shares[0].T.view(lead_shape), out.dtype))
+        others = tuple(s.T.contiguous().view(*x.shape[:-1], s.shape[0]) for s in shares[1:])   # (..., k_i)
+        ctx.dt, ctx.x_dtype, ctx.x_shape, ctx.update_dtype = dt, x.dtype, x.shape, deltas[0].dtype
+        ctx.sizes = [d.shape[0] for d in deltas]
+        ctx.source, ctx.columns = source, None
+        need_x, need_deltas = ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:])
+        _save(ctx, x if need_deltas else None, None, index, weight if need_x else None,
+              fold_scaled=dt == x.dtype, extra=deltas if need_x else ())
+        return (out, *others)
+
+    @staticmethod
+    def backward(ctx, grad_out, *grad_shares):
+        kept, _, index, weight = _saved(ctx, _InputAsIs)
+        g_lead = cast(flat(grad_out).index_select(1, index), ctx.dt)                      # (N, k_0)
+        rows = torch.cat([g_lead] + [cast(flat(g), ctx.dt) for g in grad_shares], dim=1)  # (N, K)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(flat(cast(grad_out, ctx.base_dt)), cast(weight, ctx.base_dt))   # (N, d_in): g W
+            stacked = torch.cat([cast(d, ctx.dt) for d in saved_extra(ctx)])                # (K, d_in)
+            if grad_x.dtype == ctx.dt:
+                grad_x.addmm_(rows, stacked)
+            else:
+                grad_x.add_(torch.mm(rows, stacked).to(grad_x.dtype))
+            grad_x = cast(grad_x, ctx.x_dtype).view(ctx.x_shape)
+        grad_deltas = [None] * len(ctx.sizes)
+        if any(ctx.needs_input_grad[6:]):
+            stacked_grad = row_gradient(rows, kept, ctx.dt)                                # (K, d_in)
+            grad_deltas = [cast(g, ctx.update_dtype) if need else None
+                           for g, need in zip(stacked_grad.split(ctx.sizes), ctx.needs_input_grad[6:])]
+        return grad_x, None, None, None, None, None, *grad_deltas
+
+
+class _InputAsIs:
+    """What `rowsft.layers.autograd._saved` asks of an update class: the kept input from a rebuilt one (all of it)."""
+
+    @staticmethod
+    def _kept_from_input(ctx, x, index):
+        return x
+
+
+class GroupMemberUpdate(torch.autograd.Function):
+    """A member: ``out = x Wᵀ + b`` with the share the leader computed for its rows, ``share (..., k)``, added in."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv1d, index, share):
+        ctx.base_dt = compute_dtype(x, weight.dtype)
+        out = frozen_linear(cast(x, ctx.base_dt), weight, bias, conv1d)                     # (..., d_out)
+        add_into_columns(out, index, cast(share, out.dtype))
+        ctx.x_dtype, ctx.x_shape, ctx.share_dtype, ctx.share_shape = x.dtype, x.shape, share.dtype, share.shape
+        ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, index)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, index = ctx.saved_tensors
+        grad_x = grad_share = None
+        if ctx.needs_input_grad[0]:
+            grad_x = cast(torch.mm(flat(cast(grad_out, ctx.base_dt)), cast(weight, ctx.base_dt)), ctx.x_dtype)
+            grad_x = grad_x.view(ctx.x_shape)                                               # (..., d_in): g W
+        if ctx.needs_input_grad[5]:
+            grad_share = cast(flat(grad_out).index_select(1, index), ctx.share_dtype).view(ctx.share_shape)
+        return grad_x, None, None, None, None, grad_share
+
+
+class RowGroup:
+    """Row layers that read one input; hands the leader's shares to the members (see the module docstring)."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self._pending: dict[int, tuple] = {}      # id(member) -> (weakref to x, x's version, share)
+
+    def groupable(self, layer) -> bool:
+        return (layer.unit == "row" and not layer.merged and fusable(layer.base_layer)
+                and layer.delta.dtype == self.layers[0].delta.dtype and not torch.compiler.is_compiling())
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s output (frozen product plus its update) through the group, or None to run it ungrouped."""
+        if not self.groupable(layer):
+            return None
+        entry = self._pending.pop(id(layer), None)
+        base = layer.base_layer
+        if entry is not None and entry[0]() is x and entry[1] == x._version:
+            return GroupMemberUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
+                                           entry[2])
+        members = [m for m in self.layers if m is not layer and self.groupable(m)]
+        self._pending = {}
+        if not members:
+            return None
+        outputs = GroupedRowUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
+                                         layer._input_source(x), layer.delta, *(m.delta for m in members))
+        version = x._version
+        self._pending = {id(m): (weakref.ref(x), version, share) for m, share in zip(members, outputs[1:])}
+        return outputs[0]
+
+
+def assign_groups(layers: dict) -> list[RowGroup]:
+    """Give the row layers (``{name: SparseLinear}``) that share a parent module and read one input (role ``qkv`` or
+    ``up``) a common `RowGroup` (``layer.row_group``); every other layer gets None. Returns the groups."""
+    by_parent = defaultdict(list)
+    for name, layer in layers.items():
+        layer.row_group = None
+        if layer.unit == "row" and role(name) in GROUPED_ROLES:
+            by_parent[(name.rpartition(".")[0], role(name))].append(layer)
+    groups = []
+    for members in by_parent.values():
+        if len(members) > 1:
+            group = RowGroup(members)
+            for layer in members:
+                layer.row_group = group
+            groups.append(group)
+    return groups
+
+
+__all__ = ["GroupedRowUpdate", "GroupMemberUpdate", "RowGroup", "assign_groups"]

@@ -1,0 +1,154 @@
+"""rowsft.layers.grouped: q/k/v and gate/up rows computed as one product per group.
+
+Grouping changes only the order in which the same products are summed: gradients must equal the ungrouped
+layers' to float32 rounding, and a float64 run must equal dense masked training (tests/test_tuner.py covers the
+grouped layers there too, since `rowsft.apply` groups by default). Here: which layers group, that the graph really
+has one grouped node per group, the fall-backs, and that grouping keeps no more tensors for backward.
+"""
+import pytest
+import torch
+from _reference import random_batches
+
+import rowsft
+from rowsft.layers import grouped, tuner
+from rowsft.memory import SavedTensorCounter, model_tensors
+from rowsft.selection.choice import LayerChoice, Selection
+from rowsft.targets import find_targets, linear_shape
+
+VOCAB = 128
+
+
+def row_selection(model, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, module in find_targets(model, "all-linear").items():
+        d_out, d_in = linear_shape(module)
+        layers[name] = LayerChoice("row", torch.sort(torch.randperm(d_out, generator=g)[:k]).values, (d_out, d_in))
+    return Selection(layers)
+
+
+def applied(arch, dtype=torch.float32):
+    model = rowsft.tiny_model(arch, vocab_size=VOCAB, seed=3, dtype=dtype)
+    tuner.apply(model, row_selection(model))
+    for layer in tuner.sparse_layers(model).values():              # nonzero updates: a trained state
+        with torch.no_grad():
+            layer.update.normal_(std=0.05)
+    return model
+
+
+def batch_for(arch):
+    batch = random_batches(1, 2, 12, VOCAB, seed=1)[0]
+    if arch == "bert":
+        return {"input_ids": batch["input_ids"], "labels": batch["input_ids"][:, 0] % 2}
+    return batch
+
+
+def gradients(model, batch):
+    for p in model.parameters():
+        p.grad = None
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def ungrouped(model):
+    for layer in tuner.sparse_layers(model).values():
+        layer.row_group = None
+    return model
+
+
+def node_names(loss) -> list[str]:
+    seen, stack, names = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_groups_are_the_layers_that_read_one_input():
+    layers = tuner.sparse_layers(applied("llama"))
+    blocks = {n.split(".")[2] for n in layers}
+    for block in blocks:
+        attn = [layers[f"model.layers.{block}.self_attn.{t}_proj"] for t in "qkv"]
+        mlp = [layers[f"model.layers.{block}.mlp.{t}_proj"] for t in ("gate", "up")]
+        assert attn[0].row_group is not None and all(m.row_group is attn[0].row_group for m in attn)
+        assert mlp[0].row_group is not None and all(m.row_group is mlp[0].row_group for m in mlp)
+        assert attn[0].row_group is not mlp[0].row_group
+        assert layers[f"model.layers.{block}.self_attn.o_proj"].row_group is None
+        assert layers[f"model.layers.{block}.mlp.down_proj"].row_group is None
+    bert = tuner.sparse_layers(applied("bert"))
+    assert bert["bert.encoder.layer.0.attention.self.query"].row_group is not None
+    assert bert["bert.encoder.layer.0.intermediate.dense"].row_group is None          # reads its input alone
+    assert all(layer.row_group is None for layer in tuner.sparse_layers(applied("gpt2")).values())   # fused c_attn
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_grouped_gradients_equal_the_ungrouped_ones_with_one_node_per_group(arch):
+    model, batch = applied(arch), batch_for(arch)
+    loss, grouped_grads = gradients(model, batch)
+    names = node_names(model(**batch).loss)
+    groups = {id(layer.row_group) for layer in tuner.sparse_layers(model).values() if layer.row_group is not None}
+    assert names.count("GroupedRowUpdateBackward") == len(groups)
+    members = sum(len(layer.row_group.layers) - 1 for layer in tuner.sparse_layers(model).values()
+                  if layer.row_group is not None and layer is layer.row_group.layers[0])
+    assert names.count("GroupMemberUpdateBackward") == members
+    plain_loss, plain = gradients(ungrouped(model), batch)
+    assert "GroupedRowUpdateBackward" not in node_names(model(**batch).loss)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+    assert plain.keys() == grouped_grads.keys()
+    for name in plain:
+        torch.testing.assert_close(grouped_grads[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_float64_grouped_gradients_equal_the_ungrouped_ones_to_float64_rounding():
+    model, batch = applied("llama", torch.float64), batch_for("llama")
+    _, grouped_grads = gradients(model, batch)
+    _, plain = gradients(ungrouped(model), batch)
+    for name in plain:
+        torch.testing.assert_close(grouped_grads[name], plain[name], rtol=1e-12, atol=1e-15, msg=name)
+
+
+def test_a_member_run_on_another_input_falls_back_to_its_own_update():
+    model = applied("llama")
+    layers = tuner.sparse_layers(model)
+    q, k = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.1.self_attn.k_proj"]
+    x = torch.randn(2, 5, q.in_features, requires_grad=True)
+    other = torch.randn(2, 5, q.in_features)
+    q(x)                                                            # q leads: shares for k and v are pending
+    expected = other @ (k.base_layer.weight + k.delta_weight()).T
+    torch.testing.assert_close(k(other), expected, rtol=1e-5, atol=1e-6)     # not the share computed from x
+    q(x)
+    with torch.no_grad():
+        x.add_(1.0)                                                 # the same tensor, changed in place
+    torch.testing.assert_close(k(x), x @ (k.base_layer.weight + k.delta_weight()).T, rtol=1e-5, atol=1e-6)
+
+
+def test_a_merged_member_leaves_the_group_and_the_rest_stay_exact():
+    model, batch = applied("llama"), batch_for("llama")
+    layers = tuner.sparse_layers(model)
+    layers["model.layers.0.self_attn.k_proj"].merge()
+    _, with_groups = gradients(model, batch)
+    _, plain = gradients(ungrouped(model), batch)
+    for name in plain:
+        torch.testing.assert_close(with_groups[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_grouping_keeps_no_more_for_backward():
+    model, batch = applied("llama"), batch_for("llama")
+    with SavedTensorCounter(exclude=model_tensors(model)) as counted:
+        model(**batch).loss.backward()
+    with SavedTensorCounter(exclude=model_tensors(model)) as plain:
+        ungrouped(model)(**batch).loss.backward()
+    assert counted.bytes <= plain.bytes
+
+
+def test_assign_groups_resets_layers_that_no_longer_group():
+    model = applied("llama")
+    layers = tuner.sparse_layers(model)
+    only_q = {n: l for n, l in layers.items() if n.endswith("q_proj")}
+    assert grouped.assign_groups(only_q) == []
+    assert all(layer.row_group is None for layer in only_q.values())
