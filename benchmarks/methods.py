@@ -251,6 +251,15 @@ def main(argv=None) -> int:
                               f"{floor.peak_bytes / lora.peak_bytes:.3f} × LoRA. {best.method}'s own update costs "
                               f"{best.median_step_s - floor.median_step_s:+.3f} s, LoRA's "
                               f"{lora.median_step_s - floor.median_step_s:+.3f} s")
+            if {"floor", "lora"} <= by.keys():   # issue 23: each update's own time above the frozen floor
+                floor, lora = by["floor"], by["lora"]
+                lora_extra = lora.median_step_s - floor.median_step_s
+                for key in ("row", "row-ungrouped", "row-kept", "column", "lean", "element"):
+                    if key in by and lora_extra > 0:
+                        extra = by[key].median_step_s - floor.median_step_s
+                        verdict = ("PASS" if extra / lora_extra <= 0.30 else "MISS") if key == "row" else "    "
+                        print(f"{verdict}  above the floor: {key} {extra:+.3f} s, LoRA {lora_extra:+.3f} s, "
+                              f"ratio {extra / lora_extra:.3f}" + (" (target ≤ 0.30)" if key == "row" else ""))
             if {"element", "dense-scatter"} <= by.keys():
                 v = by["element"].peak_bytes / by["dense-scatter"].peak_bytes
                 print(f"{'PASS' if v <= 0.7 else 'MISS'}  element peak ≤ 0.7 × dense-scatter peak: {v:.3f}")

@@ -152,3 +152,15 @@ def test_assign_groups_resets_layers_that_no_longer_group():
     only_q = {n: l for n, l in layers.items() if n.endswith("q_proj")}
     assert grouped.assign_groups(only_q) == []
     assert all(layer.row_group is None for layer in only_q.values())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_grouped_updates_under_gradient_checkpointing(reentrant):
+    """Checkpointing runs each block's forward again in backward (and lets saved tensors be read only once)."""
+    model, batch = applied("llama"), batch_for("llama")
+    _, plain = gradients(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    _, checkpointed = gradients(model, batch)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)

@@ -100,15 +100,17 @@ def _save(ctx, kept, update, index, weight, fold_scaled: bool = False, extra: tu
 
 
 def saved_extra(ctx) -> tuple:
-    """The ``extra`` tensors given to `_save`."""
-    return tuple(ctx.saved_tensors[4:4 + ctx.n_extra])
+    """The ``extra`` tensors given to `_save`, once `_saved` has read them (``ctx.saved_tensors`` may be read only
+    once under checkpointing); handed over and dropped from ``ctx``."""
+    extra, ctx.extra_values = ctx.extra_values, None
+    return extra
 
 
 def _saved(ctx, cls):
     """``(kept, update, index, weight)`` as saved by `_save`, the kept input rebuilt where it has to be (or given
     as a `ScaledInput`)."""
     kept, update, index, weight, *tensors = ctx.saved_tensors
-    tensors = tensors[ctx.n_extra:]
+    ctx.extra_values, tensors = tuple(tensors[:ctx.n_extra]), tensors[ctx.n_extra:]
     if ctx.folded:
         h, norm_weight, scale = tensors
         kept = ScaledInput(h, scale, norm_weight)

@@ -38,16 +38,23 @@ import math
 import torch
 from torch import nn
 
-from rowsft.layers.autograd import add_sparse_update, input_columns, sparse_linear
+from rowsft.layers.autograd import add_sparse_update, sparse_linear
 from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, merge_requantized
 from rowsft.layers.rebuild import global_forward_hooks, source_of
+from rowsft.layers.update_forms import (
+    KeptColumns,
+    dense_update,
+    element_positions,
+    fold_update,
+    input_kept_elsewhere,
+    kept_input_width,
+)
 from rowsft.selection.choice import LayerChoice
 from rowsft.targets import (
     is_linear_like,
     is_transposed,
     linear_shape,
     quantization_kind,
-    role,
     weight_dtype,
     weight_out_in,
 )
@@ -121,55 +128,6 @@ def writable(out: torch.Tensor) -> torch.Tensor:
     if out._is_view() and (out.grad_fn is None or isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)):
         return out.clone()
     return out
-
-
-def element_positions(indices: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows and columns of flat element positions ``r * d_in + c``."""
-    flat = indices.long()
-    rows = torch.div(flat, d_in, rounding_mode="floor")
-    return rows, flat - rows * d_in
-
-
-@torch.no_grad()
-def fold_update(unit: str, weight: torch.Tensor, update: torch.Tensor, indices: torch.Tensor, sign: int) -> None:
-    """``weight (d_out, d_in) += sign * update`` in place at ``indices`` (``weight`` may be a transposed view, as
-    `weight_out_in` gives for Conv1D); computed in the wider of the two dtypes, stored in the weight's."""
-    wide = torch.promote_types(weight.dtype, update.dtype)
-    if unit == "row":
-        rows = weight.index_select(0, indices).to(wide) + sign * update.to(wide)       # (k, d_in)
-        weight.index_copy_(0, indices, rows.to(weight.dtype))
-    elif unit == "column":
-        cols = weight.index_select(1, indices).to(wide) + sign * update.to(wide)       # (d_out, k)
-        weight.index_copy_(1, indices, cols.to(weight.dtype))
-    else:
-        rows, cols = element_positions(indices, weight.shape[1])
-        new = weight[rows, cols].to(wide) + sign * update.to(wide)                     # (k,)
-        weight.index_put_((rows, cols), new.to(weight.dtype))
-
-
-def dense_update(unit: str, update: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The update as a dense ``shape = (d_out, d_in)`` tensor in the update's dtype (detached)."""
-    d_out, d_in = shape
-    update = update.detach()
-    if unit == "element":
-        dense = torch.zeros(d_out * d_in, dtype=update.dtype, device=update.device)
-        return dense.index_copy_(0, indices.long(), update).view(d_out, d_in)
-    dense = torch.zeros(d_out, d_in, dtype=update.dtype, device=update.device)
-    return dense.index_copy_(0 if unit == "row" else 1, indices, update)
-
-
-class KeptColumns:
-    """Element updates: the touched input columns kept for backward (`input_columns`), computed once per mask and
-    again when the indices change (another tensor, or the same one modified in place)."""
-
-    def __init__(self):
-        self.key, self.value = None, None
-
-    def get(self, indices: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        key = (indices.data_ptr(), indices._version, indices.device)
-        if self.key != key:
-            self.key, self.value = key, input_columns(indices, d_in)
-        return self.value
 
 
 class SparseLinear(nn.Module):
@@ -400,25 +358,6 @@ class ElementSparseLinear(SparseLinear):
         if cache is None:
             cache = self._columns_cache = KeptColumns()
         return cache.get(self.indices, self.in_features)    # recomputed if the mask changes
-
-
-def kept_input_width(unit: str, indices: torch.Tensor, d_in: int, lean_input: bool = True) -> int:
-    """Features per token of a layer's input that a sparse update of ``unit`` at ``indices`` keeps for
-    backward: the ``k`` selected columns (column), the touched columns (element, when ``lean_input`` and
-    `rowsft.layers.autograd.input_columns` finds them few enough), else the whole input, ``d_in``."""
-    if unit == "column":
-        return int(indices.numel())
-    columns = input_columns(indices, d_in) if unit == "element" and lean_input else None
-    return d_in if columns is None else int(columns[0].numel())
-
-
-def input_kept_elsewhere(name: str | None) -> bool:
-    """Whether the input of the linear layer ``name`` is kept whole for backward by something else: a
-    sibling sharing it (q/k/v, gate/up) or the attention kernel (the output projection's input is the
-    fused kernel's saved output). Only then is a subset of it no saving."""
-    if name is None:
-        return False
-    return role(name) in ("qkv", "up", "o")
 
 
 SPARSE_LAYERS = {"row": RowSparseLinear, "column": ColumnSparseLinear, "element": ElementSparseLinear}
