@@ -352,17 +352,43 @@ def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_complete():
                         self.state["calls"] = [1]
                         os.kill(os.getpid(), signal.SIGINT)
 
-    handler_before = signal.getsignal(signal.SIGINT)    # default_int_handler; SIG_IGN in a background job
-    model = train_mlp_only(llama(torch.float64))
-    reference = train_mlp_only(llama(torch.float64))
-    batch = token_batches(n=1)
-    h = train(model, batch, steps=5, lr=0.1, optimizer=lambda ps: SlowSGD(ps, lr=0.1), max_grad_norm=None,
-              schedule="constant", **QUIET)
-    assert h.stopped and h.stop_reason == "keyboard_interrupt" and len(h.steps) == 1
-    train(reference, batch, steps=1, lr=0.1, optimizer="sgd", max_grad_norm=None, schedule="constant", **QUIET)
-    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
-        assert torch.allclose(a, b, rtol=0, atol=1e-12), name  # every parameter got its update
-    assert signal.getsignal(signal.SIGINT) is handler_before      # training put the caller's handler back
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)    # as in a terminal (a background job ignores it)
+    try:
+        model = train_mlp_only(llama(torch.float64))
+        reference = train_mlp_only(llama(torch.float64))
+        batch = token_batches(n=1)
+        h = train(model, batch, steps=5, lr=0.1, optimizer=lambda ps: SlowSGD(ps, lr=0.1), max_grad_norm=None,
+                  schedule="constant", **QUIET)
+        assert h.stopped and h.stop_reason == "keyboard_interrupt" and len(h.steps) == 1
+        train(reference, batch, steps=1, lr=0.1, optimizer="sgd", max_grad_norm=None, schedule="constant", **QUIET)
+        for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12), name  # every parameter got its update
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def test_training_leaves_an_ignored_ctrl_c_ignored():
+    """A caller that ignores SIGINT (a background job, nohup) keeps ignoring it during every step."""
+    import signal
+
+    seen = []
+
+    class Watching(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(signal.getsignal(signal.SIGINT))
+            return super().step(closure)
+
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        model = train_mlp_only(llama(torch.float64))
+        h = train(model, token_batches(n=1), steps=2, lr=0.1, optimizer=lambda ps: Watching(ps, lr=0.1),
+                  max_grad_norm=None, schedule="constant", **QUIET)
+        assert not h.stopped and len(h.steps) == 2
+        assert seen == [signal.SIG_IGN, signal.SIG_IGN]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_config_help_and_overrides():

@@ -81,12 +81,16 @@ def micro_batches(batches: Iterable, epochs: int | None, config: TrainConfig):
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C (SIGINT) back while an optimizer step runs; ``flag["hit"]`` tells if one came."""
+    """Hold Ctrl-C (SIGINT) back while an optimizer step runs; ``flag["hit"]`` tells if one came. A caller that
+    ignores SIGINT (``SIG_IGN``, as a background job does) keeps its handler: nothing can interrupt the step."""
     flag = {"hit": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
     previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield flag
+        return
     signal.signal(signal.SIGINT, lambda *_: flag.__setitem__("hit", True))
     try:
         yield flag
