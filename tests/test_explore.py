@@ -71,6 +71,17 @@ def test_figure_has_error_bars_and_reference_lines():
     assert "zero-shot" in texts and "majority class" in texts
 
 
+def test_figure_labels_a_narrow_budget_range_at_the_budgets():
+    """Budgets within one decade (here 280k-320k) fall between the 1-2-5 ticks of a log axis: they get their own."""
+    records = [{"method": "row", "metric": "taylor", "budget": str(p), "task": "t", "steps": 2, "trainable_parameters": p,
+                "predicted_peak_bytes": 2 ** 20, "evaluation": {"accuracy": 0.8, "n": 100}}
+               for p in (280_000, 299_520, 320_000)]
+    fig = rowsft.viz.budget_explorer(records)
+    assert list(fig.layout.xaxis.tickvals) == [280_000, 299_520, 320_000] == list(fig.layout.xaxis2.tickvals)
+    wide = rowsft.viz.budget_explorer([{**records[0], "trainable_parameters": 1_000}, records[2]])
+    assert wide.layout.xaxis.tickvals is None and wide.layout.xaxis.dtick == "D2"
+
+
 def _record(method, metric, budget, seed, answers, labels=None, trainable=10):
     """An explorer record whose per-question correctness is ``answers`` (label 0 for every question)."""
     questions = [{"index": i, "label": 0, "predicted": 0 if ok else 1, "correct": bool(ok), "scores": [0.0, 0.0]}
