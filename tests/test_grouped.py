@@ -164,3 +164,66 @@ def test_grouped_updates_under_gradient_checkpointing(reentrant):
     _, checkpointed = gradients(model, batch)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_layers_of_different_input_widths_do_not_group():
+    """Cross-attention may give key/value another input width than query (BLIP-2's Q-Former): no common product."""
+    model = applied("llama")
+    layers = tuner.sparse_layers(model)
+    q = layers["model.layers.0.self_attn.q_proj"]
+    wide = {"a.self_attn.q_proj": q, "a.self_attn.k_proj": layers["model.layers.0.self_attn.k_proj"],
+            "a.self_attn.v_proj": layers["model.layers.0.self_attn.v_proj"]}
+    wide_in = q.in_features
+    try:
+        q.in_features = wide_in + 8                 # as if q read a wider input than its siblings
+        groups = grouped.assign_groups(wide)
+        assert len(groups) == 1 and q.row_group is None and len(groups[0].layers) == 2
+    finally:
+        q.in_features = wide_in
+
+
+def test_layers_that_read_different_tensors_stop_grouping_and_keep_no_share():
+    """Cross-attention (q reads the decoder, k/v the encoder) or cached generation (k/v not called): the group
+    notices, computes each update alone from then on, and holds no share (a model with one still deep-copies)."""
+    import copy
+    model = applied("llama")
+    layers = tuner.sparse_layers(model)
+    q, k, v = (layers[f"model.layers.1.self_attn.{t}_proj"] for t in "qkv")
+    decoder, encoder = torch.randn(2, 5, q.in_features), torch.randn(2, 7, q.in_features)
+
+    def expected(layer, x):
+        return x @ (layer.base_layer.weight + layer.delta_weight()).T
+    for x, layer in ((decoder, q), (encoder, k), (encoder, v)):
+        torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-6)
+    group = q.row_group
+    assert group.shared_input is False and group._pending == {}
+    copy.deepcopy(model)
+    fresh = applied("llama")
+    q2 = tuner.sparse_layers(fresh)["model.layers.1.self_attn.q_proj"]
+    q2(decoder)                                     # q leads; k and v are never called (cached generation)
+    assert q2.row_group._pending
+    q2(torch.randn(2, 1, q2.in_features))           # the next step: a leader again before its members came
+    assert q2.row_group.shared_input is False and q2.row_group._pending == {}
+
+
+def test_a_share_is_not_used_once_the_members_delta_changed():
+    model = applied("llama")
+    layers = tuner.sparse_layers(model)
+    q, k = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.1.self_attn.k_proj"]
+    x = torch.randn(2, 5, q.in_features)
+    q(x)
+    with torch.no_grad():
+        k.delta.add_(1.0)                           # e.g. an optimizer step or load_adapter between the two calls
+    torch.testing.assert_close(k(x), x @ (k.base_layer.weight + k.delta_weight()).T, rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_deep_copies_and_pickles_with_a_share_pending():
+    import copy
+    import pickle
+    model = applied("llama")
+    q = tuner.sparse_layers(model)["model.layers.1.self_attn.q_proj"]
+    q(torch.randn(2, 5, q.in_features, requires_grad=True))
+    assert q.row_group._pending
+    twin = copy.deepcopy(model)
+    assert tuner.sparse_layers(twin)["model.layers.1.self_attn.q_proj"].row_group._pending == {}
+    pickle.dumps(q.row_group)

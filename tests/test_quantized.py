@@ -102,6 +102,12 @@ def test_quantized_layers_are_targets_with_their_logical_shape(kind):
     assert all(m.support_avx512bf16_for_cpu is False for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 
+@pytest.mark.parametrize("kind", ("nf4", "int8"))
+def test_parameter_counts_are_the_logical_weights_not_the_packed_bytes(kind):
+    plain, model = rowsft.load_model("tiny-llama", vocab_size=VOCAB)[0], quantized(kind)
+    assert tuner.trainable_parameters(model)[1] == sum(p.numel() for p in plain.parameters())
+
+
 def test_bad_quantization_requests_are_refused_before_loading(monkeypatch):
     from rowsft.data import models, quantization
 

@@ -12,9 +12,11 @@ back into the leader. In backward the leader gathers all shares' gradients into 
 what the leader keeps of ``x`` is what one row layer keeps (the input itself, or a `rowsft.layers.rebuild.Source`),
 and the results equal the ungrouped layers' up to float rounding (the products are summed in another order).
 
-A member uses the leader's share only for the very tensor the leader saw (same object, same version); any other
-input, a merged or non-row sibling, a quantized base (its product runs in bitsandbytes), ``torch.compile`` (which
-would trace Python state), or a layer run on its own falls back to the ungrouped update. `assign_groups` forms the
+A member uses the leader's share only for the very tensor the leader saw (same object, same version) and the delta
+it was computed from (same tensor, same version). A group whose layers turn out not to read one tensor (cross-
+attention, cached generation: see `RowGroup`) stops grouping; a merged or non-row sibling, a quantized base (its
+product runs in bitsandbytes), ``torch.compile`` (which would trace Python state), or a layer run on its own falls
+back to the ungrouped update. `assign_groups` forms the
 groups when `rowsft.apply` builds the layers: row layers of one parent module with the role ``qkv`` or ``up``.
 """
 from __future__ import annotations
@@ -114,15 +116,26 @@ class GroupMemberUpdate(torch.autograd.Function):
 
 
 class RowGroup:
-    """Row layers that read one input; hands the leader's shares to the members (see the module docstring)."""
+    """Row layers that read one input; hands the leader's shares to the members (see the module docstring).
+
+    A group exists to serve layers that read the very same tensor in one forward (self-attention's q/k/v, an MLP's
+    gate/up). Once it sees otherwise (a member called with another tensor while shares wait for it, or a leader
+    called again before its members took theirs: cross-attention, cached generation), it stops grouping for good
+    (``shared_input = False``) and every layer computes its own update; no share outlives that forward."""
 
     def __init__(self, layers):
         self.layers = list(layers)
-        self._pending: dict[int, tuple] = {}      # id(member) -> (weakref to x, x's version, share)
+        self.shared_input = True
+        self._pending: dict[int, tuple] = {}      # id(member) -> (weakref to x, x's version, delta's key, share)
+
+    def __getstate__(self):                       # deepcopy / pickle: a pending share is a graph tensor
+        return {**self.__dict__, "_pending": {}}
 
     def groupable(self, layer) -> bool:
-        return (layer.unit == "row" and not layer.merged and fusable(layer.base_layer)
-                and layer.delta.dtype == self.layers[0].delta.dtype and not torch.compiler.is_compiling())
+        lead = self.layers[0]
+        return (self.shared_input and layer.unit == "row" and not layer.merged and fusable(layer.base_layer)
+                and layer.in_features == lead.in_features and layer.delta.dtype == lead.delta.dtype
+                and layer.delta.device == lead.delta.device and not torch.compiler.is_compiling())
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output (frozen product plus its update) through the group, or None to run it ungrouped."""
@@ -130,18 +143,30 @@ class RowGroup:
             return None
         entry = self._pending.pop(id(layer), None)
         base = layer.base_layer
-        if entry is not None and entry[0]() is x and entry[1] == x._version:
-            return GroupMemberUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
-                                           entry[2])
+        if entry is not None:
+            if entry[0]() is x and entry[1] == x._version and entry[2] == _delta_key(layer):
+                return GroupMemberUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
+                                               entry[3])
+            return self._stop()                   # shares were made for another input (or another delta)
+        if self._pending:
+            return self._stop()                   # a new leader before the members came: they do not share inputs
         members = [m for m in self.layers if m is not layer and self.groupable(m)]
-        self._pending = {}
         if not members:
             return None
         outputs = GroupedRowUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
                                          layer._input_source(x), layer.delta, *(m.delta for m in members))
         version = x._version
-        self._pending = {id(m): (weakref.ref(x), version, share) for m, share in zip(members, outputs[1:])}
+        self._pending = {id(m): (weakref.ref(x), version, _delta_key(m), share) for m, share in zip(members, outputs[1:])}
         return outputs[0]
+
+    def _stop(self) -> None:
+        self.shared_input, self._pending = False, {}
+        return None
+
+
+def _delta_key(layer) -> tuple:
+    """Which delta, in which state: a share computed from it is valid only while this is unchanged."""
+    return id(layer.delta), layer.delta._version
 
 
 def assign_groups(layers: dict) -> list[RowGroup]:
@@ -150,8 +175,8 @@ def assign_groups(layers: dict) -> list[RowGroup]:
     by_parent = defaultdict(list)
     for name, layer in layers.items():
         layer.row_group = None
-        if layer.unit == "row" and role(name) in GROUPED_ROLES:
-            by_parent[(name.rpartition(".")[0], role(name))].append(layer)
+        if layer.unit == "row" and role(name) in GROUPED_ROLES:     # one input width: cross-attention k/v differ
+            by_parent[(name.rpartition(".")[0], role(name), layer.in_features)].append(layer)
     groups = []
     for members in by_parent.values():
         if len(members) > 1:

@@ -276,11 +276,13 @@ def parameters_to_train(model: nn.Module) -> list[nn.Parameter]:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; shared (tied) parameters count once, updates count
-    in the total as PEFT counts adapters."""
+    in the total as PEFT counts adapters. A 4-bit weight counts its logical weights, not its packed bytes
+    (two per byte of storage), as peft counts them."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 
