@@ -119,13 +119,17 @@ class RowGroup:
     """Row layers that read one input; hands the leader's shares to the members (see the module docstring).
 
     A group exists to serve layers that read the very same tensor in one forward (self-attention's q/k/v, an MLP's
-    gate/up). Once it sees otherwise (a member called with another tensor while shares wait for it, or a leader
-    called again before its members took theirs: cross-attention, cached generation), it stops grouping for good
-    (``shared_input = False``) and every layer computes its own update; no share outlives that forward."""
+    gate/up). A miss (a member called with another tensor while shares wait for it, or a leader called again before
+    its members took theirs) drops the waiting shares and lets that layer lead a new round; a second miss before
+    any member takes a share (cross-attention, cached generation: it happens every forward) stops grouping for good
+    (``shared_input = False``) and drops every share. One miss alone, as a forward interrupted between q and k
+    leaves, changes nothing."""
+
+    MISSES_TO_STOP = 2
 
     def __init__(self, layers):
         self.layers = list(layers)
-        self.shared_input = True
+        self.shared_input, self._misses = True, 0
         self._pending: dict[int, tuple] = {}      # id(member) -> (weakref to x, x's version, delta's key, share)
 
     def __getstate__(self):                       # deepcopy / pickle: a pending share is a graph tensor
@@ -143,13 +147,14 @@ class RowGroup:
             return None
         entry = self._pending.pop(id(layer), None)
         base = layer.base_layer
-        if entry is not None:
-            if entry[0]() is x and entry[1] == x._version and entry[2] == _delta_key(layer):
-                return GroupMemberUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
-                                               entry[3])
-            return self._stop()                   # shares were made for another input (or another delta)
-        if self._pending:
-            return self._stop()                   # a new leader before the members came: they do not share inputs
+        if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == _delta_key(layer):
+            self._misses = 0
+            return GroupMemberUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
+                                           entry[3])
+        if entry is not None or self._pending:    # shares for another input (or delta), or members that never came
+            self._miss()
+            if not self.shared_input:
+                return None
         members = [m for m in self.layers if m is not layer and self.groupable(m)]
         if not members:
             return None
@@ -159,9 +164,9 @@ class RowGroup:
         self._pending = {id(m): (weakref.ref(x), version, _delta_key(m), share) for m, share in zip(members, outputs[1:])}
         return outputs[0]
 
-    def _stop(self) -> None:
-        self.shared_input, self._pending = False, {}
-        return None
+    def _miss(self) -> None:
+        self._pending, self._misses = {}, self._misses + 1
+        self.shared_input = self._misses < self.MISSES_TO_STOP
 
 
 def _delta_key(layer) -> tuple:
