@@ -78,8 +78,9 @@ def test_figure_labels_a_narrow_budget_range_at_the_budgets():
                for p in (280_000, 299_520, 320_000)]
     fig = rowsft.viz.budget_explorer(records)
     assert list(fig.layout.xaxis.tickvals) == [280_000, 299_520, 320_000] == list(fig.layout.xaxis2.tickvals)
+    assert fig.layout.xaxis.tickformat == ".3~s"
     wide = rowsft.viz.budget_explorer([{**records[0], "trainable_parameters": 1_000}, records[2]])
-    assert wide.layout.xaxis.tickvals is None and wide.layout.xaxis.dtick == "D2"
+    assert wide.layout.xaxis.tickvals is None and wide.layout.xaxis.dtick == "D2" and wide.layout.xaxis.tickformat == "~s"
 
 
 def _record(method, metric, budget, seed, answers, labels=None, trainable=10):

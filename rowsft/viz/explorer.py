@@ -27,12 +27,13 @@ def _mean_over_seeds(records: list[dict]) -> list[tuple[int, float, float, float
 
 def budget_ticks(trainable: list[int], most: int = 8) -> dict:
     """Tick settings for the log x axis: 1-2-5 ticks per decade when the budgets span at least one, else ticks at the
-    budgets themselves (up to ``most``), so a narrow range (every point near 300k parameters) still has labels."""
+    budgets themselves (up to ``most``, three significant digits), so a narrow range (every point near 300k
+    parameters) still has labels."""
     values = sorted({int(v) for v in trainable if v and v > 0})
     if not values or values[-1] >= 10 * values[0]:
         return {"dtick": "D2"}
     step = max(1, -(-len(values) // most))
-    return {"tickvals": values[::step]}
+    return {"tickvals": values[::step], "tickformat": ".3~s"}         # 305,280 → "305k", not "305.28k"
 
 
 def budget_explorer(records: list[dict], title: str | None = None) -> go.Figure:
@@ -72,9 +73,9 @@ def budget_explorer(records: list[dict], title: str | None = None) -> go.Figure:
             fig.add_hline(y=float(majority["accuracy"]), line=dict(color="#999", dash="dash", width=1), row=1, col=1,
                           annotation_text="majority class", annotation_position="top right")
     x_title = "trainable parameters" + (" (series nudged apart to show each)" if len(names) > 1 else "")
-    ticks = budget_ticks([r["trainable_parameters"] for r in tuned])
+    ticks = {"tickformat": "~s", **budget_ticks([r["trainable_parameters"] for r in tuned])}
     for col in (1, 2):
-        fig.update_xaxes(type="log", title_text=x_title, tickformat="~s", row=1, col=col, **ticks)
+        fig.update_xaxes(type="log", title_text=x_title, row=1, col=col, **ticks)
     fig.update_yaxes(title_text="accuracy", row=1, col=1)
     fig.update_yaxes(title_text="predicted peak (MiB)", exponentformat="none", separatethousands=True, row=1, col=2)
     task = records[0]["task"] if records else ""
