@@ -181,7 +181,7 @@ class RowUpdate(_SparseUpdate):
     1 ms a block saved on SmolLM2 at 1024 tokens). Equal in exact arithmetic; in float32 it differs from the
     rebuilt-input product by rounding only (a few ulps), not bit for bit. Only where the update computes in the
     input's dtype: under autocast the input is rebuilt and cast once per group as before (a float32 product on
-    ``h`` measured slower there than the rebuild and the bf16 product), bit for bit."""
+    ``h`` looked slower there in one run than the rebuild and the bf16 product), bit for bit."""
 
     FOLDS_SCALED_INPUT = True
 
