@@ -48,6 +48,7 @@ from rowsft.layers.products import (
     element_columns,
     element_rows,
     flat,
+    frozen_input_grad,
     frozen_linear,
     row_gradient,
     thin_product,
@@ -165,8 +166,7 @@ class _SparseUpdate(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[1]:
             if weight is not None:                               # the frozen base's share: g W
-                g = flat(cast(grad_out, ctx.base_dt))                                # (N, d_out)
-                grad_x = cast(torch.mm(g, cast(weight, ctx.base_dt)), ctx.x_dtype).view(ctx.x_shape)  # (..., d_in)
+                grad_x = frozen_input_grad(grad_out, weight, ctx.base_dt, ctx.x_dtype, ctx.x_shape)  # (..., d_in)
         grad_x, grad_update = cls._grads(ctx, grad_out, grad_x, kept, update, index)
         return grad_out if ctx.fallback else None, grad_x, None, None, grad_update, None, None, None
 

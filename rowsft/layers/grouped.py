@@ -26,8 +26,17 @@ from collections import defaultdict
 
 import torch
 
-from rowsft.layers.autograd import _save, _saved, saved_extra
-from rowsft.layers.products import add_into_columns, cast, compute_dtype, flat, frozen_linear, row_gradient
+from rowsft.layers.autograd import RowUpdate, _save, _saved, saved_extra
+from rowsft.layers.products import (
+    add_into_columns,
+    add_product,
+    cast,
+    compute_dtype,
+    flat,
+    frozen_input_grad,
+    frozen_linear,
+    row_gradient,
+)
 from rowsft.layers.sparse import fusable
 from rowsft.targets import is_transposed, role, weight_out_in
 
@@ -48,13 +57,13 @@ class GroupedRowUpdate(torch.autograd.Function):
         base_x = cast(x, ctx.base_dt)
         out = frozen_linear(base_x, weight, bias, conv1d)                                 # (..., d_out)
         x_dt = base_x if base_x.dtype == dt else cast(x, dt)
+        ctx.sizes = [d.shape[0] for d in deltas]
         stacked = torch.cat([cast(d, dt) for d in deltas])                                  # (K, d_in), transient
-        shares = torch.mm(stacked, flat(x_dt).T).split([d.shape[0] for d in deltas])     # each (k_i, N)
+        shares = torch.mm(stacked, flat(x_dt).T).split(ctx.sizes)                         # each (k_i, N)
         lead_shape = (*x.shape[:-1], deltas[0].shape[0])
         add_into_columns(out, index, cast(shares[0].T.view(lead_shape), out.dtype))
         others = tuple(s.T.contiguous().view(*x.shape[:-1], s.shape[0]) for s in shares[1:])   # (..., k_i)
         ctx.dt, ctx.x_dtype, ctx.x_shape, ctx.update_dtype = dt, x.dtype, x.shape, deltas[0].dtype
-        ctx.sizes = [d.shape[0] for d in deltas]
         ctx.source, ctx.columns = source, None
         need_x, need_deltas = ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:])
         _save(ctx, x if need_deltas else None, None, index, weight if need_x else None,
@@ -63,32 +72,19 @@ class GroupedRowUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *grad_shares):
-        kept, _, index, weight = _saved(ctx, _InputAsIs)
+        kept, _, index, weight = _saved(ctx, RowUpdate)          # the kept input, rebuilt whole as for one row layer
         g_lead = cast(flat(grad_out).index_select(1, index), ctx.dt)                      # (N, k_0)
         rows = torch.cat([g_lead] + [cast(flat(g), ctx.dt) for g in grad_shares], dim=1)  # (N, K)
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(flat(cast(grad_out, ctx.base_dt)), cast(weight, ctx.base_dt))   # (N, d_in): g W
-            stacked = torch.cat([cast(d, ctx.dt) for d in saved_extra(ctx)])                # (K, d_in)
-            if grad_x.dtype == ctx.dt:
-                grad_x.addmm_(rows, stacked)
-            else:
-                grad_x.add_(torch.mm(rows, stacked).to(grad_x.dtype))
-            grad_x = cast(grad_x, ctx.x_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[0]:                    # g W, then every member's G delta, as one row layer does
+            grad_x = frozen_input_grad(grad_out, weight, ctx.base_dt, ctx.x_dtype, ctx.x_shape)   # (..., d_in)
+            add_product(grad_x, rows, torch.cat([cast(d, ctx.dt) for d in saved_extra(ctx)]))   # + G (K, d_in)
         grad_deltas = [None] * len(ctx.sizes)
         if any(ctx.needs_input_grad[6:]):
             stacked_grad = row_gradient(rows, kept, ctx.dt)                                # (K, d_in)
             grad_deltas = [cast(g, ctx.update_dtype) if need else None
                            for g, need in zip(stacked_grad.split(ctx.sizes), ctx.needs_input_grad[6:])]
         return grad_x, None, None, None, None, None, *grad_deltas
-
-
-class _InputAsIs:
-    """What `rowsft.layers.autograd._saved` asks of an update class: the kept input from a rebuilt one (all of it)."""
-
-    @staticmethod
-    def _kept_from_input(ctx, x, index):
-        return x
 
 
 class GroupMemberUpdate(torch.autograd.Function):
@@ -108,8 +104,7 @@ class GroupMemberUpdate(torch.autograd.Function):
         weight, index = ctx.saved_tensors
         grad_x = grad_share = None
         if ctx.needs_input_grad[0]:
-            grad_x = cast(torch.mm(flat(cast(grad_out, ctx.base_dt)), cast(weight, ctx.base_dt)), ctx.x_dtype)
-            grad_x = grad_x.view(ctx.x_shape)                                               # (..., d_in): g W
+            grad_x = frozen_input_grad(grad_out, weight, ctx.base_dt, ctx.x_dtype, ctx.x_shape)   # (..., d_in): g W
         if ctx.needs_input_grad[5]:
             grad_share = cast(flat(grad_out).index_select(1, index), ctx.share_dtype).view(ctx.share_shape)
         return grad_x, None, None, None, None, grad_share

@@ -40,6 +40,13 @@ def add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     return target
 
 
+def frozen_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, out_dtype: torch.dtype,
+                      shape: torch.Size) -> torch.Tensor:
+    """The frozen base's share of the input gradient, ``g W`` (``grad_out (..., d_out)``, ``weight (d_out, d_in)``),
+    multiplied in ``dtype`` (the base product's) and returned as ``shape`` ``(..., d_in)`` in ``out_dtype``."""
+    return cast(torch.mm(flat(cast(grad_out, dtype)), cast(weight, dtype)), out_dtype).view(shape)
+
+
 def thin_product(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``x deltaᵀ`` for a thin ``delta (k, d_in)`` and ``x (..., d_in)`` → ``(..., k)``, a transposed view.
 
