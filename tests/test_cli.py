@@ -186,8 +186,8 @@ def test_bad_quantization_flags_are_refused_before_loading(capsys, monkeypatch):
     import rowsft.cli.job as job
     monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the flags"))
     for flags, words in ((["--quantization", "int4"], "quantization must be one of"),
-                         (["--quantization", "int8", "--double-quant"], "double_quant applies to"),
-                         (["--double-quant"], "needs quantization nf4 or fp4"),
+                         (["--quantization", "int8", "--double-quant"], "double_quant=True applies to the 4-bit kinds"),
+                         (["--double-quant"], "needs quantization='nf4' or 'fp4'"),
                          (["--quantization", "nf4", "--method", "full"], "full fine-tuning cannot train quantized")):
         assert main(["run", *TINY_RUN, *flags]) == 2, flags
         assert words in capsys.readouterr().err, flags

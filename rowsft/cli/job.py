@@ -18,7 +18,7 @@ from rowsft import baselines, memory
 from rowsft.cli.outputs import check_job_output, save_job_output
 from rowsft.data import batches as make_batches
 from rowsft.data import load_dataset, load_model
-from rowsft.data.quantization import FOUR_BIT, QUANTIZATIONS
+from rowsft.data.quantization import check_quantization_request
 from rowsft.evaluation.choices import evaluate
 from rowsft.evaluation.stats import correctness, exact_mcnemar
 from rowsft.layers import tuner
@@ -97,16 +97,8 @@ class JobConfig:
         return self
 
     def _check_quantization(self) -> None:
-        if self.quantization is None:
-            if self.double_quant:
-                raise ValueError("double_quant quantizes the 4-bit statistics; it needs quantization nf4 or fp4")
-            return
-        self.quantization = self.quantization.strip().lower()
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None (float), got {self.quantization!r}")
-        if self.double_quant and self.quantization not in FOUR_BIT:
-            raise ValueError(f"double_quant applies to {FOUR_BIT}, not {self.quantization!r}; drop it or pick nf4")
-        if self.method == "full":
+        self.quantization = check_quantization_request(self.quantization, self.double_quant)
+        if self.quantization is not None and self.method == "full":
             raise ValueError("full fine-tuning cannot train quantized weights; drop quantization, or train rows "
                              "(method rowsft) or LoRA (QLoRA) over the quantized base")
 

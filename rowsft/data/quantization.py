@@ -31,17 +31,15 @@ FOUR_BIT = ("nf4", "fp4")
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what a quantized base may compute in
 
 
-def check_quantization(quantization, dtype, device, model_kwargs: dict, double_quant: bool = False) -> str | None:
-    """``quantization`` in lower case (None stays None), after checking that it can be honoured: a known kind,
-    a float compute ``dtype``, a CPU or CUDA ``device``, no ``quantization_config`` of the caller's own beside
-    it, ``double_quant`` only for a 4-bit kind, and bitsandbytes installed. Every refusal comes before anything
-    loads."""
+def check_quantization_request(quantization, double_quant: bool = False) -> str | None:
+    """``quantization`` in lower case (None stays None), after checking the request itself: a known kind, and
+    ``double_quant`` a bool given only with a 4-bit kind. Loads nothing (the command line checks its flags with it)."""
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if quantization is None:
         if double_quant:
-            raise ValueError("double_quant=True quantizes the 4-bit statistics; it needs quantization='nf4' or "
-                             "'fp4' (got no quantization)")
+            raise ValueError("double_quant=True quantizes the 4-bit statistics; it needs quantization='nf4' or 'fp4' "
+                             "(got no quantization)")
         return None
     if not isinstance(quantization, str) or quantization.strip().lower() not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS} (or None for a float model), got "
@@ -50,6 +48,16 @@ def check_quantization(quantization, dtype, device, model_kwargs: dict, double_q
     if double_quant and kind not in FOUR_BIT:
         raise ValueError(f"double_quant=True applies to the 4-bit kinds {FOUR_BIT}, not {kind!r} (int8 keeps one "
                          f"scale per row, nothing to compress); drop double_quant or pick nf4")
+    return kind
+
+
+def check_quantization(quantization, dtype, device, model_kwargs: dict, double_quant: bool = False) -> str | None:
+    """``quantization`` in lower case (None stays None), after checking that it can be honoured: the request
+    (`check_quantization_request`), a float compute ``dtype``, a CPU or CUDA ``device``, no ``quantization_config``
+    of the caller's own beside it, and bitsandbytes installed. Every refusal comes before anything loads."""
+    kind = check_quantization_request(quantization, double_quant)
+    if kind is None:
+        return None
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"a quantized base computes in float32, bfloat16 or float16; dtype={dtype} is none of "
                          f"these (it sets the compute dtype of the quantized layers and the dtype of the rest)")
@@ -130,4 +138,5 @@ def forget_quantization(model) -> None:
 
 
 __all__ = ["COMPUTE_DTYPES", "FOUR_BIT", "QUANTIZATIONS", "bitsandbytes_config", "check_quantization",
+           "check_quantization_request",
            "forget_quantization", "import_bitsandbytes", "settle_quantized_layers"]
