@@ -155,6 +155,10 @@ def check_can_shard(model: nn.Module, mp_policy=None, blocks: Iterable | None = 
     if merged:
         raise RuntimeError(f"{merged[:3]} are merged into their base weights; call rowsft.unmerge(model) before "
                            "sharding (a sharded model cannot merge or unmerge: each rank holds a slice of the weights)")
+    in_weight = [n for n, layer in layers.items() if getattr(layer, "in_weight", False)]
+    if in_weight:
+        raise RuntimeError(f"{in_weight[:3]} train their rows inside the base weight (train_in_weight=True), which a "
+                           "sharded weight cannot take; apply with train_in_weight=False before sharding")
     if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
         raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, got "
                         f"{type(mp_policy).__name__}")

@@ -38,6 +38,7 @@ import math
 import torch
 from torch import nn
 
+from rowsft.layers import in_weight as rows_in_weight
 from rowsft.layers.autograd import add_sparse_update, sparse_linear
 from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, merge_requantized
 from rowsft.layers.rebuild import global_forward_hooks, source_of
@@ -99,17 +100,19 @@ def fusable(base_layer: nn.Module) -> bool:
 
 
 def sparse_forward(base_layer: nn.Module, unit: str, x: torch.Tensor, update: torch.Tensor, indices: torch.Tensor,
-                   columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None) -> torch.Tensor:
+                   columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None,
+                   function=None) -> torch.Tensor:
     """``base_layer(x)`` plus one sparse update of ``unit`` → ``(..., d_out)``: what every rowsft sparse layer (and
     the peft tuner layer of `rowsft.integrations`) computes. Fast path (`fusable`): the frozen matmul runs inside
     the update's autograd function (`rowsft.layers.autograd.sparse_linear`); else the base layer runs as is and the
     update is added into its output (`add_sparse_update`). ``update``: ``delta (k, d_in)`` (row), ``(d_out, k)``
-    (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`."""
+    (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`.
+    ``function``: another update function than ``unit``'s (rows already in the weight: `rowsft.layers.in_weight`)."""
     if fusable(base_layer):
         return sparse_linear(unit, x, weight_out_in(base_layer), base_layer.bias, update, indices,
-                             is_transposed(base_layer), columns, source)
+                             is_transposed(base_layer), columns, source, function)
     return add_sparse_update(unit, writable(base_layer(x)), x, update, indices, linear_shape(base_layer)[1], columns,
-                             source)
+                             source, function)
 
 
 def input_source(x: torch.Tensor, unit: str, update: torch.Tensor, rebuild_input: bool, quantization: str | None):
@@ -136,6 +139,7 @@ class SparseLinear(nn.Module):
     unit: str = ""
     rebuild_input: bool = True   # keep a `rowsft.layers.rebuild.Source` of the input instead of the input, when there is one
     row_group = None             # a `rowsft.layers.grouped.RowGroup` of the row layers reading the same input, or None
+    in_weight = False            # rows trained inside the base weight (`rowsft.layers.in_weight`; row layers only)
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -166,6 +170,9 @@ class SparseLinear(nn.Module):
         else:
             self.register_buffer("bias_indices", bias_index.to(weight.device))
             self.bias_delta = nn.Parameter(torch.zeros(bias_index.numel(), dtype=self.delta_dtype, device=weight.device))
+        self.register_state_dict_post_hook(rows_in_weight.hide_rows_in_state_dict)      # no-ops unless in_weight
+        self.register_load_state_dict_pre_hook(rows_in_weight.before_load)
+        self.register_load_state_dict_post_hook(rows_in_weight.after_load)
 
     # ---------------------------------------------------------------- per unit
     def _index_buffer(self, index: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
@@ -210,7 +217,13 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        out = None if self.row_group is None else self.row_group.forward(self, x)     # `rowsft.layers.grouped`
+        if self.in_weight:                                                 # rows written into the base weight
+            rows_in_weight.check_not_compiling(self)
+            rows_in_weight.write_rows(self)
+            out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, None, self._input_source(x),
+                                 function=rows_in_weight.InWeightRowUpdate)
+        else:
+            out = None if self.row_group is None else self.row_group.forward(self, x)     # `rowsft.layers.grouped`
         if out is None:
             out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
                                  self._input_source(x))
@@ -218,6 +231,12 @@ class SparseLinear(nn.Module):
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)
         return out
+
+    def set_train_in_weight(self, enabled: bool = True) -> None:
+        """Train the rows inside the base weight (`rowsft.layers.in_weight`), or (``False``) the usual way again,
+        the pretrained rows back in the weight. Keeps ``pretrained_rows (k, d_in)`` while on."""
+        if bool(enabled) != self.in_weight:
+            (rows_in_weight.enable if enabled else rows_in_weight.disable)(self)
 
     def _input_source(self, x: torch.Tensor):
         return input_source(x, self.unit, self.update, self.rebuild_input, self.quantization)
@@ -261,6 +280,8 @@ class SparseLinear(nn.Module):
                                                  lambda weight: self._fold(weight, +1))
             self._fold_bias(+1)
         else:
+            if self.in_weight:
+                rows_in_weight.take_rows_out(self)       # fold onto the pretrained rows: the weight the last forward used
             self._fold_all(+1)
         self.merged = True
 
@@ -270,7 +291,11 @@ class SparseLinear(nn.Module):
         if self.merged and self.quantization is not None:
             raise RuntimeError(f"{self.label}: the update was merged into re-quantized weights, which cannot be "
                                f"undone; load the quantized base and the saved adapter again")
-        if self.merged:
+        if self.merged and self.in_weight:
+            rows_in_weight.take_rows_out(self)           # the pretrained rows back bit for bit
+            self._fold_bias(-1)
+            self.merged = False
+        elif self.merged:
             self._fold_all(-1)
             self.merged = False
 
@@ -309,7 +334,6 @@ class RowSparseLinear(SparseLinear):
 
     def _bias_index(self, index, d_out, d_in):
         return index
-
 
 class ColumnSparseLinear(SparseLinear):
     """Trains ``k`` columns (input neurons) of a frozen linear layer: ``delta (d_out, k)``, zero at

@@ -117,7 +117,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- the verbs
 def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, delta_dtype: torch.dtype | None = None,
-          train_bias: bool = False, rebuild_inputs: bool = True, group_updates: bool = True) -> nn.Module:
+          train_bias: bool = False, rebuild_inputs: bool = True, group_updates: bool = True,
+          train_in_weight: bool = False) -> nn.Module:
     """Make ``model`` train only the selected rows / columns / elements, in place; returns ``model``.
 
     ``selection``: a :class:`Selection`, or a plain ``{module name: row indices}`` dict (rows).
@@ -133,6 +134,11 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
     in backward (a norm's output, an MLP product: `rowsft.layers.rebuild`); ``False`` keeps the inputs themselves.
     ``group_updates``: row layers that read one input (q/k/v, gate/up) compute their updates as one product per
     group (`rowsft.layers.grouped`; the same result up to float rounding); ``False``: one product per layer.
+    ``train_in_weight``: row layers write their rows' current values into the base weight before each forward, so
+    the frozen matmul computes the update too and only delta's gradient is left (one thin product a step instead of
+    three: `rowsft.layers.in_weight`); costs a copy of the pretrained rows, as large as the deltas. Column and
+    element layers train the usual way. Refused for rows over a quantized base or a weight tied to another
+    parameter; ``state_dict``, ``unload`` and ``unmerge`` still give the pretrained weight.
     """
     check_can_apply(model)  # a DDP/FSDP-wrapped model: apply before wrapping (clear message)
     if getattr(model, _STATE, None) is not None or sparse_layers(model):
@@ -141,6 +147,8 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
     selection = as_selection(model, selection)
     modules = _check_against_model(model, selection)
     heads = _head_modules(model, train_heads)
+    if train_in_weight:
+        _check_in_weight(model, selection, modules)
     overlap = [h for h in heads if any(n == h or n.startswith(h + ".") for n in modules)]
     if overlap:
         raise ValueError(f"{overlap} are both selected for sparse training and trained whole as heads; "
@@ -154,16 +162,36 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
         layer = SPARSE_LAYERS[choice.unit](module, choice.indices, delta_dtype=delta_dtype,
                                            train_bias=train_bias and has_bias, name=name)
         layer.rebuild_input = bool(rebuild_inputs)
+        if train_in_weight and choice.unit == "row":
+            layer.set_train_in_weight(True)
         _set_module(model, name, layer)
     for head in heads.values():
         for p in head.parameters():
             p.requires_grad_(True)
     setattr(model, _STATE, {"requires_grad": requires_grad, "heads": list(heads), "meta": dict(selection.meta)})
     if group_updates:
-        assign_groups(sparse_layers(model))     # q/k/v and gate/up rows: one product per group (rowsft.layers.grouped)
+        assign_groups({n: layer for n, layer in sparse_layers(model).items() if not layer.in_weight})     # q/k/v and gate/up rows: one product per group (rowsft.layers.grouped)
     if rebuild_inputs:
         _NORM_HOOKS[model] = track_norm_outputs(model)   # norm outputs become rebuildable inputs (rowsft.layers.rebuild)
     return model
+
+
+def _check_in_weight(model: nn.Module, selection: Selection, modules: dict[str, nn.Module]) -> None:
+    """``train_in_weight``: a clear error, before anything changes, for selected rows whose base weight cannot take
+    them (quantized, or tied to another parameter, which would change too)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, module in modules.items():
+        if selection.layers[name].unit != "row":
+            continue
+        if is_quantized(module):
+            raise ValueError(f"{name}: train_in_weight cannot write rows into a quantized weight; apply with "
+                             f"train_in_weight=False (the usual row update)")
+        others = [o for o in owners.get(id(module.weight), []) if not o.startswith(name + ".")]
+        if others:
+            raise ValueError(f"{name}'s weight is tied to {others}; training its rows in the weight would change "
+                             f"those too. Apply with train_in_weight=False, or untie the weights first")
 
 
 def tied_elsewhere(model: nn.Module) -> dict[str, list[str]]:
@@ -245,6 +273,8 @@ def unload(model: nn.Module) -> nn.Module:
     """Put the original modules back and drop the updates (merged updates stay in the weights);
     restores each parameter's original ``requires_grad``. Returns ``model``."""
     for name, layer in sparse_layers(model).items():
+        if layer.in_weight and not layer.merged:
+            layer.set_train_in_weight(False)          # the pretrained rows back into the weight
         _set_module(model, name, layer.base_layer)
     for handle in _NORM_HOOKS.pop(model, []):
         handle.remove()

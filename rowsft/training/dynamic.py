@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from rowsft.checks import check_count
+from rowsft.layers.in_weight import read_pretrained_rows, take_rows_out
 from rowsft.layers.sparse import SparseLinear
 from rowsft.layers.tuner import merge, sparse_layers, tied_elsewhere, unmerge
 from rowsft.scoring.agreement import topk_indices
@@ -193,6 +194,8 @@ def rebuild_layer(layer: SparseLinear, new_indices: torch.Tensor, optimizer=None
     if layer.bias_delta is not None:
         moves.append((layer.bias_delta, layer.bias_indices.long(), fresh.bias_indices.long(), 0, fresh.bias_delta))
     kept = int(_matches(moves[0][1], moves[0][2])[0].numel())
+    if layer.in_weight and not layer.merged:
+        take_rows_out(layer)                                   # the pretrained rows back before the indices move
     with torch.no_grad():
         for param, old, new, axis, template in moves:
             remap_state(optimizer, param, old, new, axis, tuple(template.shape))
@@ -200,6 +203,8 @@ def rebuild_layer(layer: SparseLinear, new_indices: torch.Tensor, optimizer=None
         layer.indices = fresh.indices
         if layer.bias_delta is not None:
             layer.bias_indices = fresh.bias_indices
+    if layer.in_weight:
+        layer.pretrained_rows = read_pretrained_rows(layer)    # the weight with the folded update is the new start
     layer.merged = False
     return kept
 

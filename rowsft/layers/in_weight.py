@@ -1,0 +1,147 @@
+"""Rows trained inside the base weight: the frozen matmul computes the row update too.
+
+A row layer normally computes ``y = x Wᵀ`` and adds ``x deltaᵀ`` into the columns ``idx`` of ``y``: three thin
+products a step (the forward share, the input gradient's share ``g_rows delta``, delta's gradient). Trained *in the
+weight* (``rowsft.apply(..., train_in_weight=True)``), the layer writes its rows' current values
+``W0[idx] + delta`` into the base weight before every forward, so the frozen ``x W'ᵀ`` and the frozen input gradient
+``g W'`` carry the update, and only ``grad delta = g[..., idx]ᵀ x`` is left
+(`InWeightRowUpdate`): one thin product instead of three.
+
+- The record is ``pretrained_rows (k, d_in)`` (a buffer in the weight's dtype, as large as ``delta``) and ``delta``;
+  the weight's rows are a cache of ``W0[idx] + delta``, rebuilt at every forward (`write_rows`). So any optimizer,
+  fused ones that do not bump a tensor's version included, and any edit of ``delta`` are seen at the next forward.
+  The rows are written the way a merge folds them (as `rowsft.layers.update_forms.fold_update` does: in the wider dtype,
+  stored in the weight's), so a merge gives the very weight the last forward used.
+- What reads the model sees the pretrained weight where it expects it: ``state_dict`` writes the pretrained rows
+  back into a copy (`hide_rows_in_state_dict`), ``load_state_dict`` takes the rows out before loading and reads
+  the pretrained rows again after (a new base weight or new indices are taken up), ``unload`` and ``unmerge``
+  put the pretrained rows back bit for bit (an unmerge of a layer trained the usual way subtracts, which rounds).
+- Arithmetic: ``x (W0 + delta)ᵀ`` with the sum rounded to the weight's dtype, where the usual layer computes
+  ``x W0ᵀ + x deltaᵀ``. In float32 the two differ by rounding; under bf16 autocast the summed weight is cast to
+  bf16 as full fine-tuning's weights are, so an update below a bf16 ulp of its weight does not change the forward
+  until it has grown (the usual layer adds ``x deltaᵀ`` in bf16 on its own).
+- Not for: a quantized base (its packed weight cannot take rows), a weight tied to another parameter (that one
+  would change too), ``torch.compile`` (the write is a side effect), FSDP2 sharding (a rank holds a slice of
+  the rows). Row layers trained this way do not join `rowsft.layers.grouped` groups (they have no shares left).
+"""
+from __future__ import annotations
+
+import torch
+
+from rowsft.layers.autograd import RowUpdate, _static_entry_points
+from rowsft.layers.products import cast, flat, row_gradient
+from rowsft.targets import is_transposed, weight_out_in
+
+WEIGHT_KEY = "base_layer.weight"
+
+
+@_static_entry_points
+class InWeightRowUpdate(RowUpdate):
+    """Rows whose current values ``W0[idx] + delta`` the layer has written into the weight it passes
+    (`write_rows`): ``y = x W'ᵀ`` and the frozen input gradient ``g W'`` already carry the update, so
+    only ``grad delta = g[..., idx]ᵀ x`` is left: one thin product instead of `RowUpdate`'s three, and no columns
+    added in forward. ``delta`` is still an input, for its gradient (and so that autograd refuses a backward after
+    delta changed in place). Kept for backward: what a `RowUpdate` keeps (``x``, its `Source`, or a scaled norm's
+    factors)."""
+
+    @staticmethod
+    def _add(ctx, out, x, delta, index, d_in, dt, x_dt=None):
+        return x
+
+    @staticmethod
+    def _grads(ctx, grad_out, grad_x, x, delta, index):
+        grad_delta = None
+        if ctx.needs_input_grad[4]:
+            grad_rows = cast(flat(grad_out).index_select(1, index), ctx.dt)      # (N, k)
+            grad_delta = cast(row_gradient(grad_rows, x, ctx.dt), ctx.update_dtype)      # (k, d_in)
+        return grad_x, grad_delta
+
+
+@torch.no_grad()
+def write_rows(layer) -> None:
+    """``W[idx] = pretrained_rows + delta`` in the weight's storage, as `fold_update` folds them. Through
+    ``.data``: the weight's version is not bumped, so a graph that saved it (a second forward before one backward,
+    checkpointing) is not refused for rows rewritten with the same values."""
+    weight = weight_out_in(layer.base_layer).data                   # (d_out, d_in), a view for Conv1D
+    wide = torch.promote_types(weight.dtype, layer.delta.dtype)     # as fold_update adds the rows
+    rows = layer.pretrained_rows.to(wide) + layer.delta.detach().to(wide)           # (k, d_in)
+    weight.index_copy_(0, layer.indices, rows.to(weight.dtype))
+
+
+def enable(layer) -> None:
+    """Start training ``layer``'s rows in its weight: keep ``pretrained_rows``, leave any group."""
+    check_can_train_in_weight(layer, layer.label)
+    layer.register_buffer("pretrained_rows", read_pretrained_rows(layer), persistent=False)
+    layer.row_group, layer.in_weight = None, True
+
+
+def disable(layer) -> None:
+    """Train ``layer`` the usual way again: the pretrained rows back into the weight (unless merged), the copy dropped."""
+    if not layer.merged:
+        take_rows_out(layer)
+    del layer.pretrained_rows
+    layer.in_weight = False
+
+
+@torch.no_grad()
+def take_rows_out(layer) -> None:
+    """Put the pretrained rows back into the base weight, bit for bit."""
+    weight_out_in(layer.base_layer).data.index_copy_(0, layer.indices, layer.pretrained_rows)
+
+
+@torch.no_grad()
+def read_pretrained_rows(layer) -> torch.Tensor:
+    """``W[idx]`` of the base weight as it stands, as a fresh ``(k, d_in)`` tensor (the weight must hold the pretrained
+    rows: after `take_rows_out`, or before the first forward)."""
+    return weight_out_in(layer.base_layer).index_select(0, layer.indices).detach().clone()
+
+
+def hide_rows_in_state_dict(layer, state_dict, prefix, local_metadata) -> None:
+    """``state_dict`` hook: the base weight is written with its pretrained rows, as a layer trained the usual way
+    writes it (a copy; the model keeps its rows)."""
+    key = prefix + WEIGHT_KEY
+    if not getattr(layer, "in_weight", False) or layer.merged or key not in state_dict:
+        return
+    stored = state_dict[key].detach().clone()
+    weight_out_in_like(layer, stored).index_copy_(0, layer.indices, layer.pretrained_rows)
+    state_dict[key] = stored
+
+
+def weight_out_in_like(layer, stored: torch.Tensor) -> torch.Tensor:
+    """``stored`` (a tensor laid out as the base layer's weight) as ``(d_out, d_in)``: transposed for a Conv1D."""
+    return stored.t() if is_transposed(layer.base_layer) else stored
+
+
+def before_load(layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """``load_state_dict`` pre-hook: take the rows out, so that what is loaded lands on the pretrained weight."""
+    if getattr(layer, "in_weight", False) and not layer.merged:
+        take_rows_out(layer)
+
+
+def after_load(layer, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: read the pretrained rows again (the base weight or the indices may be new)."""
+    if getattr(layer, "in_weight", False) and not layer.merged:
+        layer.pretrained_rows = read_pretrained_rows(layer)
+
+
+def check_can_train_in_weight(layer, name: str) -> None:
+    """A clear error, before anything changes, where rows cannot be trained inside ``layer``'s base weight."""
+    advice = "apply with train_in_weight=False (the usual row update, same results up to float rounding)"
+    if layer.unit != "row":
+        raise ValueError(f"{name}: train_in_weight trains rows only; this layer trains {layer.unit}s; {advice}")
+    if layer.quantization is not None:
+        raise ValueError(f"{name}: its base is quantized ({layer.quantization}); rows cannot be written into a "
+                         f"packed weight; {advice}")
+    if layer.merged:
+        raise ValueError(f"{name} is merged; call unmerge() before training it in the weight")
+
+
+def check_not_compiling(layer) -> None:
+    """Refuse a forward under ``torch.compile``: writing the rows is a side effect the compiled graph would drop."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{layer.label}: rows trained in the weight (train_in_weight=True) cannot run under "
+                           f"torch.compile; apply with train_in_weight=False to compile")
+
+
+__all__ = ["InWeightRowUpdate", "enable", "disable", "write_rows", "take_rows_out", "read_pretrained_rows", "hide_rows_in_state_dict", "before_load",
+           "after_load", "check_can_train_in_weight", "check_not_compiling"]
