@@ -235,7 +235,7 @@ def main(argv=None) -> int:
             for r in results:
                 points.append({"method": r.extra["key"], "label": r.method, "tokens": args.batch * seq, "seq": seq,
                                "rank": rank, "trainable_parameters": r.trainable_parameters, "peak_bytes": r.peak_bytes,
-                               "median_step_s": r.median_step_s, "analytic": r.analytic,
+                               "median_step_s": r.median_step_s, "step_times_s": r.step_times_s, "analytic": r.analytic,
                                "first_step_s": r.extra.get("first_step_s"), "compiled": args.compile,
                                "autocast": args.autocast,
                                "unit_choice": meta.get(r.extra["key"], {}).get("unit_choice")})

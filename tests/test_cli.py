@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rowsft.cli import build_parser, main
 
@@ -188,9 +189,33 @@ def test_bad_quantization_flags_are_refused_before_loading(capsys, monkeypatch):
     for flags, words in ((["--quantization", "int4"], "quantization must be one of"),
                          (["--quantization", "int8", "--double-quant"], "double_quant=True applies to the 4-bit kinds"),
                          (["--double-quant"], "needs quantization='nf4' or 'fp4'"),
-                         (["--quantization", "nf4", "--method", "full"], "full fine-tuning cannot train quantized")):
+                         (["--quantization", "nf4", "--method", "full"], "full fine-tuning cannot train quantized"),
+                         (["--train-in-weight", "--method", "lora"], "it goes with method rowsft, not lora"),
+                         (["--quantization", "nf4", "--train-in-weight"], "cannot write rows into a quantized")):
         assert main(["run", *TINY_RUN, *flags]) == 2, flags
         assert words in capsys.readouterr().err, flags
+
+
+def test_a_job_training_rows_in_the_weight_trains_as_the_usual_job(monkeypatch):
+    import rowsft.cli.job as job
+    models = []
+
+    def recording_load_model(*args, **kwargs):
+        models.append(job_load_model(*args, **kwargs)[0])
+        return models[-1], job_load_model(*args, **kwargs)[1]
+    job_load_model = job.load_model
+    monkeypatch.setattr(job, "load_model", recording_load_model)
+    results = [job.run_job(job.JobConfig(model="tiny-llama", task="boolq", steps=3, max_train=16, eval_examples=8,
+                                         calibration_batches=1, batch_size=2, max_length=64, progress=False,
+                                         device="cpu", train_in_weight=inside), log=lambda line: None)
+               for inside in (False, True)]
+    usual, inside = ([m for m in model.modules() if hasattr(m, "in_weight")] for model in models)
+    assert usual and not any(m.in_weight for m in usual) and all(m.in_weight for m in inside)
+    for a, b in zip(usual, inside):
+        assert a.delta.abs().max() > 0
+        torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-6)
+    assert results[1].correct_after == results[0].correct_after
+    assert results[1].config["train_in_weight"] is True
 
 
 @pytest.mark.parametrize("method", ["rowsft", "lora"])

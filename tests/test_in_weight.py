@@ -253,3 +253,14 @@ def test_switching_off_puts_the_pretrained_rows_back_and_groups_skip_rows_in_wei
     assert torch.equal(q.base_layer.weight, original.model.layers[0].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match="trains columns"):
         model.model.layers[0].self_attn.o_proj.set_train_in_weight(True)
+
+
+def test_memory_breakdown_counts_the_pretrained_rows():
+    from rowsft import memory
+    original = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    selection = selection_for(original, LLAMA_UNITS)
+    usual = tuner.apply(copy.deepcopy(original), selection)
+    inside = tuner.apply(copy.deepcopy(original), selection, train_in_weight=True)
+    batch = batches(1)[0]
+    kept = sum(len(c.indices) * c.shape[1] * 4 for c in selection.layers.values() if c.unit == "row")   # float32
+    assert memory.breakdown(inside, batch).weights - memory.breakdown(usual, batch).weights == kept

@@ -111,13 +111,20 @@ def index_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def pretrained_row_copies(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The pretrained rows that layers training their rows inside the base weight keep (`rowsft.layers.in_weight`):
+    weight data, as large as those layers' deltas."""
+    return [m.pretrained_rows for m in model.modules() if torch.is_tensor(getattr(m, "pretrained_rows", None))]
+
+
 def static_report(model: torch.nn.Module, optimizer="adamw", method: str | None = None) -> MemoryReport:
     """Weights, trainable, gradients, optimizer and indices of ``model`` (no activations)."""
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     trainable_bytes = unique_storage_bytes(trainable)
     idx = index_bytes(model)
-    weights = unique_storage_bytes(params + quantization_state(model))     # quantized layers: codes + their scales
+    weights = unique_storage_bytes(params + quantization_state(model) + pretrained_row_copies(model))
+    # quantized layers: codes + their scales; rows trained in the weight: the pretrained rows they keep
     return MemoryReport(weights=weights, trainable=trainable_bytes, gradients=trainable_bytes,
                         optimizer=optimizer_bytes(trainable, optimizer), indices=idx,
                         method=method or describe_method(model))
