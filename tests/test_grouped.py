@@ -236,3 +236,13 @@ def test_a_group_deep_copies_and_pickles_with_a_share_pending():
     twin = copy.deepcopy(model)
     assert tuner.sparse_layers(twin)["model.layers.1.self_attn.q_proj"].row_group._pending == {}
     pickle.dumps(q.row_group)
+
+
+def test_inference_mode_runs_ungrouped_with_the_same_outputs():
+    model = applied("llama")
+    batch = batch_for("llama")
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"]).logits
+    with torch.inference_mode():          # inference tensors have no version counter: the group steps aside
+        got = model(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

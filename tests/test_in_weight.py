@@ -264,3 +264,15 @@ def test_memory_breakdown_counts_the_pretrained_rows():
     batch = batches(1)[0]
     kept = sum(len(c.indices) * c.shape[1] * 4 for c in selection.layers.values() if c.unit == "row")   # float32
     assert memory.breakdown(inside, batch).weights - memory.breakdown(usual, batch).weights == kept
+
+
+def test_inference_mode_and_generation_see_the_trained_rows():
+    original, model = trained(units=rows_of(LLAMA_UNITS))
+    usual = tuner.apply(copy.deepcopy(original), selection_for(original, rows_of(LLAMA_UNITS)))
+    usual.load_state_dict(model.state_dict())
+    ids = batches(1, seed=4)[0]["input_ids"]
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, usual(input_ids=ids).logits, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(generated, usual.generate(ids[:1], max_new_tokens=4, do_sample=False))

@@ -137,8 +137,9 @@ class RowGroup:
                 and layer.delta.device == lead.delta.device and not torch.compiler.is_compiling())
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor | None:
-        """``layer``'s output (frozen product plus its update) through the group, or None to run it ungrouped."""
-        if not self.groupable(layer):
+        """``layer``'s output (frozen product plus its update) through the group, or None to run it ungrouped (also
+        under ``torch.inference_mode``: its tensors have no version to check a share against)."""
+        if not self.groupable(layer) or x.is_inference():
             return None
         entry = self._pending.pop(id(layer), None)
         base = layer.base_layer

@@ -15,7 +15,9 @@ element layer whose input the frozen graph can rebuild (a norm's output, an MLP 
 hook-free ``nn.Linear``/``Conv1D`` the frozen matmul runs inside the update's autograd function (same
 kernel as the layer's own forward, so step-0 outputs are bit-identical); a hooked or subclassed base
 layer is called as is and the update is added into its output. ``y`` is a fresh tensor either way. ``merge()`` folds the update into the base weight
-(computed in the wider of the two dtypes, stored in the base dtype), ``unmerge()`` takes it out again.
+(computed in the wider of the two dtypes, stored in the base dtype), ``unmerge()`` takes it out again. A row layer
+may instead train its rows inside the base weight (``set_train_in_weight``, `rowsft.layers.in_weight`): the frozen
+matmul then computes the update too.
 
 A bitsandbytes-quantized base layer (``Linear4bit`` nf4/fp4, ``Linear8bitLt`` int8;
 `rowsft.layers.quantized`) takes the second way: its own quantized forward and backward compute the frozen
@@ -286,8 +288,9 @@ class SparseLinear(nn.Module):
         self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract the update from the base weight again (exact in float32/64 up to rounding); refused after a
-        re-quantizing merge, whose rounding cannot be taken back."""
+        """Subtract the update from the base weight again (exact in float32/64 up to rounding; rows trained in the
+        weight put their kept pretrained rows back, bit for bit); refused after a re-quantizing merge, whose rounding
+        cannot be taken back."""
         if self.merged and self.quantization is not None:
             raise RuntimeError(f"{self.label}: the update was merged into re-quantized weights, which cannot be "
                                f"undone; load the quantized base and the saved adapter again")
