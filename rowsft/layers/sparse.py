@@ -200,7 +200,8 @@ class SparseLinear(nn.Module):
     # ---------------------------------------------------------------- shared
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight (as stored by the base layer), for code that reads ``module.weight``."""
+        """The frozen base weight (as stored by the base layer), for code that reads ``module.weight``; while rows train
+        in the weight (`set_train_in_weight`) it holds the trained rows (``state_dict`` gives the pretrained ones)."""
         return self.base_layer.weight
 
     @property
@@ -337,6 +338,7 @@ class RowSparseLinear(SparseLinear):
 
     def _bias_index(self, index, d_out, d_in):
         return index
+
 
 class ColumnSparseLinear(SparseLinear):
     """Trains ``k`` columns (input neurons) of a frozen linear layer: ``delta (d_out, k)``, zero at
