@@ -276,3 +276,28 @@ def test_inference_mode_and_generation_see_the_trained_rows():
     with torch.no_grad():
         generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
         assert torch.equal(generated, usual.generate(ids[:1], max_new_tokens=4, do_sample=False))
+
+
+def test_bf16_model_with_float32_deltas_stores_rows_in_bf16_and_merges_what_it_used():
+    original = rowsft.tiny_model("llama", vocab_size=VOCAB, dtype=torch.bfloat16)
+    units = rows_of(LLAMA_UNITS)
+    model = tuner.apply(copy.deepcopy(original), selection_for(original, units), delta_dtype=torch.float32,
+                        train_in_weight=True)
+    layer = model.model.layers[1].mlp.down_proj
+    assert layer.delta.dtype == torch.float32 and layer.pretrained_rows.dtype == torch.bfloat16
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(**batches(1)[0]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    ids = batches(1, seed=6)[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        expected = (layer.pretrained_rows.float() + layer.delta.float()).to(torch.bfloat16)
+        assert torch.equal(layer.base_layer.weight[layer.indices], expected)
+        tuner.merge(model)
+        assert torch.equal(model(input_ids=ids).logits, before)

@@ -19,7 +19,9 @@ weight* (``rowsft.apply(..., train_in_weight=True)``), the layer writes its rows
 - Arithmetic: ``x (W0 + delta)ᵀ`` with the sum rounded to the weight's dtype, where the usual layer computes
   ``x W0ᵀ + x deltaᵀ``. In float32 the two differ by rounding; under bf16 autocast the summed weight is cast to
   bf16 as full fine-tuning's weights are, so an update below a bf16 ulp of its weight does not change the forward
-  until it has grown (the usual layer adds ``x deltaᵀ`` in bf16 on its own).
+  until it has grown (the usual layer adds ``x deltaᵀ`` in bf16 on its own). The same holds for a bf16 model with
+  float32 deltas (``delta_dtype=torch.float32``): the rows are stored in bf16, and delta is their float32 master
+  copy, as in mixed-precision full fine-tuning.
 - Not for: a quantized base (its packed weight cannot take rows), a weight tied to another parameter (that one
   would change too), ``torch.compile`` (the write is a side effect), FSDP2 sharding (a rank holds a slice of
   the rows). Row layers trained this way do not join `rowsft.layers.grouped` groups (they have no shares left).
