@@ -246,7 +246,8 @@ def test_rebuilt_layer_starts_from_the_folded_weight():
 
 def test_switching_off_puts_the_pretrained_rows_back_and_groups_skip_rows_in_weight():
     original, model = trained()
-    assert all(layer.row_group is None for layer in tuner.sparse_layers(model).values())
+    assert all(layer.row_group is None or not layer.row_group.groupable(layer)
+               for layer in tuner.sparse_layers(model).values() if layer.in_weight)
     q = model.model.layers[0].self_attn.q_proj
     q.set_train_in_weight(False)
     assert not q.in_weight and not hasattr(q, "pretrained_rows")
@@ -301,3 +302,17 @@ def test_bf16_model_with_float32_deltas_stores_rows_in_bf16_and_merges_what_it_u
         assert torch.equal(layer.base_layer.weight[layer.indices], expected)
         tuner.merge(model)
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_a_layer_switched_into_the_weight_after_apply_leaves_its_group_working():
+    original = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    units = {f"model.layers.0.self_attn.{m}_proj": "row" for m in "qkv"}
+    model = tuner.apply(copy.deepcopy(original), selection_for(original, units))
+    q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
+    group = k.row_group
+    assert group is not None and q.row_group is group
+    q.set_train_in_weight(True)
+    assert not group.groupable(q) and group.groupable(k)
+    for _ in range(3):                      # k leads, v takes its share, q is never waited for: no misses
+        model(**batches(1)[0]).loss.backward()
+    assert group.shared_input and not group._pending

@@ -15,8 +15,9 @@ and the results equal the ungrouped layers' up to float rounding (the products a
 A member uses the leader's share only for the very tensor the leader saw (same object, same version) and the delta
 it was computed from (same tensor, same version). A group whose layers turn out not to read one tensor (cross-
 attention, cached generation: see `RowGroup`) stops grouping; a merged or non-row sibling, a quantized base (its
-product runs in bitsandbytes), ``torch.compile`` (which would trace Python state), or a layer run on its own falls
-back to the ungrouped update. `assign_groups` forms the
+product runs in bitsandbytes), ``torch.compile`` (which would trace Python state), a layer whose rows train inside its
+weight (`rowsft.layers.in_weight`: it has no shares left to compute), or a layer run on its own falls back to the
+ungrouped update. `assign_groups` forms the
 groups when `rowsft.apply` builds the layers: row layers of one parent module with the role ``qkv`` or ``up``.
 """
 from __future__ import annotations
@@ -132,7 +133,8 @@ class RowGroup:
 
     def groupable(self, layer) -> bool:
         lead = self.layers[0]
-        return (self.shared_input and layer.unit == "row" and not layer.merged and fusable(layer.base_layer)
+        return (self.shared_input and layer.unit == "row" and not layer.merged and not layer.in_weight
+                and fusable(layer.base_layer)
                 and layer.in_features == lead.in_features and layer.delta.dtype == lead.delta.dtype
                 and layer.delta.device == lead.delta.device and not torch.compiler.is_compiling())
 

@@ -24,7 +24,7 @@ weight* (``rowsft.apply(..., train_in_weight=True)``), the layer writes its rows
   copy, as in mixed-precision full fine-tuning.
 - Not for: a quantized base (its packed weight cannot take rows), a weight tied to another parameter (that one
   would change too), ``torch.compile`` (the write is a side effect), FSDP2 sharding (a rank holds a slice of
-  the rows). Row layers trained this way do not join `rowsft.layers.grouped` groups (they have no shares left).
+  the rows). Row layers trained this way are left out of `rowsft.layers.grouped` groups (they have no shares left).
 """
 from __future__ import annotations
 
@@ -71,10 +71,11 @@ def write_rows(layer) -> None:
 
 
 def enable(layer) -> None:
-    """Start training ``layer``'s rows in its weight: keep ``pretrained_rows``, leave any group."""
+    """Start training ``layer``'s rows in its weight: keep ``pretrained_rows`` (its group, if any, leaves it out:
+    `rowsft.layers.grouped.RowGroup.groupable`)."""
     check_can_train_in_weight(layer, layer.label)
     layer.register_buffer("pretrained_rows", read_pretrained_rows(layer), persistent=False)
-    layer.row_group, layer.in_weight = None, True
+    layer.in_weight = True
 
 
 def disable(layer) -> None:

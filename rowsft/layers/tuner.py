@@ -170,7 +170,7 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
             p.requires_grad_(True)
     setattr(model, _STATE, {"requires_grad": requires_grad, "heads": list(heads), "meta": dict(selection.meta)})
     if group_updates:
-        assign_groups({n: layer for n, layer in sparse_layers(model).items() if not layer.in_weight})     # q/k/v and gate/up rows: one product per group (rowsft.layers.grouped)
+        assign_groups(sparse_layers(model))     # q/k/v and gate/up rows: one product per group (rowsft.layers.grouped)
     if rebuild_inputs:
         _NORM_HOOKS[model] = track_norm_outputs(model)   # norm outputs become rebuildable inputs (rowsft.layers.rebuild)
     return model
