@@ -10,7 +10,7 @@ weight* (``rowsft.apply(..., train_in_weight=True)``), the layer writes its rows
 - The record is ``pretrained_rows (k, d_in)`` (a buffer in the weight's dtype, as large as ``delta``) and ``delta``;
   the weight's rows are a cache of ``W0[idx] + delta``, rebuilt at every forward (`write_rows`). So any optimizer,
   fused ones that do not bump a tensor's version included, and any edit of ``delta`` are seen at the next forward.
-  The rows are written the way a merge folds them (as `rowsft.layers.update_forms.fold_update` does: in the wider dtype,
+  The rows are written the way a merge folds them (`rowsft.layers.update_forms.folded`: in the wider dtype,
   stored in the weight's), so a merge gives the very weight the last forward used.
 - What reads the model sees the pretrained weight where it expects it: ``state_dict`` writes the pretrained rows
   back into a copy (`hide_rows_in_state_dict`), ``load_state_dict`` takes the rows out before loading and reads
@@ -32,6 +32,7 @@ import torch
 
 from rowsft.layers.autograd import RowUpdate, _static_entry_points
 from rowsft.layers.products import cast, flat, row_gradient
+from rowsft.layers.update_forms import folded
 from rowsft.targets import is_transposed, weight_out_in
 
 WEIGHT_KEY = "base_layer.weight"
@@ -61,19 +62,17 @@ class InWeightRowUpdate(RowUpdate):
 
 @torch.no_grad()
 def write_rows(layer) -> None:
-    """``W[idx] = pretrained_rows + delta`` in the weight's storage, as `fold_update` folds them. Through
+    """``W[idx] = pretrained_rows + delta`` in the weight's storage, rounded as a merge folds them (`folded`). Through
     ``.data``: the weight's version is not bumped, so a graph that saved it (a second forward before one backward,
     checkpointing) is not refused for rows rewritten with the same values."""
     weight = weight_out_in(layer.base_layer).data                   # (d_out, d_in), a view for Conv1D
-    wide = torch.promote_types(weight.dtype, layer.delta.dtype)     # as fold_update adds the rows
-    rows = layer.pretrained_rows.to(wide) + layer.delta.detach().to(wide)           # (k, d_in)
-    weight.index_copy_(0, layer.indices, rows.to(weight.dtype))
+    weight.index_copy_(0, layer.indices, folded(layer.pretrained_rows, layer.delta))                # (k, d_in)
 
 
 def enable(layer) -> None:
     """Start training ``layer``'s rows in its weight: keep ``pretrained_rows`` (its group, if any, leaves it out:
     `rowsft.layers.grouped.RowGroup.groupable`)."""
-    check_can_train_in_weight(layer, layer.label)
+    check_can_train_in_weight(layer)
     layer.register_buffer("pretrained_rows", read_pretrained_rows(layer), persistent=False)
     layer.in_weight = True
 
@@ -103,7 +102,7 @@ def hide_rows_in_state_dict(layer, state_dict, prefix, local_metadata) -> None:
     """``state_dict`` hook: the base weight is written with its pretrained rows, as a layer trained the usual way
     writes it (a copy; the model keeps its rows)."""
     key = prefix + WEIGHT_KEY
-    if not getattr(layer, "in_weight", False) or layer.merged or key not in state_dict:
+    if not layer.in_weight or layer.merged or key not in state_dict:
         return
     stored = state_dict[key].detach().clone()
     weight_out_in_like(layer, stored).index_copy_(0, layer.indices, layer.pretrained_rows)
@@ -117,26 +116,26 @@ def weight_out_in_like(layer, stored: torch.Tensor) -> torch.Tensor:
 
 def before_load(layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
     """``load_state_dict`` pre-hook: take the rows out, so that what is loaded lands on the pretrained weight."""
-    if getattr(layer, "in_weight", False) and not layer.merged:
+    if layer.in_weight and not layer.merged:
         take_rows_out(layer)
 
 
 def after_load(layer, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: read the pretrained rows again (the base weight or the indices may be new)."""
-    if getattr(layer, "in_weight", False) and not layer.merged:
+    if layer.in_weight and not layer.merged:
         layer.pretrained_rows = read_pretrained_rows(layer)
 
 
-def check_can_train_in_weight(layer, name: str) -> None:
+def check_can_train_in_weight(layer) -> None:
     """A clear error, before anything changes, where rows cannot be trained inside ``layer``'s base weight."""
     advice = "apply with train_in_weight=False (the usual row update, same results up to float rounding)"
     if layer.unit != "row":
-        raise ValueError(f"{name}: train_in_weight trains rows only; this layer trains {layer.unit}s; {advice}")
+        raise ValueError(f"{layer.label}: train_in_weight trains rows only; this layer trains {layer.unit}s; {advice}")
     if layer.quantization is not None:
-        raise ValueError(f"{name}: its base is quantized ({layer.quantization}); rows cannot be written into a "
+        raise ValueError(f"{layer.label}: its base is quantized ({layer.quantization}); rows cannot be written into a "
                          f"packed weight; {advice}")
     if layer.merged:
-        raise ValueError(f"{name} is merged; call unmerge() before training it in the weight")
+        raise ValueError(f"{layer.label} is merged; call unmerge() before training it in the weight")
 
 
 def check_not_compiling(layer) -> None:

@@ -19,21 +19,25 @@ def element_positions(indices: torch.Tensor, d_in: int) -> tuple[torch.Tensor, t
     return rows, flat - rows * d_in
 
 
+def folded(base: torch.Tensor, update: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """``base + sign * update`` computed in the wider of the two dtypes and stored in ``base``'s: how every fold of an
+    update into weights rounds (a merge, and rows written into the weight by `rowsft.layers.in_weight`), so the two
+    give the same bits."""
+    wide = torch.promote_types(base.dtype, update.dtype)
+    return (base.to(wide) + sign * update.detach().to(wide)).to(base.dtype)
+
+
 @torch.no_grad()
 def fold_update(unit: str, weight: torch.Tensor, update: torch.Tensor, indices: torch.Tensor, sign: int) -> None:
     """``weight (d_out, d_in) += sign * update`` in place at ``indices`` (``weight`` may be a transposed view, as
-    `weight_out_in` gives for Conv1D); computed in the wider of the two dtypes, stored in the weight's."""
-    wide = torch.promote_types(weight.dtype, update.dtype)
+    `weight_out_in` gives for Conv1D); computed in the wider of the two dtypes, stored in the weight's (`folded`)."""
     if unit == "row":
-        rows = weight.index_select(0, indices).to(wide) + sign * update.to(wide)       # (k, d_in)
-        weight.index_copy_(0, indices, rows.to(weight.dtype))
+        weight.index_copy_(0, indices, folded(weight.index_select(0, indices), update, sign))       # (k, d_in)
     elif unit == "column":
-        cols = weight.index_select(1, indices).to(wide) + sign * update.to(wide)       # (d_out, k)
-        weight.index_copy_(1, indices, cols.to(weight.dtype))
+        weight.index_copy_(1, indices, folded(weight.index_select(1, indices), update, sign))       # (d_out, k)
     else:
         rows, cols = element_positions(indices, weight.shape[1])
-        new = weight[rows, cols].to(wide) + sign * update.to(wide)                     # (k,)
-        weight.index_put_((rows, cols), new.to(weight.dtype))
+        weight.index_put_((rows, cols), folded(weight[rows, cols], update, sign))                  # (k,)
 
 
 def dense_update(unit: str, update: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
