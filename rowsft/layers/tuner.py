@@ -179,9 +179,7 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
 def _check_in_weight(model: nn.Module, selection: Selection, modules: dict[str, nn.Module]) -> None:
     """``train_in_weight``: a clear error, before anything changes, for selected rows whose base weight cannot take
     them (quantized, or tied to another parameter, which would change too)."""
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
+    owners = _parameter_owners(model)
     for name, module in modules.items():
         if selection.layers[name].unit != "row":
             continue
@@ -194,12 +192,18 @@ def _check_in_weight(model: nn.Module, selection: Selection, modules: dict[str, 
                              f"those too. Apply with train_in_weight=False, or untie the weights first")
 
 
-def tied_elsewhere(model: nn.Module) -> dict[str, list[str]]:
-    """Sparse layers whose base weight is shared with another parameter (e.g. an lm_head tied to
-    the input embeddings), with the names of those other parameters."""
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each parameter goes by in ``model`` (a tied weight has several), by the parameter's id."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def tied_elsewhere(model: nn.Module) -> dict[str, list[str]]:
+    """Sparse layers whose base weight is shared with another parameter (e.g. an lm_head tied to
+    the input embeddings), with the names of those other parameters."""
+    owners = _parameter_owners(model)
     return {name: [o for o in owners[id(layer.base_layer.weight)] if not o.startswith(name + ".")]
             for name, layer in sparse_layers(model).items()
             if any(not o.startswith(name + ".") for o in owners.get(id(layer.base_layer.weight), []))}
