@@ -44,3 +44,36 @@ def mask_of(choice) -> torch.Tensor:
     else:
         mask.view(-1)[choice.indices] = True
     return mask
+
+
+def train_beside_masked_dense(original, selection, make_optimizer, batches, apply):
+    """Train ``apply(copy of original)`` and, step for step on ``batches``, a dense copy of ``original`` whose
+    selected modules' whole weights train with their gradients masked to the selection (rows, columns, elements;
+    a Conv1D's stored transpose handled); every step's losses must agree to 1e-10 (run in float64).
+    ``make_optimizer(params)`` builds each side's optimizer. Returns ``(reference, model, masks)``."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    reference = copy.deepcopy(original)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    weights = {name: reference.get_submodule(name).weight.requires_grad_(True) for name in selection.layers}
+    masks = {name: mask_of(selection.layers[name]) for name in selection.layers}
+    ref_opt = make_optimizer(list(weights.values()))
+    model = apply(copy.deepcopy(original))
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    for batch in batches:
+        ref_opt.zero_grad()
+        ref_loss = reference(**batch).loss
+        ref_loss.backward()
+        for name, w in weights.items():
+            stored = masks[name].t() if isinstance(reference.get_submodule(name), Conv1D) else masks[name]
+            w.grad[~stored] = 0
+        ref_opt.step()
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        assert abs(loss.item() - ref_loss.item()) < 1e-10
+    return reference, model, masks

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from _reference import mask_of, random_batches
+from _reference import random_batches, train_beside_masked_dense
 from transformers.pytorch_utils import Conv1D
 
 import rowsft
@@ -63,29 +63,11 @@ OPTIMIZERS = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.
 def test_three_steps_equal_masked_dense_float64(arch, units, opt_name):
     original = rowsft.tiny_model(arch, vocab_size=VOCAB, dtype=torch.float64)
     selection = selection_for(original, units)
-    reference = copy.deepcopy(original)
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    weights = {name: reference.get_submodule(name).weight.requires_grad_(True) for name in units}
-    masks = {name: mask_of(selection.layers[name]) for name in units}
-    ref_opt = OPTIMIZERS[opt_name](list(weights.values()))
-    model = tuner.apply(copy.deepcopy(original), selection, train_in_weight=True)
+    reference, model, _ = train_beside_masked_dense(
+        original, selection, OPTIMIZERS[opt_name], batches(3),
+        lambda m: tuner.apply(m, selection, train_in_weight=True))
     assert {n for n, layer in tuner.sparse_layers(model).items() if layer.in_weight} == \
         {n for n, u in units.items() if u == "row"}
-    opt = OPTIMIZERS[opt_name]([p for p in model.parameters() if p.requires_grad])
-    for batch in batches(3):
-        ref_opt.zero_grad()
-        ref_loss = reference(**batch).loss
-        ref_loss.backward()
-        for name, w in weights.items():
-            stored = masks[name].t() if isinstance(reference.get_submodule(name), Conv1D) else masks[name]
-            w.grad[~stored] = 0
-        ref_opt.step()
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        assert abs(loss.item() - ref_loss.item()) < 1e-10
     for name, layer in tuner.sparse_layers(model).items():
         update = out_in(reference.get_submodule(name)).detach() - out_in(original.get_submodule(name))
         torch.testing.assert_close(layer.delta_weight(), update, rtol=0, atol=1e-10)
@@ -100,12 +82,23 @@ def trained(arch="llama", units=LLAMA_UNITS, steps=2, dtype=torch.float32, **app
     original = rowsft.tiny_model(arch, vocab_size=VOCAB, dtype=dtype)
     model = tuner.apply(copy.deepcopy(original), selection_for(original, units), train_in_weight=True,
                         **apply_kwargs)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
-    for batch in batches(steps):
-        model(**batch).loss.backward()
+    train_steps(model, batches(steps), fused=True)
+    return original, model
+
+
+def train_steps(model, steps, autocast=False, **adamw) -> list[float]:
+    """AdamW (lr 1e-2) over ``model``'s trainable parameters, one step per batch of ``steps``, the forward under bf16
+    autocast if asked; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **adamw)
+    losses = []
+    for batch in steps:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
         opt.step()
         opt.zero_grad()
-    return original, model
+        losses.append(loss.item())
+    return losses
 
 
 def rows_of(units):
@@ -188,15 +181,7 @@ def test_a_backward_after_delta_changed_in_place_is_refused_as_usual():
 
 def test_bf16_autocast_trains_and_merges_into_the_weight_it_used():
     original, model = trained(units=rows_of(LLAMA_UNITS), steps=0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batches(1)[0]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, [batches(1)[0]] * 4, autocast=True)
     assert losses[-1] < losses[0]
     batch = batches(1, seed=2)[0]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -286,14 +271,7 @@ def test_bf16_model_with_float32_deltas_stores_rows_in_bf16_and_merges_what_it_u
                         train_in_weight=True)
     layer = model.model.layers[1].mlp.down_proj
     assert layer.delta.dtype == torch.float32 and layer.pretrained_rows.dtype == torch.bfloat16
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(**batches(1)[0]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, [batches(1)[0]] * 4)
     assert losses[-1] < losses[0]
     ids = batches(1, seed=6)[0]["input_ids"]
     with torch.no_grad():

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from _reference import mask_of, random_batches
+from _reference import random_batches, train_beside_masked_dense
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -59,33 +59,8 @@ OPTIMIZERS = {"adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_
 def test_steps_equal_masked_dense_float64(arch, units, opt_name, steps):
     original = rowsft.tiny_model(arch, vocab_size=VOCAB, dtype=torch.float64)   # eval(): no dropout
     selection = mixed_selection(original, units)
-
-    reference = copy.deepcopy(original)        # dense: the full weights train, their grads masked
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    weights = {name: reference.get_submodule(name).weight for name in units}
-    masks = {name: mask_of(selection.layers[name]) for name in units}
-    for w in weights.values():
-        w.requires_grad_(True)
-    ref_opt = OPTIMIZERS[opt_name](list(weights.values()))
-
-    model = copy.deepcopy(original)
-    tuner.apply(model, selection)
-    opt = OPTIMIZERS[opt_name]([p for p in model.parameters() if p.requires_grad])
-
-    for batch in lm_batches(steps):
-        ref_opt.zero_grad()
-        ref_loss = reference(**batch).loss
-        ref_loss.backward()
-        for name, w in weights.items():
-            stored = masks[name].t() if isinstance(reference.get_submodule(name), Conv1D) else masks[name]
-            w.grad[~stored] = 0
-        ref_opt.step()
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        assert abs(loss.item() - ref_loss.item()) < 1e-10
+    reference, model, masks = train_beside_masked_dense(      # dense: the full weights train, their grads masked
+        original, selection, OPTIMIZERS[opt_name], lm_batches(steps), lambda m: tuner.apply(m, selection))
 
     layers = tuner.sparse_layers(model)
     assert set(layers) == set(units)
