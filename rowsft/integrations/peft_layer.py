@@ -9,7 +9,7 @@ copied) the way peft's layers do (``BaseTunerLayer``): each adapter ``name`` own
 - ``rowsft_indices[name]``: its sorted positions, a persistent buffer (saved with the adapter);
 - ``rowsft_unit[name]``: ``"row"``, ``"column"`` or ``"element"``.
 
-Forward runs the first active adapter through `rowsft.layers.sparse.sparse_forward`, the very call a
+Forward runs the first active adapter through `rowsft.layers.forward_paths.sparse_forward`, the very call a
 `rowsft.layers.SparseLinear` makes (the frozen matmul inside rowsft's autograd function, the update added
 in place, only ``x`` / its ``k`` columns / a rebuild source kept for backward), so memory, speed and bits
 equal `rowsft.apply`'s. Further active adapters are added into that output with
@@ -26,14 +26,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from rowsft.layers.autograd import add_sparse_update
+from rowsft.layers.forward_paths import input_source, sparse_forward
 from rowsft.layers.sparse import (
     KeptColumns,
     SparseLinear,
     dense_update,
     fold_update,
     input_kept_elsewhere,
-    input_source,
-    sparse_forward,
 )
 from rowsft.selection.choice import LayerChoice
 from rowsft.targets import (

@@ -2,6 +2,7 @@
 and taken out again.
 
 - :mod:`rowsft.layers.sparse`: ``RowSparseLinear``, ``ColumnSparseLinear``, ``ElementSparseLinear``;
+- :mod:`rowsft.layers.forward_paths`: how their forward runs (fused with the frozen matmul, or added into its output);
 - :mod:`rowsft.layers.update_forms`: an update as a dense tensor, folded into a weight, and what a layer keeps;
 - :mod:`rowsft.layers.autograd`: their autograd functions (no dense weight-sized tensor);
 - :mod:`rowsft.layers.products`: the tensor products those functions are made of;

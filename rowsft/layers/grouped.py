@@ -28,6 +28,7 @@ from collections import defaultdict
 import torch
 
 from rowsft.layers.autograd import RowUpdate, _save, _saved, saved_extra
+from rowsft.layers.forward_paths import fusable
 from rowsft.layers.products import (
     add_into_columns,
     add_product,
@@ -38,7 +39,6 @@ from rowsft.layers.products import (
     frozen_linear,
     row_gradient,
 )
-from rowsft.layers.sparse import fusable
 from rowsft.targets import is_transposed, role, weight_out_in
 
 GROUPED_ROLES = ("qkv", "up")

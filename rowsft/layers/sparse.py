@@ -41,9 +41,8 @@ import torch
 from torch import nn
 
 from rowsft.layers import in_weight as rows_in_weight
-from rowsft.layers.autograd import add_sparse_update, sparse_linear
+from rowsft.layers.forward_paths import fusable, input_source, sparse_forward
 from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, merge_requantized
-from rowsft.layers.rebuild import global_forward_hooks, source_of
 from rowsft.layers.update_forms import (
     KeptColumns,
     dense_update,
@@ -55,18 +54,11 @@ from rowsft.layers.update_forms import (
 from rowsft.selection.choice import LayerChoice
 from rowsft.targets import (
     is_linear_like,
-    is_transposed,
     linear_shape,
     quantization_kind,
     weight_dtype,
     weight_out_in,
 )
-
-try:
-    from transformers.pytorch_utils import Conv1D as _Conv1D
-    _PLAIN_LINEAR = (nn.Linear, _Conv1D)
-except Exception:  # pragma: no cover
-    _PLAIN_LINEAR = (nn.Linear,)
 
 
 def _check_base(base_layer: nn.Module) -> tuple[int, int]:
@@ -91,48 +83,6 @@ def _check_indices(indices, unit: str, shape: tuple[int, int], name: str) -> tor
     choice = LayerChoice(unit, indices, shape)
     choice.validate(name)
     return torch.sort(choice.indices).values
-
-
-def fusable(base_layer: nn.Module) -> bool:
-    """True when the frozen matmul of ``base_layer`` may run inside the update's autograd function: a plain
-    nn.Linear / Conv1D, frozen, without forward hooks (otherwise the base layer runs as is)."""
-    return (type(base_layer) in _PLAIN_LINEAR and not base_layer.weight.requires_grad
-            and (base_layer.bias is None or not base_layer.bias.requires_grad)
-            and not (base_layer._forward_hooks or base_layer._forward_pre_hooks or global_forward_hooks()))
-
-
-def sparse_forward(base_layer: nn.Module, unit: str, x: torch.Tensor, update: torch.Tensor, indices: torch.Tensor,
-                   columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None,
-                   function=None) -> torch.Tensor:
-    """``base_layer(x)`` plus one sparse update of ``unit`` → ``(..., d_out)``: what every rowsft sparse layer (and
-    the peft tuner layer of `rowsft.integrations`) computes. Fast path (`fusable`): the frozen matmul runs inside
-    the update's autograd function (`rowsft.layers.autograd.sparse_linear`); else the base layer runs as is and the
-    update is added into its output (`add_sparse_update`). ``update``: ``delta (k, d_in)`` (row), ``(d_out, k)``
-    (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`.
-    ``function``: another update function than ``unit``'s (rows already in the weight: `rowsft.layers.in_weight`)."""
-    if fusable(base_layer):
-        return sparse_linear(unit, x, weight_out_in(base_layer), base_layer.bias, update, indices,
-                             is_transposed(base_layer), columns, source, function)
-    return add_sparse_update(unit, writable(base_layer(x)), x, update, indices, linear_shape(base_layer)[1], columns,
-                             source, function)
-
-
-def input_source(x: torch.Tensor, unit: str, update: torch.Tensor, rebuild_input: bool, quantization: str | None):
-    """A `rowsft.layers.rebuild.Source` of ``x`` when the update would keep ``x`` (or a large part of it) and the
-    frozen graph keeps what rebuilds it; None otherwise: rebuilding off, a column update (it keeps only ``k``
-    inputs), a frozen update, or an int8 base (bitsandbytes' int8 matmul keeps ``x`` itself)."""
-    if not rebuild_input or unit == "column" or not update.requires_grad or quantization == "int8":
-        return None
-    return source_of(x)
-
-
-def writable(out: torch.Tensor) -> torch.Tensor:
-    """``out``, or a copy of it when autograd may forbid writing into it: a view made inside a custom autograd
-    function or custom op (bitsandbytes' 4-bit matmul returns one for a non-contiguous input, as GPT-2's attention
-    output is), with or without grad. Views made by ordinary differentiable ops are written into as they are."""
-    if out._is_view() and (out.grad_fn is None or isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)):
-        return out.clone()
-    return out
 
 
 class SparseLinear(nn.Module):
