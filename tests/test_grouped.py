@@ -27,13 +27,25 @@ def row_selection(model, k=3, seed=0):
     return Selection(layers)
 
 
-def applied(arch, dtype=torch.float32):
+def applied(arch, dtype=torch.float32, in_weight=False):
     model = rowsft.tiny_model(arch, vocab_size=VOCAB, seed=3, dtype=dtype)
-    tuner.apply(model, row_selection(model))
+    tuner.apply(model, row_selection(model), train_in_weight=in_weight)
     for layer in tuner.sparse_layers(model).values():              # nonzero updates: a trained state
         with torch.no_grad():
             layer.update.normal_(std=0.05)
     return model
+
+
+def expected(layer, x):
+    """``x (W0 + D)ᵀ`` for a row layer: the pretrained weight (rows trained in the weight put back) plus its dense
+    update, computed here without the layer's forward."""
+    weight = layer.base_layer.weight.detach().clone()
+    if layer.in_weight:
+        weight[layer.indices] = layer.pretrained_rows
+    return x @ (weight + layer.delta_weight()).T
+
+
+IN_WEIGHT = pytest.mark.parametrize("in_weight", [False, True], ids=["usual", "in-weight"])
 
 
 def batch_for(arch):
@@ -87,48 +99,59 @@ def test_groups_are_the_layers_that_read_one_input():
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_grouped_gradients_equal_the_ungrouped_ones_with_one_node_per_group(arch):
-    model, batch = applied(arch), batch_for(arch)
+@IN_WEIGHT
+def test_grouped_gradients_equal_the_ungrouped_ones_with_one_node_per_group(arch, in_weight):
+    model, batch = applied(arch, in_weight=in_weight), batch_for(arch)
     loss, grouped_grads = gradients(model, batch)
     names = node_names(model(**batch).loss)
-    groups = {id(layer.row_group) for layer in tuner.sparse_layers(model).values() if layer.row_group is not None}
-    assert names.count("GroupedRowUpdateBackward") == len(groups)
-    members = sum(len(layer.row_group.layers) - 1 for layer in tuner.sparse_layers(model).values()
-                  if layer.row_group is not None and layer is layer.row_group.layers[0])
-    assert names.count("GroupMemberUpdateBackward") == members
+    layers = tuner.sparse_layers(model).values()
+    groups = {id(layer.row_group) for layer in layers if layer.row_group is not None}
+    alone = sum(layer.row_group is None for layer in layers)
+    if in_weight:                              # one node for a whole group (the leader computes every output)
+        assert names.count("InWeightProductsBackward") == len(groups) + alone
+        assert "GroupedRowUpdateBackward" not in names and "GroupMemberUpdateBackward" not in names
+    else:
+        assert names.count("GroupedRowUpdateBackward") == len(groups)
+        members = sum(len(layer.row_group.layers) - 1 for layer in layers
+                      if layer.row_group is not None and layer is layer.row_group.layers[0])
+        assert names.count("GroupMemberUpdateBackward") == members
     plain_loss, plain = gradients(ungrouped(model), batch)
-    assert "GroupedRowUpdateBackward" not in node_names(model(**batch).loss)
+    ungrouped_names = node_names(model(**batch).loss)
+    assert "GroupedRowUpdateBackward" not in ungrouped_names
+    assert ungrouped_names.count("InWeightProductsBackward") == (len(layers) if in_weight else 0)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
     assert plain.keys() == grouped_grads.keys()
     for name in plain:
         torch.testing.assert_close(grouped_grads[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
-def test_float64_grouped_gradients_equal_the_ungrouped_ones_to_float64_rounding():
-    model, batch = applied("llama", torch.float64), batch_for("llama")
+@IN_WEIGHT
+def test_float64_grouped_gradients_equal_the_ungrouped_ones_to_float64_rounding(in_weight):
+    model, batch = applied("llama", torch.float64, in_weight=in_weight), batch_for("llama")
     _, grouped_grads = gradients(model, batch)
     _, plain = gradients(ungrouped(model), batch)
     for name in plain:
         torch.testing.assert_close(grouped_grads[name], plain[name], rtol=1e-12, atol=1e-15, msg=name)
 
 
-def test_a_member_run_on_another_input_falls_back_to_its_own_update():
-    model = applied("llama")
+@IN_WEIGHT
+def test_a_member_run_on_another_input_falls_back_to_its_own_update(in_weight):
+    model = applied("llama", in_weight=in_weight)
     layers = tuner.sparse_layers(model)
     q, k = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.1.self_attn.k_proj"]
     x = torch.randn(2, 5, q.in_features, requires_grad=True)
     other = torch.randn(2, 5, q.in_features)
     q(x)                                                            # q leads: shares for k and v are pending
-    expected = other @ (k.base_layer.weight + k.delta_weight()).T
-    torch.testing.assert_close(k(other), expected, rtol=1e-5, atol=1e-6)     # not the share computed from x
+    torch.testing.assert_close(k(other), expected(k, other), rtol=1e-5, atol=1e-6)     # not the share from x
     q(x)
     with torch.no_grad():
         x.add_(1.0)                                                 # the same tensor, changed in place
-    torch.testing.assert_close(k(x), x @ (k.base_layer.weight + k.delta_weight()).T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k(x), expected(k, x.detach()), rtol=1e-5, atol=1e-6)
 
 
-def test_a_merged_member_leaves_the_group_and_the_rest_stay_exact():
-    model, batch = applied("llama"), batch_for("llama")
+@IN_WEIGHT
+def test_a_merged_member_leaves_the_group_and_the_rest_stay_exact(in_weight):
+    model, batch = applied("llama", in_weight=in_weight), batch_for("llama")
     layers = tuner.sparse_layers(model)
     layers["model.layers.0.self_attn.k_proj"].merge()
     _, with_groups = gradients(model, batch)
@@ -137,8 +160,9 @@ def test_a_merged_member_leaves_the_group_and_the_rest_stay_exact():
         torch.testing.assert_close(with_groups[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
-def test_grouping_keeps_no_more_for_backward():
-    model, batch = applied("llama"), batch_for("llama")
+@IN_WEIGHT
+def test_grouping_keeps_no_more_for_backward(in_weight):
+    model, batch = applied("llama", in_weight=in_weight), batch_for("llama")
     with SavedTensorCounter(exclude=model_tensors(model)) as counted:
         model(**batch).loss.backward()
     with SavedTensorCounter(exclude=model_tensors(model)) as plain:
@@ -155,9 +179,10 @@ def test_assign_groups_resets_layers_that_no_longer_group():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_grouped_updates_under_gradient_checkpointing(reentrant):
+@IN_WEIGHT
+def test_grouped_updates_under_gradient_checkpointing(reentrant, in_weight):
     """Checkpointing runs each block's forward again in backward (and lets saved tensors be read only once)."""
-    model, batch = applied("llama"), batch_for("llama")
+    model, batch = applied("llama", in_weight=in_weight), batch_for("llama")
     _, plain = gradients(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
@@ -182,54 +207,59 @@ def test_layers_of_different_input_widths_do_not_group():
         q.in_features = wide_in
 
 
-def test_layers_that_read_different_tensors_stop_grouping_and_keep_no_share():
+@IN_WEIGHT
+def test_layers_that_read_different_tensors_stop_grouping_and_keep_no_share(in_weight):
     """Cross-attention (q reads the decoder, k/v the encoder) or cached generation (k/v not called): the group
     notices, computes each update alone from then on, and holds no share (a model with one still deep-copies)."""
     import copy
-    model = applied("llama")
+    model = applied("llama", in_weight=in_weight)
     layers = tuner.sparse_layers(model)
     q, k, v = (layers[f"model.layers.1.self_attn.{t}_proj"] for t in "qkv")
     decoder, encoder = torch.randn(2, 5, q.in_features), torch.randn(2, 7, q.in_features)
-
-    def expected(layer, x):
-        return x @ (layer.base_layer.weight + layer.delta_weight()).T
     for _ in range(2):                              # two forwards of a cross-attention block
         for x, layer in ((decoder, q), (encoder, k), (encoder, v)):
             torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-6)
     group = q.row_group
     assert group.shared_input is False and group._pending == {}
     copy.deepcopy(model)
-    fresh = applied("llama")
+    fresh = applied("llama", in_weight=in_weight)
     q2 = tuner.sparse_layers(fresh)["model.layers.1.self_attn.q_proj"]
     for step in range(3):                           # q leads each step; k and v never come (cached generation)
         q2(torch.randn(2, 1, q2.in_features))
     assert q2.row_group.shared_input is False and q2.row_group._pending == {}
 
 
-def test_one_interrupted_forward_does_not_stop_grouping():
-    model, batch = applied("llama"), batch_for("llama")
+@IN_WEIGHT
+def test_one_interrupted_forward_does_not_stop_grouping(in_weight):
+    model, batch = applied("llama", in_weight=in_weight), batch_for("llama")
     q = tuner.sparse_layers(model)["model.layers.1.self_attn.q_proj"]
     q(torch.randn(2, 5, q.in_features))             # as if the forward stopped after q (Ctrl-C, an error)
     loss = model(**batch).loss
     assert q.row_group.shared_input is True and q.row_group._pending == {}
-    assert "GroupedRowUpdateBackward" in node_names(loss)
+    layers = tuner.sparse_layers(model).values()
+    if in_weight:                                   # grouped: fewer nodes than layers
+        assert node_names(loss).count("InWeightProductsBackward") < len(layers)
+    else:
+        assert "GroupedRowUpdateBackward" in node_names(loss)
 
 
-def test_a_share_is_not_used_once_the_members_delta_changed():
-    model = applied("llama")
+@IN_WEIGHT
+def test_a_share_is_not_used_once_the_members_delta_changed(in_weight):
+    model = applied("llama", in_weight=in_weight)
     layers = tuner.sparse_layers(model)
     q, k = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.1.self_attn.k_proj"]
     x = torch.randn(2, 5, q.in_features)
     q(x)
     with torch.no_grad():
         k.delta.add_(1.0)                           # e.g. an optimizer step or load_adapter between the two calls
-    torch.testing.assert_close(k(x), x @ (k.base_layer.weight + k.delta_weight()).T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k(x), expected(k, x), rtol=1e-5, atol=1e-6)
 
 
-def test_a_group_deep_copies_and_pickles_with_a_share_pending():
+@IN_WEIGHT
+def test_a_group_deep_copies_and_pickles_with_a_share_pending(in_weight):
     import copy
     import pickle
-    model = applied("llama")
+    model = applied("llama", in_weight=in_weight)
     q = tuner.sparse_layers(model)["model.layers.1.self_attn.q_proj"]
     q(torch.randn(2, 5, q.in_features, requires_grad=True))
     assert q.row_group._pending
@@ -238,8 +268,9 @@ def test_a_group_deep_copies_and_pickles_with_a_share_pending():
     pickle.dumps(q.row_group)
 
 
-def test_inference_mode_runs_ungrouped_with_the_same_outputs():
-    model = applied("llama")
+@IN_WEIGHT
+def test_inference_mode_runs_ungrouped_with_the_same_outputs(in_weight):
+    model = applied("llama", in_weight=in_weight)
     batch = batch_for("llama")
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"]).logits

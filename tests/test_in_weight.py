@@ -229,10 +229,8 @@ def test_rebuilt_layer_starts_from_the_folded_weight():
         assert torch.equal(out_in(layer.base_layer), folded)
 
 
-def test_switching_off_puts_the_pretrained_rows_back_and_groups_skip_rows_in_weight():
+def test_switching_off_puts_the_pretrained_rows_back():
     original, model = trained()
-    assert all(layer.row_group is None or not layer.row_group.groupable(layer)
-               for layer in tuner.sparse_layers(model).values() if layer.in_weight)
     q = model.model.layers[0].self_attn.q_proj
     q.set_train_in_weight(False)
     assert not q.in_weight and not hasattr(q, "pretrained_rows")
@@ -290,7 +288,43 @@ def test_a_layer_switched_into_the_weight_after_apply_leaves_its_group_working()
     group = k.row_group
     assert group is not None and q.row_group is group
     q.set_train_in_weight(True)
-    assert not group.groupable(q) and group.groupable(k)
-    for _ in range(3):                      # k leads, v takes its share, q is never waited for: no misses
+    for _ in range(3):                      # q runs alone (no sibling in the weight), k leads, v takes its share
         model(**batches(1)[0]).loss.backward()
     assert group.shared_input and not group._pending
+
+
+def test_one_node_per_group_and_bf16_autocast_gradients_match_the_usual_layers():
+    """q/k/v rows in the weight run as one node (`InWeightProducts`). Under bf16 autocast delta's gradient is taken
+    on the norm's input cast once (``((g · s)ᵀ bf16(h)) ⊙ w``), not on the rebuilt, cast input: equal to the usual
+    layers' gradient to bf16 rounding."""
+    original = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    units = {f"model.layers.{b}.self_attn.{m}_proj": "row" for b in (0, 1) for m in "qkv"}
+    units.update({f"model.layers.{b}.mlp.{m}_proj": "row" for b in (0, 1) for m in ("gate", "up", "down")})
+    selection = selection_for(original, units)
+    usual = tuner.apply(copy.deepcopy(original), selection)
+    inside = tuner.apply(copy.deepcopy(original), selection, train_in_weight=True)
+    for model in (usual, inside):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for layer in tuner.sparse_layers(model).values():
+                layer.update.normal_(std=0.02)
+    batch = batches(1)[0]
+    nodes = []
+    attention = inside.model.layers[0].self_attn
+    hooks = [getattr(attention, f"{m}_proj").register_forward_hook(lambda mod, args, out: nodes.append(out.grad_fn))
+             for m in "qkv"]
+    grads = []
+    for model in (usual, inside):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        grads.append({n: layer.delta.grad for n, layer in tuner.sparse_layers(model).items()})
+    for hook in hooks:
+        hook.remove()
+    assert len(nodes) == 3 and all(node is nodes[0] for node in nodes)
+    assert nodes[0].name() == "InWeightProductsBackward"
+    for name in units:
+        usual_grad, inside_grad = grads[0][name], grads[1][name]
+        scale = usual_grad.abs().max()
+        assert scale > 0, name
+        torch.testing.assert_close(inside_grad, usual_grad, rtol=0, atol=0.03 * scale, msg=name)

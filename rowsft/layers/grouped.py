@@ -15,9 +15,10 @@ and the results equal the ungrouped layers' up to float rounding (the products a
 A member uses the leader's share only for the very tensor the leader saw (same object, same version) and the delta
 it was computed from (same tensor, same version). A group whose layers turn out not to read one tensor (cross-
 attention, cached generation: see `RowGroup`) stops grouping; a merged or non-row sibling, a quantized base (its
-product runs in bitsandbytes), ``torch.compile`` (which would trace Python state), a layer whose rows train inside its
-weight (`rowsft.layers.in_weight`: it has no shares left to compute), or a layer run on its own falls back to the
-ungrouped update. `assign_groups` forms the
+product runs in bitsandbytes), ``torch.compile`` (which would trace Python state), or a layer run on its own falls
+back to the ungrouped update. Layers whose rows train inside their weights (`rowsft.layers.in_weight`) have no shares:
+their group's leader computes every such member's whole output (`rowsft.layers.in_weight.InWeightProducts`) and the
+members take it; the usual and in-weight layers of one group form separate rounds. `assign_groups` forms the
 groups when `rowsft.apply` builds the layers: row layers of one parent module with the role ``qkv`` or ``up``.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from rowsft.layers.autograd import RowUpdate, _save, _saved, saved_extra
 from rowsft.layers.forward_paths import fusable
+from rowsft.layers.in_weight import in_weight_outputs
 from rowsft.layers.products import (
     add_into_columns,
     add_product,
@@ -133,7 +135,7 @@ class RowGroup:
 
     def groupable(self, layer) -> bool:
         lead = self.layers[0]
-        return (self.shared_input and layer.unit == "row" and not layer.merged and not layer.in_weight
+        return (self.shared_input and layer.unit == "row" and not layer.merged
                 and fusable(layer.base_layer)
                 and layer.in_features == lead.in_features and layer.delta.dtype == lead.delta.dtype
                 and layer.delta.device == lead.delta.device and not torch.compiler.is_compiling())
@@ -147,17 +149,22 @@ class RowGroup:
         base = layer.base_layer
         if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == _delta_key(layer):
             self._misses = 0
+            if layer.in_weight:                   # the leader computed this member's whole output
+                return entry[3]
             return GroupMemberUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
                                            entry[3])
         if entry is not None or self._pending:    # shares for another input (or delta), or members that never came
             self._miss()
             if not self.shared_input:
                 return None
-        members = [m for m in self.layers if m is not layer and self.groupable(m)]
+        members = [m for m in self.layers if m is not layer and self.groupable(m) and m.in_weight == layer.in_weight]
         if not members:
             return None
-        outputs = GroupedRowUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
-                                         layer._input_source(x), layer.delta, *(m.delta for m in members))
+        if layer.in_weight:
+            outputs = in_weight_outputs([layer, *members], x, layer._input_source(x))
+        else:
+            outputs = GroupedRowUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
+                                             layer._input_source(x), layer.delta, *(m.delta for m in members))
         version = x._version
         self._pending = {id(m): (weakref.ref(x), version, _delta_key(m), share) for m, share in zip(members, outputs[1:])}
         return outputs[0]
@@ -168,8 +175,9 @@ class RowGroup:
 
 
 def _delta_key(layer) -> tuple:
-    """Which delta, in which state: a share computed from it is valid only while this is unchanged."""
-    return id(layer.delta), layer.delta._version
+    """Which delta, in which state, trained in the weight or not: a share (or an output) computed from it is valid
+    only while this is unchanged."""
+    return id(layer.delta), layer.delta._version, layer.in_weight
 
 
 def assign_groups(layers: dict) -> list[RowGroup]:

@@ -5,7 +5,8 @@ products a step (the forward share, the input gradient's share ``g_rows delta``,
 weight* (``rowsft.apply(..., train_in_weight=True)``), the layer writes its rows' current values
 ``W0[idx] + delta`` into the base weight before every forward, so the frozen ``x W'ᵀ`` and the frozen input gradient
 ``g W'`` carry the update, and only ``grad delta = g[..., idx]ᵀ x`` is left
-(`InWeightRowUpdate`): one thin product instead of three.
+(`InWeightProducts`; a hooked or subclassed base layer runs as is, with `InWeightRowUpdate`): one thin product
+instead of three.
 
 - The record is ``pretrained_rows (k, d_in)`` (a buffer in the weight's dtype, as large as ``delta``) and ``delta``;
   the weight's rows are a cache of ``W0[idx] + delta``, rebuilt at every forward (`write_rows`). So any optimizer,
@@ -24,14 +25,33 @@ weight* (``rowsft.apply(..., train_in_weight=True)``), the layer writes its rows
   copy, as in mixed-precision full fine-tuning.
 - Not for: a quantized base (its packed weight cannot take rows), a weight tied to another parameter (that one
   would change too), ``torch.compile`` (the write is a side effect), FSDP2 sharding (a rank holds a slice of
-  the rows). Row layers trained this way are left out of `rowsft.layers.grouped` groups (they have no shares left).
+  the rows).
+- One autograd node for the layers that read one input (`InWeightProducts`): a `rowsft.layers.grouped` group
+  (q/k/v, gate/up) of layers trained in the weight runs as one, its leader computing every member's frozen output
+  (``x`` cast once under autocast), and in backward ``grad x = Σ g_i W_i`` in place and every ``grad delta_i`` as one
+  product. A layer alone (o_proj, down_proj) takes the same node with one layer.
+- Under bf16 autocast, over a scaled RMSNorm (``x = w ⊙ (h · s)``, `rowsft.layers.rebuild`), delta's gradient is
+  ``((g_rows · s)ᵀ bf16(h)) ⊙ w``: ``h`` cast once for the group instead of ``x`` rebuilt (two passes) and cast. It
+  equals the usual layers' ``g_rowsᵀ bf16(x)`` to bf16 rounding, not bit for bit (in float32 the fold is the usual
+  layers' own, `rowsft.layers.products.row_gradient`).
 """
 from __future__ import annotations
 
 import torch
 
-from rowsft.layers.autograd import RowUpdate, _static_entry_points
-from rowsft.layers.products import cast, flat, row_gradient
+from rowsft.layers.autograd import RowUpdate, _save, _saved, _static_entry_points, saved_extra
+from rowsft.layers.forward_paths import fusable, sparse_forward
+from rowsft.layers.products import (
+    ScaledInput,
+    add_product,
+    cast,
+    compute_dtype,
+    flat,
+    frozen_input_grad,
+    frozen_linear,
+    gathered_columns,
+    row_gradient,
+)
 from rowsft.layers.update_forms import folded
 from rowsft.targets import is_transposed, weight_out_in
 
@@ -45,7 +65,8 @@ class InWeightRowUpdate(RowUpdate):
     only ``grad delta = g[..., idx]ᵀ x`` is left: one thin product instead of `RowUpdate`'s three, and no columns
     added in forward. ``delta`` is still an input, for its gradient (and so that autograd refuses a backward after
     delta changed in place). Kept for backward: what a `RowUpdate` keeps (``x``, its `Source`, or a scaled norm's
-    factors)."""
+    factors). Used where the base layer runs as is (hooked or subclassed: the update's output is added into its
+    output, here nothing); a plain base layer takes `InWeightProducts`."""
 
     @staticmethod
     def _add(ctx, out, x, delta, index, d_in, dt, x_dt=None):
@@ -58,6 +79,79 @@ class InWeightRowUpdate(RowUpdate):
             grad_rows = cast(flat(grad_out).index_select(1, index), ctx.dt)      # (N, k)
             grad_delta = cast(row_gradient(grad_rows, x, ctx.dt), ctx.update_dtype)      # (k, d_in)
         return grad_x, grad_delta
+
+
+class InWeightProducts(torch.autograd.Function):
+    """The frozen products of ``n`` row layers trained in their weights that read one input (one layer, or a
+    `rowsft.layers.grouped` group: q/k/v, gate/up): ``out_i = x W_iᵀ + b_i`` with the rows already written
+    (`write_rows`), ``x`` cast once. Backward: ``grad x = Σ g_i W_i`` accumulated in place, and every layer's
+    ``grad delta_i = g_i[..., idx_i]ᵀ x`` as one product ``Gᵀ x`` over ``G = [g_1[..., idx_1], ...]`` ``(N, K)``.
+    One autograd node for the group where separate layers take one each.
+
+    Inputs: ``x (..., d_in)``, ``source`` (a `rowsft.layers.rebuild.Source` of ``x`` or None), ``conv1d`` (one per
+    layer), ``n``, then ``weight_1 ... weight_n`` (frozen ``(d_out_i, d_in)``), ``bias_1 ... bias_n``,
+    ``index_1 ... index_n``, ``delta_1 ... delta_n``. Outputs: ``out_1 (..., d_out_1), ..., out_n``."""
+
+    @staticmethod
+    def forward(ctx, x, source, conv1d, n, *tensors):
+        weights, biases, indices, deltas = (tensors[i * n:(i + 1) * n] for i in range(4))
+        ctx.base_dt = compute_dtype(x, weights[0].dtype)
+        base_x = cast(x, ctx.base_dt)                                  # cast once for the group (autocast)
+        outs = tuple(frozen_linear(base_x, w, b, c) for w, b, c in zip(weights, biases, conv1d))    # (..., d_out_i)
+        ctx.dt, ctx.n, ctx.sizes = compute_dtype(x, deltas[0].dtype), n, [d.shape[0] for d in deltas]
+        ctx.x_dtype, ctx.x_shape, ctx.update_dtype = x.dtype, x.shape, deltas[0].dtype
+        ctx.source, ctx.columns = source, None
+        need_x, need_deltas = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4 + 3 * n:])
+        kept_weights = weights if need_x else (None,) * n      # cast again in backward, as the usual rows do
+        _save(ctx, x if need_deltas else None, None, None, None, fold_scaled=True,
+              extra=(*kept_weights, *indices, *(deltas if need_x else (None,) * n)))   # deltas: refuse in-place edits
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        kept, *_ = _saved(ctx, RowUpdate)                 # the kept input, a rebuilt one or a `ScaledInput`
+        if isinstance(kept, ScaledInput) and kept.h.dtype != ctx.dt:
+            kept.h_cast = cast(flat(kept.h), ctx.dt)      # (N, d_in): under autocast, cast once for the group
+        n = ctx.n
+        extra = saved_extra(ctx)
+        weights, indices = extra[:n], extra[n:2 * n]
+        grad_x = None
+        if ctx.needs_input_grad[0]:                       # Σ g_i W_i, the frozen model's own input gradient
+            for g, w in zip(grad_outs, weights):
+                if grad_x is None:
+                    grad_x = frozen_input_grad(g, w, ctx.base_dt, ctx.x_dtype, ctx.x_shape)     # (..., d_in)
+                else:
+                    add_product(grad_x, cast(g, ctx.base_dt), cast(w, ctx.base_dt))
+        grad_deltas = [None] * n
+        if any(ctx.needs_input_grad[4 + 3 * n:]):
+            rows = gathered_columns(grad_outs, indices, ctx.dt)                                  # (N, K)
+            stacked = row_gradient(rows, kept, ctx.dt)                                            # (K, d_in)
+            grad_deltas = [cast(g, ctx.update_dtype) if need else None
+                           for g, need in zip(stacked.split(ctx.sizes), ctx.needs_input_grad[4 + 3 * n:])]
+        return grad_x, None, None, None, *([None] * (3 * n)), *grad_deltas
+
+
+def in_weight_outputs(layers, x: torch.Tensor, source) -> tuple[torch.Tensor, ...]:
+    """The outputs of row layers trained in their weights that read ``x`` (plain, hook-free bases:
+    `rowsft.layers.forward_paths.fusable`), their rows written first: `InWeightProducts`."""
+    for layer in layers:
+        check_not_compiling(layer)
+        write_rows(layer)
+    bases = [layer.base_layer for layer in layers]
+    return InWeightProducts.apply(x, source, tuple(is_transposed(b) for b in bases), len(layers),
+                                  *(weight_out_in(b) for b in bases), *(b.bias for b in bases),
+                                  *(layer.indices for layer in layers), *(layer.delta for layer in layers))
+
+
+def forward(layer, x: torch.Tensor, source) -> torch.Tensor:
+    """One row layer trained in its weight, on its own: `in_weight_outputs` for a plain base layer, else its base
+    layer run as is (rows written first) with `InWeightRowUpdate` for delta's gradient."""
+    if fusable(layer.base_layer):
+        return in_weight_outputs([layer], x, source)[0]
+    check_not_compiling(layer)
+    write_rows(layer)
+    return sparse_forward(layer.base_layer, layer.unit, x, layer.delta, layer.indices, None, source,
+                          function=InWeightRowUpdate)
 
 
 @torch.no_grad()
@@ -145,5 +239,5 @@ def check_not_compiling(layer) -> None:
                            f"torch.compile; apply with train_in_weight=False to compile")
 
 
-__all__ = ["InWeightRowUpdate", "enable", "disable", "write_rows", "take_rows_out", "read_pretrained_rows", "hide_rows_in_state_dict", "before_load",
+__all__ = ["InWeightRowUpdate", "InWeightProducts", "in_weight_outputs", "forward", "enable", "disable", "write_rows", "take_rows_out", "read_pretrained_rows", "hide_rows_in_state_dict", "before_load",
            "after_load", "check_can_train_in_weight", "check_not_compiling"]

@@ -170,13 +170,9 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        if self.in_weight:                                                 # rows written into the base weight
-            rows_in_weight.check_not_compiling(self)
-            rows_in_weight.write_rows(self)
-            out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, None, self._input_source(x),
-                                 function=rows_in_weight.InWeightRowUpdate)
-        else:
-            out = None if self.row_group is None else self.row_group.forward(self, x)     # `rowsft.layers.grouped`
+        out = None if self.row_group is None else self.row_group.forward(self, x)     # `rowsft.layers.grouped`
+        if out is None and self.in_weight:                                 # rows written into the base weight
+            out = rows_in_weight.forward(self, x, self._input_source(x))
         if out is None:
             out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
                                  self._input_source(x))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from rowsft.layers.autograd import input_columns
+from rowsft.layers.products import cast
 from rowsft.targets import role
 
 
@@ -24,7 +25,7 @@ def folded(base: torch.Tensor, update: torch.Tensor, sign: int = 1) -> torch.Ten
     update into weights rounds (a merge, and rows written into the weight by `rowsft.layers.in_weight`), so the two
     give the same bits."""
     wide = torch.promote_types(base.dtype, update.dtype)
-    return (base.to(wide) + sign * update.detach().to(wide)).to(base.dtype)
+    return cast(torch.add(cast(base, wide), cast(update.detach(), wide), alpha=sign), base.dtype)
 
 
 @torch.no_grad()
