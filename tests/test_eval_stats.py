@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from rowsft.data import models as zoo
-from rowsft.evaluation import (evaluate, exact_mcnemar, majority_baseline, paired_bootstrap, paired_over_seeds,
-                               wilson_interval)
+from rowsft.evaluation import (
+    evaluate,
+    exact_mcnemar,
+    majority_baseline,
+    paired_bootstrap,
+    paired_over_seeds,
+    wilson_interval,
+)
 from rowsft.evaluation.choices import summarize
-from rowsft.evaluation.stats import binomial_two_sided_p, student_t_quantile, student_t_two_sided_p
+from rowsft.evaluation.stats import binomial_two_sided_p, median_interval, student_t_quantile, student_t_two_sided_p
 
 
 def test_wilson_interval_by_hand():
@@ -178,3 +184,24 @@ def test_classifier_per_question_and_no_acc_norm(byte_cls_tokenizer):
     assert result["acc_norm"] is None and len(result["per_question"]) == 5
     assert result["accuracy"] == sum(q["correct"] for q in result["per_question"]) / 5
     assert result["majority"] == {"label": 0, "accuracy": 0.6, "interval": wilson_interval(3, 5)}
+
+
+@pytest.mark.parametrize("n, ranks", [(12, (3, 10)), (30, (10, 21)), (20, (6, 15))])
+def test_median_interval_takes_the_textbook_order_statistics(n, ranks):
+    """The distribution-free 95 % interval for a median is [x_(j), x_(n+1-j)] (Conover's table: n = 12 → 3rd and
+    10th, n = 20 → 6th and 15th, n = 30 → 10th and 21st); its coverage from scipy's binomial."""
+    from scipy.stats import binom
+    values = np.random.default_rng(n).permutation(np.arange(1.0, n + 1.0))     # x_(i) = i, shuffled
+    got = median_interval(values)
+    assert (got["low"], got["high"]) == ranks and got["median"] == (n + 1) / 2
+    assert got["coverage"] == pytest.approx(1 - 2 * binom.cdf(ranks[0] - 1, n, 0.5), rel=1e-12)
+    assert got["coverage"] >= 0.95 and 1 - 2 * binom.cdf(ranks[0], n, 0.5) < 0.95       # the narrowest such
+
+
+def test_median_interval_with_too_few_values_says_what_it_covers():
+    got = median_interval([3.0, 1.0, 2.0])
+    assert (got["low"], got["high"], got["coverage"]) == (1.0, 3.0, 0.75)
+    with pytest.raises(ValueError, match="at least one"):
+        median_interval([])
+    with pytest.raises(ValueError, match="finite"):
+        median_interval([1.0, float("nan")])

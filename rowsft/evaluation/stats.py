@@ -14,6 +14,9 @@ correctness, i.e. ``evaluate(...)["per_question"]`` or plain sequences of boolea
   validation split is 62 % "yes": a model at 62 % may have learnt nothing).
 - :func:`paired_over_seeds`: differences (fine-tuned minus base, or method A minus method B) over
   training seeds: mean, Student-t interval, t-test and exact sign-test p-values.
+- :func:`median_interval`: the median of paired differences (a method's step time minus the frozen floor's, round
+  by round, in the benchmarks) with a distribution-free interval from order statistics: no assumption about the
+  spread, which on a shared machine has long tails.
 
 Differences are always ``b - a``: pass the baseline as ``a`` and the fine-tune as ``b``.
 """
@@ -26,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 __all__ = ["wilson_interval", "exact_mcnemar", "paired_bootstrap", "majority_baseline", "paired_over_seeds",
-           "binomial_two_sided_p", "student_t_quantile", "student_t_two_sided_p", "correctness"]
+           "binomial_two_sided_p", "student_t_quantile", "student_t_two_sided_p", "correctness", "median_interval"]
 
 _BOOTSTRAP_CHUNK = 1000  # resamples drawn at once: bounds memory at chunk * questions indices
 
@@ -244,3 +247,27 @@ def paired_over_seeds(differences: Sequence[float], confidence: float = 0.95) ->
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "t_p_value": t_p,
             "positive": positive, "negative": negative,
             "sign_p_value": binomial_two_sided_p(positive, positive + negative)}
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """The median of ``values`` and a distribution-free interval for it: ``[x_(j), x_(n+1-j)]`` of the sorted
+    values, with the largest ``j`` whose coverage ``1 - 2 P(Bin(n, 1/2) < j)`` is at least ``confidence``
+    (order statistics; any continuous distribution). Returns ``{"n", "median", "low", "high", "coverage"}``; with too
+    few values for that confidence (fewer than 6 at 95 %), ``low``/``high`` are the smallest and largest value and
+    ``coverage`` says what they cover (``1 - 2 / 2**n``)."""
+    data = np.sort(np.asarray(values, dtype=float))
+    if data.ndim != 1 or data.size < 1:
+        raise ValueError(f"need at least one value, got {data.size}")
+    if not np.isfinite(data).all():
+        raise ValueError("values must be finite numbers")
+    confidence = _check_confidence(confidence)
+    n = data.size
+
+    def coverage(j: int) -> float:              # P(x_(j) <= median <= x_(n+1-j)) = 1 - 2 P(Bin(n, 1/2) <= j - 1)
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= confidence:
+        j += 1
+    return {"n": n, "median": float(np.median(data)), "low": float(data[j - 1]), "high": float(data[n - j]),
+            "coverage": coverage(j)}
