@@ -345,21 +345,19 @@ FUNCTIONS = {"row": RowUpdate, "column": ColumnUpdate, "element": ElementUpdate}
 
 def sparse_linear(unit: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   update: torch.Tensor, index: torch.Tensor, conv1d: bool = False,
-                  columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None,
-                  function: type[_SparseUpdate] | None = None) -> torch.Tensor:
+                  columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None) -> torch.Tensor:
     """Fast path: ``x Wᵀ + b`` plus the sparse update, ``weight`` frozen ``(d_out, d_in)`` → ``(..., d_out)``.
     ``conv1d``: compute the frozen part as HF ``Conv1D`` does (always one ``addmm``). ``columns``: an element
     update keeps only these touched columns of ``x`` (`input_columns`; None: the whole ``x``). ``source``: a
-    `rowsft.layers.rebuild.Source` of ``x``: its tensors are kept instead of ``x``, which backward rebuilds.
-    ``function``: another update function than ``unit``'s (`rowsft.layers.in_weight.InWeightRowUpdate`)."""
-    return (function or FUNCTIONS[unit]).apply(None, x, weight, bias, update, index, weight.shape[1], conv1d,
-                                               columns, source)
+    `rowsft.layers.rebuild.Source` of ``x``: its tensors are kept instead of ``x``, which backward rebuilds."""
+    return FUNCTIONS[unit].apply(None, x, weight, bias, update, index, weight.shape[1], conv1d, columns, source)
 
 
 def add_sparse_update(unit: str, out: torch.Tensor, x: torch.Tensor, update: torch.Tensor,
                       index: torch.Tensor, d_in: int,
                       columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None,
                       function: type[_SparseUpdate] | None = None) -> torch.Tensor:
-    """Fallback: add the sparse update into a base output ``out (..., d_out)`` in place; returns ``out``
-    (``function``: as in `sparse_linear`)."""
+    """Fallback: add the sparse update into a base output ``out (..., d_out)`` in place; returns ``out``.
+    ``columns``/``source``: as in `sparse_linear`; ``function``: another update function than ``unit``'s (rows
+    already in a hooked or subclassed base layer's weight: `rowsft.layers.in_weight.InWeightRowUpdate`)."""
     return (function or FUNCTIONS[unit]).apply(out, x, None, None, update, index, d_in, False, columns, source)

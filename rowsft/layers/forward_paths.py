@@ -32,19 +32,17 @@ def fusable(base_layer: nn.Module) -> bool:
 
 
 def sparse_forward(base_layer: nn.Module, unit: str, x: torch.Tensor, update: torch.Tensor, indices: torch.Tensor,
-                   columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None,
-                   function=None) -> torch.Tensor:
+                   columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None) -> torch.Tensor:
     """``base_layer(x)`` plus one sparse update of ``unit`` → ``(..., d_out)``: what every rowsft sparse layer (and
     the peft tuner layer of `rowsft.integrations`) computes. Fast path (`fusable`): the frozen matmul runs inside
     the update's autograd function (`rowsft.layers.autograd.sparse_linear`); else the base layer runs as is and the
     update is added into its output (`add_sparse_update`). ``update``: ``delta (k, d_in)`` (row), ``(d_out, k)``
-    (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`.
-    ``function``: another update function than ``unit``'s (rows already in the weight: `rowsft.layers.in_weight`)."""
+    (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`."""
     if fusable(base_layer):
         return sparse_linear(unit, x, weight_out_in(base_layer), base_layer.bias, update, indices,
-                             is_transposed(base_layer), columns, source, function)
+                             is_transposed(base_layer), columns, source)
     return add_sparse_update(unit, writable(base_layer(x)), x, update, indices, linear_shape(base_layer)[1], columns,
-                             source, function)
+                             source)
 
 
 def input_source(x: torch.Tensor, unit: str, update: torch.Tensor, rebuild_input: bool, quantization: str | None):

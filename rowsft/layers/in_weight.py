@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import torch
 
-from rowsft.layers.autograd import RowUpdate, _save, _saved, _static_entry_points, saved_extra
-from rowsft.layers.forward_paths import fusable, sparse_forward
+from rowsft.layers.autograd import RowUpdate, _save, _saved, _static_entry_points, add_sparse_update, saved_extra
+from rowsft.layers.forward_paths import fusable, writable
 from rowsft.layers.products import (
     ScaledInput,
     add_product,
@@ -150,8 +150,8 @@ def forward(layer, x: torch.Tensor, source) -> torch.Tensor:
         return in_weight_outputs([layer], x, source)[0]
     check_not_compiling(layer)
     write_rows(layer)
-    return sparse_forward(layer.base_layer, layer.unit, x, layer.delta, layer.indices, None, source,
-                          function=InWeightRowUpdate)
+    return add_sparse_update("row", writable(layer.base_layer(x)), x, layer.delta, layer.indices, layer.in_features,
+                             None, source, function=InWeightRowUpdate)
 
 
 @torch.no_grad()
