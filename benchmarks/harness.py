@@ -56,11 +56,14 @@ def precision(autocast: str | None):
 
 
 class _Stepper:
-    """One model with its AdamW over the trainable parameters, stepping on a fixed batch."""
+    """One model with its AdamW over the trainable parameters, stepping on a fixed batch: the optimizer `rowsft.train`
+    builds (fused where torch has the kernel, as transformers' Trainer defaults to), for every method alike."""
 
     def __init__(self, model, batch: dict, lr: float = 1e-4, autocast: str | None = None):
+        from rowsft.training import TrainConfig
+        from rowsft.training.parts import build_optimizer
         self.model, self.batch, self.autocast = model, batch, autocast
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.opt = build_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=lr))
         model.train()
 
     def step(self) -> float:

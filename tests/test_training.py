@@ -336,6 +336,61 @@ def test_row_sparse_training_equals_masked_dense_sgd():
         assert not torch.equal(ours, weight_out_in(llama(torch.float64).get_submodule(n)))
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_row_sparse_adamw_equals_a_hand_written_masked_dense_adamw(fused):
+    """rowsft.apply + train with AdamW (fused by default on CPU, or torch's loop) == a hand-written float64 AdamW on
+    the dense weight whose gradient, moments and decoupled decay act on the selected rows' update only."""
+    from rowsft.selection.choice import LayerChoice, Selection
+    from rowsft.targets import find_targets, linear_shape, weight_out_in
+    model = llama(torch.float64)
+    rows = {n: torch.tensor([1, 2, 6]) for n in find_targets(model, ["down_proj", "k_proj"])}
+    selection = Selection({n: LayerChoice("row", r, linear_shape(model.get_submodule(n))) for n, r in rows.items()})
+    rowsft.apply(model, selection)
+    batches = token_batches(n=3)
+    lr, (b1, b2), eps, decay = 0.05, (0.8, 0.95), 1e-6, 0.1
+    train(model, batches, steps=3, lr=lr, betas=(b1, b2), eps=eps, weight_decay=decay, fused=fused,
+          schedule="constant", max_grad_norm=None, **QUIET)
+
+    ref = llama(torch.float64)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    weights = {n: weight_out_in(ref.get_submodule(n)) for n in rows}
+    start = {n: w.detach().clone() for n, w in weights.items()}
+    moments = {n: (torch.zeros_like(w), torch.zeros_like(w)) for n, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    ref.train()
+    for t, batch in enumerate(batches, start=1):
+        grads = torch.autograd.grad(dense_loss(ref, batch), list(weights.values()))
+        with torch.no_grad():
+            for (n, w), g in zip(weights.items(), grads):
+                mask = torch.zeros_like(g)
+                mask[rows[n]] = 1
+                g, (m, v) = g * mask, moments[n]
+                w -= lr * decay * (w - start[n]) * mask                     # decay pulls the update toward 0
+                m.mul_(b1).add_((1 - b1) * g)
+                v.mul_(b2).add_((1 - b2) * g * g)
+                w -= lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps) * mask
+    rowsft.merge(model)
+    for n in rows:
+        ours = weight_out_in(model.get_submodule(n))
+        assert torch.allclose(ours, weights[n], rtol=0, atol=1e-10), n
+        assert not torch.equal(ours, start[n])
+
+
+def test_adamw_runs_fused_where_torch_can_and_refuses_fused_where_it_cannot():
+    from rowsft.training.parts import build_optimizer
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    assert build_optimizer(cpu, TrainConfig()).defaults["fused"] is True        # as transformers' Trainer defaults
+    assert not build_optimizer(cpu, TrainConfig(fused=False)).defaults["fused"]
+    meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    assert not build_optimizer(meta, TrainConfig()).defaults["fused"]           # None: torch's loop where no kernel
+    with pytest.raises(ValueError, match="fused=True.*meta.*fused=None"):
+        build_optimizer(meta, TrainConfig(fused=True))
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
+        TrainConfig(fused="yes")
+
+
 def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_complete():
     """A real SIGINT that arrives in the middle of optimizer.step() does not cut the update in half."""
     import os

@@ -31,6 +31,9 @@ class TrainConfig:
     weight_decay: float = _help(0.0, "decoupled weight decay of AdamW (pulls deltas toward 0, i.e. toward the pretrained model)")
     betas: tuple[float, float] = _help((0.9, 0.999), "AdamW moment coefficients")
     eps: float = _help(1e-8, "AdamW epsilon")
+    fused: bool | None = _help(None, "AdamW's fused kernel, one pass over all trained tensors: None uses it where torch has "
+                               "it for every one (CPU, CUDA: transformers' Trainer defaults to adamw_torch_fused), True "
+                               "requires it, False takes torch's per-tensor (or foreach) loop")
     optimizer: Any = _help("adamw", "'adamw', 'sgd', or a function params -> torch.optim.Optimizer")
     momentum: float = _help(0.0, "momentum of the 'sgd' optimizer")
     warmup_steps: int = _help(0, "steps of linear warm-up from 0 to lr (wins over warmup_ratio)")
@@ -69,6 +72,7 @@ class TrainConfig:
             (callable(self.schedule) or self.schedule in ("linear", "cosine", "constant"),
              f"schedule must be 'linear', 'cosine', 'constant' or a function step -> factor, got {self.schedule!r}"),
             (self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.fused in (None, True, False), f"fused must be None, True or False, got {self.fused!r}"),
             (self.nan_policy in ("raise", "skip"), f"nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}"),
             (callable(self.optimizer) or self.optimizer in ("adamw", "sgd"),
              f"optimizer must be 'adamw', 'sgd' or a function params -> Optimizer, got {self.optimizer!r}"),
