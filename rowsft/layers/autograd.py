@@ -149,7 +149,7 @@ class _SparseUpdate(torch.autograd.Function):
         if out is None:
             ctx.base_dt = compute_dtype(x, weight.dtype)
             base_x = cast(x, ctx.base_dt)                    # cast once (autocast): the update's product reads it too
-            out = frozen_linear(base_x, weight, bias, conv1d)    # (..., d_out), frozen base
+            out = frozen_linear(base_x, weight, bias, conv1d, ctx.base_dt)    # (..., d_out), frozen base
             x_dt = base_x if base_x.dtype == dt else None
         else:
             ctx.mark_dirty(out)

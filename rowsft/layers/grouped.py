@@ -58,7 +58,7 @@ class GroupedRowUpdate(torch.autograd.Function):
         dt = compute_dtype(x, deltas[0].dtype)
         ctx.base_dt = compute_dtype(x, weight.dtype)
         base_x = cast(x, ctx.base_dt)
-        out = frozen_linear(base_x, weight, bias, conv1d)                                 # (..., d_out)
+        out = frozen_linear(base_x, weight, bias, conv1d, ctx.base_dt)                    # (..., d_out)
         x_dt = base_x if base_x.dtype == dt else cast(x, dt)
         ctx.sizes = [d.shape[0] for d in deltas]
         stacked = torch.cat([cast(d, dt) for d in deltas])                                  # (K, d_in), transient
@@ -96,7 +96,7 @@ class GroupMemberUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv1d, index, share):
         ctx.base_dt = compute_dtype(x, weight.dtype)
-        out = frozen_linear(cast(x, ctx.base_dt), weight, bias, conv1d)                     # (..., d_out)
+        out = frozen_linear(cast(x, ctx.base_dt), weight, bias, conv1d, ctx.base_dt)        # (..., d_out)
         add_into_columns(out, index, cast(share, out.dtype))
         ctx.x_dtype, ctx.x_shape, ctx.share_dtype, ctx.share_shape = x.dtype, x.shape, share.dtype, share.shape
         ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, index)
@@ -143,16 +143,19 @@ class RowGroup:
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output (frozen product plus its update) through the group, or None to run it ungrouped (also
         under ``torch.inference_mode``: its tensors have no version to check a share against)."""
-        if not self.groupable(layer) or x.is_inference():
-            return None
-        entry = self._pending.pop(id(layer), None)
-        base = layer.base_layer
+        entry = self._pending.get(id(layer))
         if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == _delta_key(layer):
+            del self._pending[id(layer)]          # the leader found this member groupable for this very x and delta
             self._misses = 0
             if layer.in_weight:                   # the leader computed this member's whole output
                 return entry[3]
+            base = layer.base_layer
             return GroupMemberUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
                                            entry[3])
+        if not self.groupable(layer) or x.is_inference():
+            return None
+        self._pending.pop(id(layer), None)
+        base = layer.base_layer
         if entry is not None or self._pending:    # shares for another input (or delta), or members that never came
             self._miss()
             if not self.shared_input:

@@ -97,7 +97,8 @@ class InWeightProducts(torch.autograd.Function):
         weights, biases, indices, deltas = (tensors[i * n:(i + 1) * n] for i in range(4))
         ctx.base_dt = compute_dtype(x, weights[0].dtype)
         base_x = cast(x, ctx.base_dt)                                  # cast once for the group (autocast)
-        outs = tuple(frozen_linear(base_x, w, b, c) for w, b, c in zip(weights, biases, conv1d))    # (..., d_out_i)
+        outs = tuple(frozen_linear(base_x, w, b, c, ctx.base_dt)                                    # (..., d_out_i)
+                     for w, b, c in zip(weights, biases, conv1d))
         ctx.dt, ctx.n, ctx.sizes = compute_dtype(x, deltas[0].dtype), n, [d.shape[0] for d in deltas]
         ctx.x_dtype, ctx.x_shape, ctx.update_dtype = x.dtype, x.shape, deltas[0].dtype
         ctx.source, ctx.columns = source, None
@@ -134,13 +135,14 @@ class InWeightProducts(torch.autograd.Function):
 def in_weight_outputs(layers, x: torch.Tensor, source) -> tuple[torch.Tensor, ...]:
     """The outputs of row layers trained in their weights that read ``x`` (plain, hook-free bases:
     `rowsft.layers.forward_paths.fusable`), their rows written first: `InWeightProducts`."""
-    for layer in layers:
-        check_not_compiling(layer)
-        write_rows(layer)
+    check_not_compiling(layers[0])
     bases = [layer.base_layer for layer in layers]
-    return InWeightProducts.apply(x, source, tuple(is_transposed(b) for b in bases), len(layers),
-                                  *(weight_out_in(b) for b in bases), *(b.bias for b in bases),
-                                  *(layer.indices for layer in layers), *(layer.delta for layer in layers))
+    weights = [weight_out_in(b) for b in bases]                       # (d_out_i, d_in), views for Conv1D
+    for layer, weight in zip(layers, weights):
+        write_rows(layer, weight)
+    return InWeightProducts.apply(x, source, tuple(is_transposed(b) for b in bases), len(layers), *weights,
+                                  *(b.bias for b in bases), *(layer.indices for layer in layers),
+                                  *(layer.delta for layer in layers))
 
 
 def forward(layer, x: torch.Tensor, source) -> torch.Tensor:
@@ -155,11 +157,12 @@ def forward(layer, x: torch.Tensor, source) -> torch.Tensor:
 
 
 @torch.no_grad()
-def write_rows(layer) -> None:
+def write_rows(layer, weight: torch.Tensor | None = None) -> None:
     """``W[idx] = pretrained_rows + delta`` in the weight's storage, rounded as a merge folds them (`folded`). Through
     ``.data``: the weight's version is not bumped, so a graph that saved it (a second forward before one backward,
-    checkpointing) is not refused for rows rewritten with the same values."""
-    weight = weight_out_in(layer.base_layer).data                   # (d_out, d_in), a view for Conv1D
+    checkpointing) is not refused for rows rewritten with the same values. ``weight``: the base layer's
+    ``weight_out_in``, when the caller has it."""
+    weight = (weight_out_in(layer.base_layer) if weight is None else weight).data     # (d_out, d_in), a view for Conv1D
     weight.index_copy_(0, layer.indices, folded(layer.pretrained_rows, layer.delta))                # (k, d_in)
 
 

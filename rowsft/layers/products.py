@@ -78,10 +78,12 @@ def add_into_columns(target: torch.Tensor, index: torch.Tensor, values: torch.Te
     return target.index_add_(-1, index, values)
 
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool = False) -> torch.Tensor:
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool = False,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x Wᵀ + b`` with the same kernels (hence bits) as ``nn.Linear`` / HF ``Conv1D``, written into a
-    fresh (non-view) ``(..., d_out)`` tensor so that later in-place ops on it stay cheap and legal."""
-    dt = compute_dtype(x, weight.dtype)
+    fresh (non-view) ``(..., d_out)`` tensor so that later in-place ops on it stay cheap and legal. ``dtype``: the
+    product's dtype when the caller has it (`compute_dtype` of ``x`` and the weight), else found here."""
+    dt = dtype or compute_dtype(x, weight.dtype)
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=dt, device=x.device)   # (..., d_out)
     x, w = cast(x, dt), cast(weight, dt)
     if conv1d or x.dim() <= 2 or x.is_contiguous():   # one (add)mm over the flattened tokens

@@ -31,14 +31,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 _TAG = "_rowsft_source"
 
 
 def global_forward_hooks() -> bool:
     """Whether global module forward (pre-)hooks are registered (``nn.modules.module.register_module_forward_hook``)."""
-    from torch.nn.modules import module as _module
-    return bool(getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None))
+    return bool(getattr(torch_module, "_global_forward_hooks", None)
+                or getattr(torch_module, "_global_forward_pre_hooks", None))
 
 
 class Shared:
