@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 import rowsft
 from rowsft.layers import tuner
-from rowsft.layers.in_weight import take_rows_out
+from rowsft.layers.in_weight import InWeightProducts, InWeightRowUpdate, take_rows_out
 from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.training.dynamic import rebuild_layer
 
@@ -328,3 +328,38 @@ def test_one_node_per_group_and_bf16_autocast_gradients_match_the_usual_layers()
         scale = usual_grad.abs().max()
         assert scale > 0, name
         torch.testing.assert_close(inside_grad, usual_grad, rtol=0, atol=0.03 * scale, msg=name)
+
+
+@pytest.mark.parametrize("arch, units", [("llama", rows_of(LLAMA_UNITS)), ("gpt2", rows_of(GPT2_UNITS))])
+def test_rows_in_a_hooked_base_layer_train_as_masked_dense_float64(arch, units, monkeypatch):
+    """A base layer with a forward hook runs as is (its rows written first) and `InWeightRowUpdate` gives delta's
+    gradient: three steps equal dense float64 training masked to the rows, as the fused path does."""
+    original = rowsft.tiny_model(arch, vocab_size=VOCAB, dtype=torch.float64)
+    selection = selection_for(original, units)
+    calls, backward = [], {"fallback": 0, "fused": 0}
+    fallback_grads, fused_backward = InWeightRowUpdate._grads, InWeightProducts.backward
+
+    def counted_fallback(*args):
+        backward["fallback"] += 1
+        return fallback_grads(*args)
+
+    def counted_fused(*args):
+        backward["fused"] += 1
+        return fused_backward(*args)
+
+    monkeypatch.setattr(InWeightRowUpdate, "_grads", staticmethod(counted_fallback))
+    monkeypatch.setattr(InWeightProducts, "backward", staticmethod(counted_fused))
+
+    def hooked(model):
+        tuner.apply(model, selection, train_in_weight=True)
+        for name in units:
+            model.get_submodule(name).base_layer.register_forward_hook(lambda mod, args, out: calls.append(mod))
+        return model
+
+    reference, model, _ = train_beside_masked_dense(original, selection, OPTIMIZERS["adamw"], batches(3), hooked)
+    assert len(calls) == 3 * len(units)                      # the hooks ran: the base layers ran as they are
+    assert backward == {"fallback": 3 * len(units), "fused": 0}
+    for name, layer in tuner.sparse_layers(model).items():
+        update = out_in(reference.get_submodule(name)).detach() - out_in(original.get_submodule(name))
+        torch.testing.assert_close(layer.delta_weight(), update, rtol=0, atol=1e-10)
+        assert update.abs().max() > 1e-6
