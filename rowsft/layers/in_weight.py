@@ -76,7 +76,7 @@ class InWeightRowUpdate(RowUpdate):
     def _grads(ctx, grad_out, grad_x, x, delta, index):
         grad_delta = None
         if ctx.needs_input_grad[4]:
-            grad_rows = cast(flat(grad_out).index_select(1, index), ctx.dt)      # (N, k)
+            grad_rows = gathered_columns([grad_out], [index], ctx.dt)            # (N, k), as InWeightProducts gathers
             grad_delta = cast(row_gradient(grad_rows, x, ctx.dt), ctx.update_dtype)      # (k, d_in)
         return grad_x, grad_delta
 
