@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -82,11 +83,14 @@ class _Stepper:
 
 def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], batch: dict, steps: int = 3,
                     warmup: int = 1, extras: list[dict] | None = None, compile_model: bool = False,
-                    autocast: str | None = None) -> list[MethodResult]:
+                    autocast: str | None = None, order_seed: int | None = 0) -> list[MethodResult]:
     """Measure several methods side by side.
 
-    Every model is built first; then the timed steps are interleaved round-robin (A B C A B C …), so
-    background load on a shared machine falls on all methods alike and the ratios stay fair. Peak
+    Every model is built first; then the timed steps are interleaved, one step of every method per round, so
+    background load on a shared machine falls on all methods alike and the ratios stay fair. The order within a
+    round is drawn afresh each round (``order_seed``; None: the same order every round, A B C A B C …), so what one
+    method leaves behind (a cold cache, memory handed back to the system) does not always fall on the same next
+    one; each timed step's place in its round is kept in ``extra["positions"]``. Peak
     memory is measured afterwards, one model at a time, with `rowsft.memory.measure_peak`.
     ``compile_model``: wrap each model in ``torch.compile`` (inductor); the first step's time, which
     includes compiling forward and backward, goes to ``extra["first_step_s"]``. ``autocast``: run every
@@ -98,13 +102,18 @@ def measure_methods(builders: list[tuple[str, Callable[[], torch.nn.Module]]], b
     steppers = [_Stepper(torch.compile(build()) if compile_model else build(), batch, autocast=autocast)
                 for _, build in builders]
     times: list[list[float]] = [[] for _ in steppers]
+    rng = random.Random(order_seed)
     for i in range(warmup + steps):
-        for j, st in enumerate(steppers):
-            dt = st.step()
+        order = list(range(len(steppers)))
+        if order_seed is not None:
+            rng.shuffle(order)
+        for position, j in enumerate(order):
+            dt = steppers[j].step()
             if i == 0:
                 extras[j]["first_step_s"] = dt
             if i >= warmup:
                 times[j].append(dt)
+                extras[j].setdefault("positions", []).append(position)
     results = []
     for j, ((name, _), st) in enumerate(zip(builders, steppers)):
         model = st.model

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+import paired_ratio  # noqa: E402
 
 ALL = ("row", "row-in-weight", "row-kept", "row-ungrouped", "column", "lean", "element", "dense-scatter", "lora", "full", "floor")
 COLORS = {"row": "#1f77b4", "row-in-weight": "#08306b", "row-kept": "#aec7e8", "row-ungrouped": "#6baed6", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e",
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
 
     import rowsft
     _, tokenizer = rowsft.load_model(args.model)
-    points, profiles = [], {}
+    points, profiles, ratio_tests = [], {}, []
     for seq in args.seqs:
         batch = harness.real_batch(tokenizer, args.batch, seq)
         for rank in args.ranks:
@@ -256,6 +257,7 @@ def main(argv=None) -> int:
                                "rank": rank, "trainable_parameters": r.trainable_parameters, "peak_bytes": r.peak_bytes,
                                "median_step_s": r.median_step_s, "step_times_s": r.step_times_s, "analytic": r.analytic,
                                "first_step_s": r.extra.get("first_step_s"), "compiled": args.compile,
+                               "positions": r.extra.get("positions"),
                                "autocast": args.autocast,
                                "unit_choice": meta.get(r.extra["key"], {}).get("unit_choice")})
             if args.profile:
@@ -301,10 +303,17 @@ def main(argv=None) -> int:
                                  if aimed else "")
                               + f"  [difference of medians: {by[key].median_step_s - floor.median_step_s:+.3f} s, "
                                 f"LoRA {lora.median_step_s - floor.median_step_s:+.3f} s]")
+                        if aimed:    # the verdict that uses the pairing of the rounds (`paired_ratio`)
+                            test = paired_ratio.paired_ratio(by[key].step_times_s, lora.step_times_s,
+                                                             floor.step_times_s, target=0.30)
+                            ratio_tests.append({"method": key, "tokens": args.batch * seq, "rank": rank, **test})
+                            print(paired_ratio.describe(test))
             if {"element", "dense-scatter"} <= by.keys():
                 v = by["element"].peak_bytes / by["dense-scatter"].peak_bytes
                 print(f"{'PASS' if v <= 0.7 else 'MISS'}  element peak ≤ 0.7 × dense-scatter peak: {v:.3f}")
     payload = {"args": vars(args), "points": points}
+    if ratio_tests:
+        payload["ratio_tests"] = ratio_tests
     if profiles:
         payload["profiles"] = profiles
     if args.update:
