@@ -61,7 +61,7 @@ def save_rows(path: Path, rows: dict) -> None:
 
 def zero_shot(seed: int) -> dict:
     model, tokenizer = load_model(SETTINGS["model"])
-    data = load_dataset(SETTINGS["task"], max_train=SETTINGS["max_train"], seed=seed)
+    data = load_dataset(SETTINGS["task"], max_train=SETTINGS["max_train"], seed=JobConfig.split_seed)   # the jobs' split
     start = time.perf_counter()
     summary = evaluate(model, tokenizer, data["validation"], batch_size=8, max_length=SETTINGS["max_length"],
                        max_examples=SETTINGS["eval_examples"], progress=False)

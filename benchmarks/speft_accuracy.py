@@ -113,7 +113,7 @@ def zero_shot(args) -> dict:
     cfg = job_config(args, 0, Variant("zero-shot", "element", "random"))
     model, tokenizer = zoo.load_model(cfg.model)
     model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return held_out(model, tokenizer, zoo.load_dataset(cfg.task, max_train=cfg.max_train, seed=0), cfg)
+    return held_out(model, tokenizer, zoo.load_dataset(cfg.task, max_train=cfg.max_train, seed=cfg.split_seed), cfg)
 
 
 def run_once(cfg, variant: Variant, every: int | None = None) -> dict:
@@ -131,7 +131,7 @@ def run_once(cfg, variant: Variant, every: int | None = None) -> dict:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = zoo.load_model(cfg.model)
     model.to(device)
-    data = zoo.load_dataset(cfg.task, max_train=cfg.max_train, seed=cfg.seed)
+    data = zoo.load_dataset(cfg.task, max_train=cfg.max_train, seed=cfg.split_seed)   # zero_shot's questions
     batches = zoo.batches(data["train"], tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
     calibration = list(itertools.islice(batches.iter_epoch(0), cfg.calibration_batches))  # what run_job scores
     budget = parse_budget(cfg.budget)

@@ -240,3 +240,32 @@ def test_a_job_on_an_nf4_base_trains_over_4bit_layers_and_saves_its_adapter(meth
     assert 0.0 <= result.accuracy_after <= 1.0 and result.paired is not None
     assert result.config["quantization"] == "nf4" and result.config["double_quant"] is True
     assert any((tmp_path / "adapter").iterdir())
+
+
+def test_jobs_with_other_seeds_score_the_same_held_out_questions_and_never_train_on_them(monkeypatch):
+    # rotten_tomatoes ships as one file: the job splits it. The split follows split_seed, not seed, so runs with
+    # several seeds (and `rowsft eval`, which splits with the default) are scored on the same questions.
+    import rowsft.cli.job as job
+    from rowsft.data import load_dataset
+    evaluated, trained = {}, {}
+    real_evaluate, real_batches = job.evaluate, job.make_batches
+
+    def recording_evaluate(model, tokenizer, dataset, **kwargs):
+        evaluated.setdefault(seed, set()).update(dataset["prompt"])
+        return real_evaluate(model, tokenizer, dataset, **kwargs)
+
+    def recording_batches(dataset, *args, **kwargs):
+        trained[seed] = set(dataset["prompt"])
+        return real_batches(dataset, *args, **kwargs)
+    monkeypatch.setattr(job, "evaluate", recording_evaluate)
+    monkeypatch.setattr(job, "make_batches", recording_batches)
+    for seed in (0, 1):
+        job.run_job(job.JobConfig(model="tiny-llama", task="rotten_tomatoes", steps=1, max_train=16, eval_examples=8,
+                                  calibration_batches=1, batch_size=2, max_length=32, progress=False, device="cpu",
+                                  eval_before=False, seed=seed), log=lambda line: None)
+    held_out = set(load_dataset("rotten_tomatoes")["validation"]["prompt"])       # what `rowsft eval` scores
+    assert evaluated[0] == evaluated[1] == held_out
+    assert not (trained[0] | trained[1]) & held_out
+    assert trained[0] == trained[1]                      # the max_train subset too; the seed orders it
+    with pytest.raises(SystemExit):
+        main(["run", "--split-seed", "x"])

@@ -135,7 +135,7 @@ def cmd_score(args) -> int:
     if args.out:
         check_scores_target(args.out, args.overwrite)           # refused before the model is loaded
     model, tokenizer = load_model(args.model)
-    data = load_dataset(args.task)
+    data = load_dataset(args.task, seed=args.split_seed)
     batches = make_batches(data["train"], tokenizer, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
     scores = scoring.score(model, batches, metric=args.metric, unit=args.unit, targets=args.targets,
                            num_batches=args.num_batches)
@@ -153,7 +153,7 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model(args.model)
     if args.adapter:
         adapters.load_adapter(model, args.adapter)
-    data = load_dataset(args.task)
+    data = load_dataset(args.task, seed=args.split_seed)
     res = evaluate(model, tokenizer, data["validation"], batch_size=args.batch_size, max_length=args.max_length,
                    max_examples=args.max_examples)
     summary = {k: v for k, v in res.items() if k != "per_question"}      # per-question results: evaluate() in Python
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--task", default="rotten_tomatoes")
     common.add_argument("--batch-size", type=positive_int, default=8)
     common.add_argument("--max-length", type=positive_int, default=96)
+    common.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split of single-file "
+                        "tasks, as the job's --split-seed (default 0, the job's default): the same held-out questions")
     p = sub.add_parser("score", parents=[common], help="neuron importance scores, printed per layer and saved")
     p.add_argument("--metric", default="taylor")
     p.add_argument("--unit", default="row", choices=["row", "column", "group", "element"])

@@ -61,6 +61,7 @@ class JobConfig:
     eval_examples: int | None = field(default=400, metadata={"help": "validation examples for accuracy (None = all)"})
     eval_before: bool = field(default=True, metadata={"help": "also evaluate before fine-tuning"})
     seed: int = field(default=0, metadata={"help": "seed for data order, random selection and init"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation split of single-file tasks (rotten_tomatoes, piqa, siqa, openbookqa, commonsenseqa) and of the max_train subset: kept apart from seed, so that runs with other seeds, and rowsft eval, score the very same held-out questions and none of them is trained on"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
     out: str | None = field(default=None, metadata={"help": "folder to save the adapter into (optional)"})
     overwrite: bool = field(default=False, metadata={"help": "let --out be a non-empty folder holding other files (they are kept)"})
@@ -249,7 +250,7 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
         model, tokenizer = load_model(cfg.model)
     if cfg.quantization is None:
         model.to(device)
-    data = data if data is not None else load_dataset(cfg.task, max_train=cfg.max_train, seed=cfg.seed)
+    data = data if data is not None else load_dataset(cfg.task, max_train=cfg.max_train, seed=cfg.split_seed)
     if len(data["train"]) == 0:
         raise ValueError(f"task {cfg.task!r} has no training rows (max_train={cfg.max_train})")
     batches = make_batches(data["train"], tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
