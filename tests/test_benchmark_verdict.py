@@ -1,4 +1,5 @@
-"""benchmarks/methods.py's verdict on a time ratio: the intervals decide, not the medians alone."""
+"""The benchmarks' verdicts on a time ratio (issue 23): the intervals decide, not the medians alone; methods.py's
+unpaired rule on two intervals and paired_ratio.py's test on the rounds' contrasts."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,13 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def methods():
-    spec = importlib.util.spec_from_file_location("methods_benchmark", ROOT / "benchmarks" / "methods.py")
+def load_benchmark(stem: str):
+    """``benchmarks/<stem>.py`` as a module (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{stem}_benchmark", ROOT / "benchmarks" / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["methods_benchmark"] = module
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def methods():
+    return load_benchmark("methods")
 
 
 def band(low, median, high):
@@ -38,11 +44,7 @@ def test_ratio_verdict_takes_the_far_and_near_ends_of_both_intervals(methods, ro
 
 @pytest.fixture(scope="module")
 def paired():
-    spec = importlib.util.spec_from_file_location("paired_ratio_benchmark", ROOT / "benchmarks" / "paired_ratio.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paired_ratio_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paired_ratio")
 
 
 def test_paired_ratio_with_few_rounds_is_the_range_of_the_per_round_ratios(paired):
