@@ -144,10 +144,12 @@ def table(results: list[MethodResult], reference: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, payload: dict) -> Path:
+def write_results(name: str, payload: dict, path: Path | None = None) -> Path:
+    """``payload`` with the machine, command and date, written atomically to ``benchmarks/results/<name>.json``, or to
+    ``path`` (a results file being updated in place, wherever it lies)."""
     from rowsft.io_utils import atomic_write_text
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = Path(path) if path is not None else RESULTS / f"{name}.json"
     payload = {"benchmark": name, "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
     atomic_write_text(path, json.dumps(payload, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))

@@ -321,6 +321,9 @@ def main(argv=None) -> int:
         payload.setdefault("first_run", {k: payload.get(k) for k in ("machine", "command", "date")})
         fresh = {(p["method"], p["tokens"], p["rank"]) for p in points}
         payload["points"] = [p for p in payload["points"] if (p["method"], p["tokens"], p["rank"]) not in fresh] + points
+        touched = {(t, r) for _, t, r in fresh}      # a verdict pairs a point's rounds: stale once any method is re-run
+        payload["ratio_tests"] = [t for t in payload.get("ratio_tests", [])
+                                  if (t["tokens"], t["rank"]) not in touched] + ratio_tests
         payload.setdefault("updates", []).append({"date": time.strftime("%Y-%m-%d %H:%M"), "methods": args.methods,
                                                   "seqs": args.seqs, "ranks": args.ranks, "machine": harness.machine()})
         points = payload["points"]
@@ -330,7 +333,7 @@ def main(argv=None) -> int:
     payload["slopes_mib_per_1k_tokens"] = slope
     name = args.update.stem if args.update else args.name
     path = harness.write_results(name, {k: v for k, v in payload.items()
-                                        if k not in ("benchmark", "machine", "command", "date")})
+                                        if k not in ("benchmark", "machine", "command", "date")}, path=args.update)
     figure(points, path.with_suffix(".fig.json"))
     print(f"\nwritten {path}")
     return 0
