@@ -180,6 +180,38 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def no_dropout_model(arch):
+    """Models whose attention takes sdpa's fused kernel on CPU (no attention dropout): the padded case differs there."""
+    if arch == "llama":
+        return rowsft.tiny_model("llama", vocab_size=VOCAB)                  # 4 heads, 2 kv heads
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                          attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=None,
+                                          eos_token_id=None))
+    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=128,
+                                                    attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                                                    max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_predict_prices_what_padding_adds_as_the_saved_tensors_show(arch):
+    # With padding, attention gets a mask: transformers repeats k and v to every head (llama's grouped-query
+    # attention) and the fused kernel keeps each block's (B, 1, T, T) mask. The traced saved tensors of a padded and
+    # an unpadded batch differ by exactly what predict(padded=True) adds.
+    model = no_dropout_model(arch)
+    rowsft.baselines.full_finetune(model)
+    batch = token_batch(arch, b=2, t=24)
+    padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    padded["attention_mask"][0, -5:] = 0
+    traced = breakdown(model, padded).activations - breakdown(model, batch).activations
+    priced = (predict(model, "full", 2, 24, padded=True).activations
+              - predict(model, "full", 2, 24, padded=False).activations)
+    assert traced > 0 and priced == traced
+
+
 def test_predict_rejects_bad_input():
     model = rowsft.tiny_model("llama", vocab_size=VOCAB)
     with pytest.raises(ValueError, match="selection_or_method"):
