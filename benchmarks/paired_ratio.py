@@ -38,7 +38,7 @@ def paired_ratio(method, reference, floor, target: float = 0.30, confidence: flo
                  resolution: float = 1e-3, largest: float = 5.0) -> dict:
     """The paired verdict on ``(m - f) ≤ target × (r - f)`` and the ratio's interval (see the module docstring).
 
-    Returns ``{"verdict", "target", "n", "contrast"`` (the median contrast at the target with its interval, seconds),
+    Returns ``{"verdict", "target", "confidence", "n", "contrast"`` (the median contrast at the target with its interval, seconds),
     ``"estimate", "low", "high"`` (the ratio: where the median contrast crosses 0, and the hull of the ratios on the
     grid ``0, resolution, …, largest`` that the test does not reject; None where there is none; ``high == largest``
     means at least that)``}``."""
@@ -56,7 +56,7 @@ def paired_ratio(method, reference, floor, target: float = 0.30, confidence: flo
     medians = np.median(table, axis=1)                                                                   # (g,)
     kept = grid[(table[:, low_rank] <= 0) & (table[:, high_rank] >= 0)]
     crossing = grid[medians <= 0]
-    return {"verdict": verdict, "target": target, "n": n, "contrast": at_target,
+    return {"verdict": verdict, "target": target, "confidence": confidence, "n": n, "contrast": at_target,
             "estimate": float(crossing[0]) if crossing.size else None,
             "low": float(kept.min()) if kept.size else None, "high": float(kept.max()) if kept.size else None}
 
@@ -67,7 +67,7 @@ def describe(result: dict) -> str:
 
     def ratio(v):
         return "—" if v is None else f"{v:.3f}"
-    cover = "" if c["coverage"] >= 0.95 else f" (these intervals cover {c['coverage']:.1%} only: too few rounds)"
+    cover = "" if c["coverage"] >= result["confidence"] else f" (these intervals cover {c['coverage']:.1%} only: too few rounds)"
     return (f"{result['verdict']}  paired over {result['n']} rounds{cover}: ratio {ratio(result['estimate'])} "
             f"[{ratio(result['low'])}, {ratio(result['high'])}]; median of (own − {result['target']:.2f} × LoRA's) "
             f"above the floor per round {c['median']:+.3f} s [{c['low']:+.3f}, {c['high']:+.3f}] (PASS when it lies below 0)")
