@@ -66,15 +66,15 @@ def row_deltas(model) -> dict[str, torch.Tensor]:
     return {n: layer.delta.detach().clone() for n, layer in rowsft.sparse_layers(model.base_model).items()}
 
 
-@pytest.fixture(params=["peft", "apply"])
+@pytest.fixture(params=["peft", "apply", "apply-in-weight"])
 def wrapped(request):
     torch.set_num_threads(1)
     model = fresh()
     selection = selection_for(model)
     if request.param == "peft":
         wrapped = get_rowsft_model(model, RowSFTConfig.from_selection(selection))
-    else:
-        wrapped = RowSFTModel(rowsft.apply(model, selection))
+    else:      # rows trained the usual way, or inside the base weight (rowsft.layers.in_weight)
+        wrapped = RowSFTModel(rowsft.apply(model, selection, train_in_weight=request.param == "apply-in-weight"))
     fill_deltas(wrapped)
     return wrapped, selection
 

@@ -130,14 +130,22 @@ class RowSFTModel(nn.Module):
 
 
 class _SkipUpdate:
-    """Makes one sparse layer forward its base layer alone until ``restore()`` (a forward hook)."""
+    """Makes one sparse layer forward its base layer alone until ``restore()`` (a forward hook). A layer that trains
+    its rows inside the base weight (`rowsft.layers.in_weight`) has them taken out meanwhile (the pretrained rows put
+    back, bit for bit), else its base layer would run with the trained rows; they are written again at its next
+    forward after ``restore()``."""
 
     def __init__(self, layer: nn.Module):
         base = layer.base_layer
+        self.layer, self.in_weight = layer, bool(getattr(layer, "in_weight", False))
+        if self.in_weight:
+            layer.set_train_in_weight(False)
         self.handle = layer.register_forward_hook(lambda module, args, output: base(*args))
 
     def restore(self) -> None:
         self.handle.remove()
+        if self.in_weight:
+            self.layer.set_train_in_weight(True)
 
 
 __all__ = ["RowSFTModel"]
