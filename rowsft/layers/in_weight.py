@@ -16,7 +16,8 @@ instead of three.
 - What reads the model sees the pretrained weight where it expects it: ``state_dict`` writes the pretrained rows
   back into a copy (`hide_rows_in_state_dict`), ``load_state_dict`` takes the rows out before loading and reads
   the pretrained rows again after (a new base weight or new indices are taken up), ``unload`` and ``unmerge``
-  put the pretrained rows back bit for bit (an unmerge of a layer trained the usual way subtracts, which rounds).
+  put the pretrained rows back bit for bit (an unmerge of a layer trained the usual way subtracts, which rounds), and
+  ``RowSFTModel.disable_adapter`` takes them out for its block (`rowsft.integrations.rowsft_model`).
 - Arithmetic: ``x (W0 + delta)ᵀ`` with the sum rounded to the weight's dtype, where the usual layer computes
   ``x W0ᵀ + x deltaᵀ``. In float32 the two differ by rounding; under bf16 autocast the summed weight is cast to
   bf16 as full fine-tuning's weights are, so an update below a bf16 ulp of its weight does not change the forward
