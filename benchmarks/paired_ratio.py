@@ -25,13 +25,19 @@ import numpy as np
 from rowsft.evaluation.stats import median_interval
 
 
-def contrasts(method, reference, floor, target: float) -> np.ndarray:
-    """``d_i = (m_i - f_i) - target (r_i - f_i)`` per round, for step times in seconds of equal length ``(n,)``."""
+def above_floor(method, reference, floor) -> tuple[np.ndarray, np.ndarray]:
+    """``(m_i - f_i, r_i - f_i)`` per round, each ``(n,)``, for step times in seconds of equal length."""
     m, r, f = (np.asarray(v, dtype=float) for v in (method, reference, floor))
     if not (m.shape == r.shape == f.shape) or m.ndim != 1 or m.size < 1:
         raise ValueError(f"need one step time per round for each of method, reference and floor, in equal numbers; "
                          f"got {m.shape}, {r.shape}, {f.shape}")
-    return (m - f) - target * (r - f)
+    return m - f, r - f
+
+
+def contrasts(method, reference, floor, target: float) -> np.ndarray:
+    """``d_i = (m_i - f_i) - target (r_i - f_i)`` per round ``(n,)``."""
+    own, reference_above = above_floor(method, reference, floor)
+    return own - target * reference_above
 
 
 def paired_ratio(method, reference, floor, target: float = 0.30, confidence: float = 0.95,
@@ -42,14 +48,13 @@ def paired_ratio(method, reference, floor, target: float = 0.30, confidence: flo
     ``"estimate", "low", "high"`` (the ratio: where the median contrast crosses 0, and the hull of the ratios on the
     grid ``0, resolution, …, largest`` that the test does not reject; None where there is none; ``high == largest``
     means at least that)``}``."""
-    at_target = median_interval(contrasts(method, reference, floor, target), confidence)
+    own, reference_above = above_floor(method, reference, floor)                                        # (n,) each
+    at_target = median_interval(own - target * reference_above, confidence)
     verdict = "PASS" if at_target["high"] < 0 else "MISS" if at_target["low"] > 0 else "OPEN"
     if at_target["coverage"] < confidence:     # too few rounds (fewer than 6 at 95 %) to settle anything
         verdict = "OPEN"
-    above_floor = np.asarray(method, dtype=float) - np.asarray(floor, dtype=float)                       # (n,)
-    reference_above = np.asarray(reference, dtype=float) - np.asarray(floor, dtype=float)               # (n,)
     grid = np.arange(0.0, largest + resolution / 2, resolution)                                          # (g,)
-    table = np.sort(above_floor[None, :] - grid[:, None] * reference_above[None, :], axis=1)            # (g, n)
+    table = np.sort(own[None, :] - grid[:, None] * reference_above[None, :], axis=1)                    # (g, n)
     n = table.shape[1]
     order = median_interval(np.arange(n, dtype=float), confidence)   # the order statistics it takes: 0-based ranks
     low_rank, high_rank = int(order["low"]), int(order["high"])
@@ -73,4 +78,4 @@ def describe(result: dict) -> str:
             f"above the floor per round {c['median']:+.3f} s [{c['low']:+.3f}, {c['high']:+.3f}] (PASS when it lies below 0)")
 
 
-__all__ = ["contrasts", "paired_ratio", "describe"]
+__all__ = ["above_floor", "contrasts", "paired_ratio", "describe"]

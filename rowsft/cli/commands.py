@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--task", default="rotten_tomatoes")
     common.add_argument("--batch-size", type=positive_int, default=8)
     common.add_argument("--max-length", type=positive_int, default=96)
-    common.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split of single-file "
-                        "tasks, as the job's --split-seed (default 0, the job's default): the same held-out questions")
+    common.add_argument("--split-seed", type=int, default=JobConfig.split_seed, help="seed of the train/validation "
+                        "split of single-file tasks, as the job's --split-seed (the job's default by default): the same "
+                        "held-out questions")
     p = sub.add_parser("score", parents=[common], help="neuron importance scores, printed per layer and saved")
     p.add_argument("--metric", default="taylor")
     p.add_argument("--unit", default="row", choices=["row", "column", "group", "element"])
