@@ -8,11 +8,11 @@ selected rows (no rowsft layers, no DDP), on the concatenation of both ranks' ba
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import gloo_ranks, run_ranks
 from _reference import random_batches
 
 import rowsft
@@ -48,8 +48,7 @@ def model64():
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_ranks(rank, WORLD, init_file):
         model = model64()
         scores = rowsft.score(model, [CALIBRATION[rank]], metric="taylor", unit="row", num_batches=1,
                               dtype=torch.float64)
@@ -78,8 +77,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                     "deltas": deltas, "losses": history.losses, "errors": errors,
                     "shared_digest": selection_digest(shared), "wrapper": wrapper_kind(ddp)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _fsdp2_message() -> str:
@@ -104,8 +101,7 @@ def _fsdp2_message() -> str:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    init_file = str(tmp / "init")
-    mp.spawn(_worker, args=(init_file, str(tmp)), nprocs=WORLD, join=True)
+    run_ranks(_worker, str(tmp), nprocs=WORLD)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -197,3 +193,21 @@ def test_single_process_helpers_are_no_ops():
     selection = rowsft.select(scores, 2)
     assert check_same_selection(selection) == selection_digest(selection)
     assert broadcast_selection(selection) is selection
+
+
+def _abort_on_first_try(rank: int, init_file: str, out_dir: str) -> None:
+    if init_file.endswith("-1") and rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)        # dies of a signal, as on gloo's abort (SIGKILL: no core dump)
+    open(os.path.join(out_dir, f"{os.path.basename(init_file)}-rank{rank}"), "w").close()
+
+
+def _raise(rank: int, init_file: str, out_dir: str) -> None:
+    raise ValueError("a wrong result")
+
+
+def test_run_ranks_reruns_a_rank_killed_by_a_signal_but_not_a_python_error(tmp_path):
+    with pytest.warns(RuntimeWarning, match="SIGKILL"):
+        run_ranks(_abort_on_first_try, str(tmp_path), nprocs=2, start_method="fork")
+    assert (tmp_path / "init-2-rank0").exists() and (tmp_path / "init-2-rank1").exists()
+    with pytest.raises(Exception, match="a wrong result"):
+        run_ranks(_raise, str(tmp_path), nprocs=2, start_method="fork")

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import gloo_ranks, run_ranks
 from _reference import random_batches
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
@@ -113,8 +113,7 @@ def _foreign_folder(rank: int, out_dir: str) -> str:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_ranks(rank, WORLD, init_file):
         result = {"runs": {}}
         for name, (options, shard_options, train_options) in RUNS.items():
             unit, apply_options = split(options)
@@ -153,14 +152,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         result["loaded_sharded"] = gathered_deltas(fresh)
         result["errors"] = _refusals(rank, out_dir, trained)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    run_ranks(_worker, str(tmp), nprocs=WORLD)
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

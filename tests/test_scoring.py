@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from _ranks import gloo_ranks, run_ranks
 from _reference import dense_loss
 
 from rowsft.data.models import tiny_model
@@ -381,26 +382,20 @@ def test_num_batches_caps_any_iterable():
 
 
 # ---------------------------------------------------------------- torch.distributed
-def _rank_scores(rank, world, init_file, out_dir):
-    import torch.distributed as dist
+def _rank_scores(rank, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_ranks(rank, 2, init_file):
         model, batches = model64("llama", layers=1), make_batches("llama", n=2)
         for metric in ("taylor", "hessian", "wanda", "zo-taylor"):
             s = score(model, batches[rank:rank + 1], metric, num_perturbations=3, **exact("row"))
             torch.save(dict(s.items()), f"{out_dir}/{metric}-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_distributed_ranks_sum_their_batches(tmp_path):
     """Two gloo ranks scoring one batch each get what one process gets from both batches."""
-    import torch.multiprocessing as mp
     model, batches = model64("llama", layers=1), make_batches("llama", n=2)
     alone = {m: score(model, batches, m, **exact("row")) for m in ("taylor", "hessian", "wanda")}  # warms imports
-    mp.start_processes(_rank_scores, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")  # forked children reuse the imported modules: fast
+    run_ranks(_rank_scores, str(tmp_path), nprocs=2, start_method="fork")  # forked children reuse the imports: fast
     for metric, ref in alone.items():
         for rank in (0, 1):
             got = torch.load(tmp_path / f"{metric}-{rank}.pt")
