@@ -134,6 +134,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                    "local_dtypes": sorted({str(layer.update.to_local().dtype) for layer in layers.values()}),
                    "indices": {n: (type(layer.indices).__name__, layer.indices.clone()) for n, layer in layers.items()},
                    "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+                   "keep_cast": sorted({layer.keep_cast_weight for layer in layers.values()}),
                    "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
             run["saved"] = str(rowsft.save_adapter(model, os.path.join(out_dir, f"adapter-{name}")))   # every rank
             result["runs"][name] = run
@@ -218,6 +219,7 @@ def test_frozen_weights_are_split_and_index_buffers_stay_whole(ranks):
               f"deltas {run['bytes']['trainable']:,d} B, peak RSS {run['peak_rss_kib'] / 1024:.0f} MiB")
         assert run["bytes"]["frozen"] == pytest.approx(single_frozen / WORLD, rel=0.02)
         assert all(name.endswith(".delta") for name in run["trainable"])   # the optimizer steps the deltas only
+        assert run["keep_cast"] == [False]          # no whole weight kept in the autocast dtype on each rank
     selection = rowsft.Selection.from_dict(run0["selection"])
     for layer, (kind, indices) in run0["indices"].items():
         other_kind, other = run1["indices"][layer]

@@ -192,6 +192,9 @@ def shard(model: nn.Module, mp_policy=None, *, mesh=None, reshard_after_forward:
         device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
         mesh = init_device_mesh(device.type, (world_size(),))
     options = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), offload_policy=offload_policy or OffloadPolicy())
+    for layer in _sparse_layers(model).values():   # a cast kept under autocast would be a whole weight on each rank
+        if hasattr(layer, "keep_cast_weight"):
+            layer.keep_cast_weight = False
     for _, block in found:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)   # the root: embeddings, final norm, head (kept gathered from forward to backward)

@@ -9,6 +9,7 @@ and taken out again.
 - :mod:`rowsft.layers.grouped`: row layers that read one input (q/k/v, gate/up) updated in one product;
 - :mod:`rowsft.layers.in_weight`: rows trained inside the base weight (``apply(..., train_in_weight=True)``);
 - :mod:`rowsft.layers.rebuild`: inputs rebuilt in backward from what the frozen graph keeps;
+- :mod:`rowsft.layers.cast_weights`: under autocast, base weights cast once and kept across steps;
 - :mod:`rowsft.layers.tuner`: ``apply``, ``merge``, ``unmerge``, ``unload``, parameter counts;
 - :mod:`rowsft.layers.adapters`: ``save_adapter`` / ``load_adapter`` (PEFT-style folders).
 """

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from rowsft.layers.autograd import add_sparse_update, sparse_linear
+from rowsft.layers.cast_weights import cast_weight
+from rowsft.layers.products import compute_dtype
 from rowsft.layers.rebuild import global_forward_hooks, source_of
 from rowsft.targets import is_transposed, linear_shape, weight_out_in
 
@@ -31,16 +33,30 @@ def fusable(base_layer: nn.Module) -> bool:
             and not (base_layer._forward_hooks or base_layer._forward_pre_hooks or global_forward_hooks()))
 
 
+def frozen_weight(base_layer: nn.Module, x: torch.Tensor, keep_cast: bool) -> torch.Tensor:
+    """``weight_out_in(base_layer)`` ``(d_out, d_in)``, or (``keep_cast``, under autocast to another dtype) its copy
+    in the compute dtype kept across steps (`rowsft.layers.cast_weights`)."""
+    weight = weight_out_in(base_layer)
+    if keep_cast:
+        dtype = compute_dtype(x, weight.dtype)
+        if dtype != weight.dtype:
+            return cast_weight(base_layer, dtype)
+    return weight
+
+
 def sparse_forward(base_layer: nn.Module, unit: str, x: torch.Tensor, update: torch.Tensor, indices: torch.Tensor,
-                   columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None) -> torch.Tensor:
+                   columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None,
+                   keep_cast: bool = False) -> torch.Tensor:
     """``base_layer(x)`` plus one sparse update of ``unit`` → ``(..., d_out)``: what every rowsft sparse layer (and
     the peft tuner layer of `rowsft.integrations`) computes. Fast path (`fusable`): the frozen matmul runs inside
     the update's autograd function (`rowsft.layers.autograd.sparse_linear`); else the base layer runs as is and the
     update is added into its output (`add_sparse_update`). ``update``: ``delta (k, d_in)`` (row), ``(d_out, k)``
-    (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`."""
+    (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`.
+    ``keep_cast``: a row or column update under autocast reads its weight's kept cast (`frozen_weight`)."""
     if fusable(base_layer):
-        return sparse_linear(unit, x, weight_out_in(base_layer), base_layer.bias, update, indices,
-                             is_transposed(base_layer), columns, source)
+        weight = frozen_weight(base_layer, x, keep_cast and unit != "element")
+        return sparse_linear(unit, x, weight, base_layer.bias, update, indices, is_transposed(base_layer), columns,
+                             source)
     return add_sparse_update(unit, writable(base_layer(x)), x, update, indices, linear_shape(base_layer)[1], columns,
                              source)
 
@@ -63,4 +79,4 @@ def writable(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["fusable", "sparse_forward", "input_source", "writable"]
+__all__ = ["fusable", "frozen_weight", "sparse_forward", "input_source", "writable"]

@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 
 from rowsft.layers.autograd import RowUpdate, _save, _saved, saved_extra
-from rowsft.layers.forward_paths import fusable
+from rowsft.layers.forward_paths import frozen_weight, fusable
 from rowsft.layers.in_weight import in_weight_outputs
 from rowsft.layers.products import (
     add_into_columns,
@@ -41,7 +41,7 @@ from rowsft.layers.products import (
     frozen_linear,
     row_gradient,
 )
-from rowsft.targets import is_transposed, role, weight_out_in
+from rowsft.targets import is_transposed, role
 
 GROUPED_ROLES = ("qkv", "up")
 
@@ -150,8 +150,8 @@ class RowGroup:
             if layer.in_weight:                   # the leader computed this member's whole output
                 return entry[3]
             base = layer.base_layer
-            return GroupMemberUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
-                                           entry[3])
+            return GroupMemberUpdate.apply(x, frozen_weight(base, x, layer.keep_cast_weight), base.bias,
+                                           is_transposed(base), layer.indices, entry[3])
         if not self.groupable(layer) or x.is_inference():
             return None
         self._pending.pop(id(layer), None)
@@ -166,8 +166,9 @@ class RowGroup:
         if layer.in_weight:
             outputs = in_weight_outputs([layer, *members], x, layer._input_source(x))
         else:
-            outputs = GroupedRowUpdate.apply(x, weight_out_in(base), base.bias, is_transposed(base), layer.indices,
-                                             layer._input_source(x), layer.delta, *(m.delta for m in members))
+            outputs = GroupedRowUpdate.apply(x, frozen_weight(base, x, layer.keep_cast_weight), base.bias,
+                                             is_transposed(base), layer.indices, layer._input_source(x), layer.delta,
+                                             *(m.delta for m in members))
         version = x._version
         self._pending = {id(m): (weakref.ref(x), version, _delta_key(m), share) for m, share in zip(members, outputs[1:])}
         return outputs[0]

@@ -41,6 +41,8 @@ from __future__ import annotations
 import torch
 
 from rowsft.layers.autograd import RowUpdate, _save, _saved, _static_entry_points, add_sparse_update, saved_extra
+from rowsft.layers.cast_weights import forget as forget_cast
+from rowsft.layers.cast_weights import refresh_rows
 from rowsft.layers.forward_paths import fusable, writable
 from rowsft.layers.products import (
     ScaledInput,
@@ -104,7 +106,7 @@ class InWeightProducts(torch.autograd.Function):
         ctx.x_dtype, ctx.x_shape, ctx.update_dtype = x.dtype, x.shape, deltas[0].dtype
         ctx.source, ctx.columns = source, None
         need_x, need_deltas = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4 + 3 * n:])
-        kept_weights = weights if need_x else (None,) * n      # cast again in backward, as the usual rows do
+        kept_weights = weights if need_x else (None,) * n      # kept casts (autocast), or cast again in backward
         _save(ctx, x if need_deltas else None, None, None, None, fold_scaled=True,
               extra=(*kept_weights, *indices, *(deltas if need_x else (None,) * n)))   # deltas: refuse in-place edits
         return outs
@@ -141,6 +143,10 @@ def in_weight_outputs(layers, x: torch.Tensor, source) -> tuple[torch.Tensor, ..
     weights = [weight_out_in(b) for b in bases]                       # (d_out_i, d_in), views for Conv1D
     for layer, weight in zip(layers, weights):
         write_rows(layer, weight)
+    dtype = compute_dtype(x, weights[0].dtype)
+    if dtype != weights[0].dtype:                  # under autocast: kept casts, their rows copied again
+        weights = [refresh_rows(b, layer.indices, dtype) if layer.keep_cast_weight else w
+                   for layer, b, w in zip(layers, bases, weights)]
     return InWeightProducts.apply(x, source, tuple(is_transposed(b) for b in bases), len(layers), *weights,
                                   *(b.bias for b in bases), *(layer.indices for layer in layers),
                                   *(layer.delta for layer in layers))
@@ -185,7 +191,8 @@ def disable(layer) -> None:
 
 @torch.no_grad()
 def take_rows_out(layer) -> None:
-    """Put the pretrained rows back into the base weight, bit for bit."""
+    """Put the pretrained rows back into the base weight, bit for bit (a kept cast of it is dropped)."""
+    forget_cast(layer.base_layer)
     weight_out_in(layer.base_layer).data.index_copy_(0, layer.indices, layer.pretrained_rows)
 
 

@@ -92,6 +92,7 @@ class SparseLinear(nn.Module):
     rebuild_input: bool = True   # keep a `rowsft.layers.rebuild.Source` of the input instead of the input, when there is one
     row_group = None             # a `rowsft.layers.grouped.RowGroup` of the row layers reading the same input, or None
     in_weight = False            # rows trained inside the base weight (`rowsft.layers.in_weight`; row layers only)
+    keep_cast_weight = True      # under autocast, keep the base weight's cast across steps (`rowsft.layers.cast_weights`)
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -175,7 +176,7 @@ class SparseLinear(nn.Module):
             out = rows_in_weight.forward(self, x, self._input_source(x))
         if out is None:
             out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
-                                 self._input_source(x))
+                                 self._input_source(x), self.keep_cast_weight)
         if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)

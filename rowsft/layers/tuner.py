@@ -118,7 +118,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 # ---------------------------------------------------------------- the verbs
 def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, delta_dtype: torch.dtype | None = None,
           train_bias: bool = False, rebuild_inputs: bool = True, group_updates: bool = True,
-          train_in_weight: bool = False) -> nn.Module:
+          train_in_weight: bool = False, keep_cast_weights: bool = True) -> nn.Module:
     """Make ``model`` train only the selected rows / columns / elements, in place; returns ``model``.
 
     ``selection``: a :class:`Selection`, or a plain ``{module name: row indices}`` dict (rows).
@@ -139,6 +139,10 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
     three: `rowsft.layers.in_weight`); costs a copy of the pretrained rows, as large as the deltas. Column and
     element layers train the usual way. Refused for rows over a quantized base or a weight tied to another
     parameter; ``state_dict``, ``unload`` and ``unmerge`` still give the pretrained weight.
+    ``keep_cast_weights``: under autocast over weights in another dtype (bf16 over float32), row and column layers
+    cast their base weight once and keep the copy across steps instead of casting it in every forward and again in
+    every backward (`rowsft.layers.cast_weights`; same bits). Costs a compute-dtype copy of each trained layer's
+    weight, the copies a frozen autocast forward keeps until its backward; ``False``: the leaner peak, two casts a step.
     """
     check_can_apply(model)  # a DDP/FSDP-wrapped model: apply before wrapping (clear message)
     if getattr(model, _STATE, None) is not None or sparse_layers(model):
@@ -162,6 +166,7 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
         layer = SPARSE_LAYERS[choice.unit](module, choice.indices, delta_dtype=delta_dtype,
                                            train_bias=train_bias and has_bias, name=name)
         layer.rebuild_input = bool(rebuild_inputs)
+        layer.keep_cast_weight = bool(keep_cast_weights)
         if train_in_weight and choice.unit == "row":
             layer.set_train_in_weight(True)
         _set_module(model, name, layer)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from rowsft.data.batching import to_device
+from rowsft.layers.cast_weights import kept_copies
 from rowsft.layers.tuner import parameters_to_train
 from rowsft.lean_loss import training_loss
 from rowsft.targets import is_quantized, linear_shape, quantization_tensors, weight_dtype
@@ -65,9 +66,9 @@ def dequantized_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def live_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, extra: Any = ()) -> int:
-    """Bytes live in ``model`` (parameters, buffers, quantization statistics, gradients), ``optimizer``'s state
-    and ``extra``."""
-    tensors = list(model.parameters()) + list(model.buffers()) + quantization_state(model)
+    """Bytes live in ``model`` (parameters, buffers, quantization statistics, weights kept in the autocast dtype
+    (`rowsft.layers.cast_weights`), gradients), ``optimizer``'s state and ``extra``."""
+    tensors = list(model.parameters()) + list(model.buffers()) + quantization_state(model) + kept_copies(model)
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     if optimizer is not None:
         tensors += list(state_tensors(optimizer.state))

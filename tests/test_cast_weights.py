@@ -1,0 +1,156 @@
+"""Base weights kept in the autocast dtype across steps (`rowsft.layers.cast_weights`, ``apply(keep_cast_weights=)``).
+
+The copy must change no bit: training under bf16 autocast with kept casts equals training with a fresh cast in
+every forward and backward (``keep_cast_weights=False``, the path the float64 and bf16 tests of the layers check),
+and outputs with the adapter disabled equal the model never touched by rowsft. The copy must follow the weight:
+an in-place edit, ``load_state_dict`` or rows taken out of the weight are seen at the next forward."""
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from _reference import random_batches
+from transformers.pytorch_utils import Conv1D
+
+import rowsft
+from rowsft.integrations.rowsft_model import RowSFTModel
+from rowsft.layers import tuner
+from rowsft.layers.cast_weights import cast_weight, kept_bytes
+from rowsft.selection.choice import LayerChoice, Selection
+
+VOCAB = 128
+UNITS = {"llama": {"model.layers.0.self_attn.q_proj": "row", "model.layers.0.self_attn.k_proj": "row",
+                   "model.layers.0.self_attn.v_proj": "row", "model.layers.0.self_attn.o_proj": "column",
+                   "model.layers.1.mlp.gate_proj": "row", "model.layers.1.mlp.up_proj": "row",
+                   "model.layers.1.mlp.down_proj": "row", "model.layers.0.mlp.up_proj": "element"},
+         "gpt2": {"transformer.h.0.attn.c_attn": "row", "transformer.h.0.attn.c_proj": "column",
+                  "transformer.h.1.mlp.c_fc": "row", "transformer.h.1.mlp.c_proj": "row"}}
+MODES = {"grouped": {}, "ungrouped": {"group_updates": False}, "in-weight": {"train_in_weight": True},
+         "inputs-kept": {"rebuild_inputs": False}}
+
+
+def out_in(module):
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def selection_for(model, units):
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for name, unit in units.items():
+        d_out, d_in = out_in(model.get_submodule(name)).shape
+        limit, k = {"row": (d_out, 5), "column": (d_in, 4), "element": (d_out * d_in, 37)}[unit]
+        layers[name] = LayerChoice(unit, torch.sort(torch.randperm(limit, generator=g)[:k]).values, (d_out, d_in))
+    return Selection(layers)
+
+
+def batches(n, seed=0):
+    return random_batches(n, 2, 8, VOCAB, seed)
+
+
+def pair(arch="llama", **apply_kwargs):
+    """(the untouched model, rowsft with kept casts, rowsft casting every time), same selection and weights."""
+    original = rowsft.tiny_model(arch, vocab_size=VOCAB)
+    selection = selection_for(original, UNITS[arch])
+    kept = tuner.apply(copy.deepcopy(original), selection, **apply_kwargs)
+    fresh = tuner.apply(copy.deepcopy(original), selection, keep_cast_weights=False, **apply_kwargs)
+    return original, kept, fresh
+
+
+def train_bf16(model, steps) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for batch in steps:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def logits_bf16(model, batch):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(input_ids=batch["input_ids"]).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_kept_casts_change_no_bit_of_bf16_training(arch, mode):
+    _, kept, fresh = pair(arch, **MODES[mode])
+    steps = batches(3)
+    assert train_bf16(kept, steps) == train_bf16(fresh, steps)
+    assert kept_bytes(kept) > 0 and kept_bytes(fresh) == 0
+    for (name, a), b in zip(tuner.sparse_layers(kept).items(), tuner.sparse_layers(fresh).values()):
+        assert torch.equal(a.update, b.update), name
+        assert a.update.abs().max() > 0, name
+    assert torch.equal(logits_bf16(kept, batches(1, seed=4)[0]), logits_bf16(fresh, batches(1, seed=4)[0]))
+
+
+def test_one_copy_per_trained_row_or_column_weight_reused_across_steps_and_freed_with_the_model():
+    _, kept, _ = pair()
+    train_bf16(kept, batches(2))
+    layers = tuner.sparse_layers(kept)
+    expected = sum(out_in(layer.base_layer).numel() * 2 for layer in layers.values() if layer.unit != "element")
+    assert kept_bytes(kept) == expected                   # bf16 copies of the row and column layers' weights only
+    q = layers["model.layers.0.self_attn.q_proj"].base_layer
+    copy_before = cast_weight(q, torch.bfloat16)
+    train_bf16(kept, batches(1, seed=3))
+    assert cast_weight(q, torch.bfloat16) is copy_before  # the same tensor: not cast again
+    ref = weakref.ref(copy_before)
+    del copy_before, q, layers, kept
+    gc.collect()
+    assert ref() is None
+
+
+def test_no_copy_without_autocast_or_over_a_bf16_model():
+    _, kept, _ = pair()
+    opt = torch.optim.AdamW([p for p in kept.parameters() if p.requires_grad], lr=1e-2)
+    kept(**batches(1)[0]).loss.backward()
+    opt.step()
+    assert kept_bytes(kept) == 0
+    original = rowsft.tiny_model("llama", vocab_size=VOCAB, dtype=torch.bfloat16)
+    bf16 = tuner.apply(original, selection_for(original, UNITS["llama"]))
+    train_bf16(bf16, batches(1))
+    assert kept_bytes(bf16) == 0
+
+
+@pytest.mark.parametrize("mode", ["grouped", "in-weight"])
+def test_a_kept_copy_follows_in_place_edits_and_loaded_weights(mode):
+    _, kept, fresh = pair(**MODES[mode])
+    train_bf16(kept, batches(1))
+    train_bf16(fresh, batches(1))
+    batch = batches(1, seed=6)[0]
+    for model in (kept, fresh):                             # an in-place edit of a trained layer's weight
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
+    assert torch.equal(logits_bf16(kept, batch), logits_bf16(fresh, batch))
+    other = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=7).state_dict()
+    for model in (kept, fresh):                             # new base weights through load_state_dict
+        state = model.state_dict()
+        state.update({k: other[k.replace(".base_layer", "")] for k in state if k.endswith("base_layer.weight")})
+        model.load_state_dict(state)
+    assert torch.equal(logits_bf16(kept, batch), logits_bf16(fresh, batch))
+    assert not torch.equal(logits_bf16(kept, batch), logits_bf16(pair()[1], batch))
+
+
+def test_rows_taken_out_of_the_weight_leave_no_trained_row_in_the_copy():
+    original, kept, fresh = pair(train_in_weight=True)
+    for model in (kept, fresh):
+        train_bf16(model, batches(2))
+    batch = batches(1, seed=8)[0]
+    wrapped = RowSFTModel(kept)
+    with wrapped.disable_adapter():                         # the base model, as never touched
+        assert torch.equal(logits_bf16(kept, batch), logits_bf16(original, batch))
+    for model in (kept, fresh):                             # the usual rows again: pretrained rows + delta added
+        for layer in tuner.sparse_layers(model).values():
+            layer.set_train_in_weight(False)
+    assert torch.equal(logits_bf16(kept, batch), logits_bf16(fresh, batch))
+
+
+def test_live_memory_counts_the_kept_copies():
+    _, kept, fresh = pair()
+    for model in (kept, fresh):
+        train_bf16(model, batches(1))
+    assert rowsft.memory.live_bytes(kept) - rowsft.memory.live_bytes(fresh) == kept_bytes(kept) > 0
