@@ -154,3 +154,13 @@ def test_live_memory_counts_the_kept_copies():
     for model in (kept, fresh):
         train_bf16(model, batches(1))
     assert rowsft.memory.live_bytes(kept) - rowsft.memory.live_bytes(fresh) == kept_bytes(kept) > 0
+
+
+def test_no_copy_under_torch_compile():
+    """A compiled graph casts inside itself; the kept copy (state outside the graph) is not used there."""
+    torch._dynamo.reset()
+    _, kept, fresh = pair(rebuild_inputs=False)
+    batch = batches(1, seed=9)[0]
+    compiled = torch.compile(kept, backend="eager", fullgraph=False)
+    assert torch.equal(logits_bf16(compiled, batch), logits_bf16(fresh, batch))
+    assert kept_bytes(kept) == 0

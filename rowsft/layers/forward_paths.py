@@ -35,9 +35,10 @@ def fusable(base_layer: nn.Module) -> bool:
 
 def frozen_weight(base_layer: nn.Module, x: torch.Tensor, keep_cast: bool) -> torch.Tensor:
     """``weight_out_in(base_layer)`` ``(d_out, d_in)``, or (``keep_cast``, under autocast to another dtype) its copy
-    in the compute dtype kept across steps (`rowsft.layers.cast_weights`)."""
+    in the compute dtype kept across steps (`rowsft.layers.cast_weights`). Not under ``torch.compile``: a compiled
+    graph casts inside itself, and the kept copy is state outside the graph."""
     weight = weight_out_in(base_layer)
-    if keep_cast:
+    if keep_cast and not torch.compiler.is_compiling():
         dtype = compute_dtype(x, weight.dtype)
         if dtype != weight.dtype:
             return cast_weight(base_layer, dtype)
