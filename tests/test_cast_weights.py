@@ -164,3 +164,29 @@ def test_no_copy_under_torch_compile():
     compiled = torch.compile(kept, backend="eager", fullgraph=False)
     assert torch.equal(logits_bf16(compiled, batch), logits_bf16(fresh, batch))
     assert kept_bytes(kept) == 0
+
+
+def test_unload_frees_the_copies():
+    _, kept, _ = pair()
+    train_bf16(kept, batches(1))
+    assert kept_bytes(kept) > 0
+    tuner.unload(kept)
+    assert kept_bytes(kept) == 0
+
+
+@pytest.mark.parametrize("ending", ["unload", "merge_and_unload"])
+def test_the_peft_method_keeps_casts_too_with_the_same_bits_and_frees_them(ending):
+    from peft import get_peft_model
+
+    from rowsft.integrations import RowSFTConfig
+    original = rowsft.tiny_model("llama", vocab_size=VOCAB)
+    selection = selection_for(original, UNITS["llama"])
+    kept = get_peft_model(copy.deepcopy(original), RowSFTConfig.from_selection(selection))
+    fresh = get_peft_model(copy.deepcopy(original), RowSFTConfig.from_selection(selection, keep_cast_weights=False))
+    steps = batches(2)
+    assert train_bf16(kept, steps) == train_bf16(fresh, steps)
+    assert kept_bytes(kept) > 0 and kept_bytes(fresh) == 0
+    batch = batches(1, seed=5)[0]
+    assert torch.equal(logits_bf16(kept, batch), logits_bf16(fresh, batch))
+    plain = getattr(kept, ending)()
+    assert kept_bytes(plain) == 0

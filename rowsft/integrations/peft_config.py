@@ -80,6 +80,10 @@ class RowSFTConfig(PeftConfig):
                                              "autocast_adapter_dtype=True still upcasts float16/bfloat16 to float32)")
     rebuild_inputs: bool = _help(True, "Row and element updates rebuild their input in backward from what the frozen "
                                        "model keeps (norm outputs, MLP products) instead of keeping it, as rowsft.apply")
+    keep_cast_weights: bool = _help(True, "Under autocast over weights in another dtype (bf16 over float32), cast "
+                                          "each adapted base weight once and keep the copy across steps instead of "
+                                          "casting it twice a step, as rowsft.apply (same bits; one bf16 copy per "
+                                          "weight in memory)")
     selection_meta: Optional[dict] = _help(None, "How the selection was made (rowsft.Selection.meta)", repr=False)
 
     def __post_init__(self):

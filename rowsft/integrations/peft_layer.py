@@ -56,10 +56,11 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
     """A frozen linear layer (``nn.Linear`` / ``Conv1D``) plus named sparse updates (see the module docstring)."""
 
     adapter_layer_names = ("rowsft_delta",)
-    other_param_names = ("rowsft_indices", "rowsft_unit", "rowsft_rebuild", "rowsft_lean", "rowsft_columns")
+    other_param_names = ("rowsft_indices", "rowsft_unit", "rowsft_rebuild", "rowsft_keep_cast", "rowsft_lean",
+                         "rowsft_columns")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, unit: str, indices, name: str | None = None,
-                 delta_dtype: torch.dtype | None = None, rebuild_input: bool = True):
+                 delta_dtype: torch.dtype | None = None, rebuild_input: bool = True, keep_cast: bool = True):
         super().__init__()
         if isinstance(base_layer, SparseLinear):
             raise TypeError(f"{name or 'the target'} is a rowsft sparse layer made by rowsft.apply; call "
@@ -75,16 +76,18 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         self.rowsft_indices = BufferDict(persistent=True)
         self.rowsft_unit: dict[str, str] = {}
         self.rowsft_rebuild: dict[str, bool] = {}
+        self.rowsft_keep_cast: dict[str, bool] = {}
         self.rowsft_lean: dict[str, bool] = {}
         self.rowsft_columns: dict[str, KeptColumns] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, unit, indices, delta_dtype=delta_dtype, rebuild_input=rebuild_input)
+        self.update_layer(adapter_name, unit, indices, delta_dtype=delta_dtype, rebuild_input=rebuild_input,
+                          keep_cast=keep_cast)
 
     # ---------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, unit: str, indices, delta_dtype: torch.dtype | None = None,
-                     rebuild_input: bool = True, inference_mode: bool = False) -> None:
+                     rebuild_input: bool = True, inference_mode: bool = False, keep_cast: bool = True) -> None:
         """Add the adapter ``adapter_name``: a zero update of ``unit`` at ``indices`` (validated first)."""
         if unit not in LAYER_UNITS:
             raise ValueError(f"{self.module_name}: unit must be one of {LAYER_UNITS}, got {unit!r}")
@@ -103,6 +106,7 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         self.rowsft_indices[adapter_name] = index.to(weight.device)
         self.rowsft_unit[adapter_name] = unit
         self.rowsft_rebuild[adapter_name] = bool(rebuild_input)
+        self.rowsft_keep_cast[adapter_name] = bool(keep_cast)
         self.rowsft_lean[adapter_name] = unit == "element" and not input_kept_elsewhere(self.module_name)
         self.rowsft_columns[adapter_name] = KeptColumns()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -134,7 +138,8 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
             raise TypeError(f"{type(self.base_layer).__name__} takes one input; got extra arguments")
         first, *rest = active
         out = sparse_forward(self.base_layer, self.rowsft_unit[first], x, self.rowsft_delta[first],
-                             self.rowsft_indices[first], self._columns(first), self._source(first, x))  # (..., d_out)
+                             self.rowsft_indices[first], self._columns(first), self._source(first, x),
+                             self.rowsft_keep_cast[first])                                              # (..., d_out)
         for adapter in rest:                    # further active adapters: added into out in place
             out = add_sparse_update(self.rowsft_unit[adapter], out, x, self.rowsft_delta[adapter],
                                     self.rowsft_indices[adapter], self.in_features, self._columns(adapter),

@@ -30,6 +30,7 @@ from torch import nn
 
 from rowsft.integrations.peft_layer import RowSFTLayer
 from rowsft.integrations.peft_plan import plan_adapter
+from rowsft.layers.cast_weights import forget as forget_cast
 from rowsft.layers.rebuild import track_norm_outputs
 
 PEFT_TYPE = "ROWSFT"
@@ -69,12 +70,13 @@ class RowSFTTuner(BaseTuner):
         dtype = getattr(torch, peft_config.delta_dtype) if peft_config.delta_dtype else None
         if isinstance(target, RowSFTLayer):
             target.update_layer(adapter_name, choice.unit, choice.indices, delta_dtype=dtype,
-                                rebuild_input=peft_config.rebuild_inputs, inference_mode=peft_config.inference_mode)
+                                rebuild_input=peft_config.rebuild_inputs, inference_mode=peft_config.inference_mode,
+                                keep_cast=peft_config.keep_cast_weights)
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key} already carries another peft method's adapter")
         layer = RowSFTLayer(target, adapter_name, choice.unit, choice.indices, name=current_key, delta_dtype=dtype,
-                            rebuild_input=peft_config.rebuild_inputs)
+                            rebuild_input=peft_config.rebuild_inputs, keep_cast=peft_config.keep_cast_weights)
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)                         # an added adapter is not trainable until set
         self._replace_module(parent, target_name, layer, target)
@@ -84,13 +86,22 @@ class RowSFTTuner(BaseTuner):
         for handle in self.__dict__.pop("rowsft_norm_hooks", None) or []:
             handle.remove()
 
+    def _forget_casts(self) -> None:
+        """Free the base weights' copies kept under autocast (`rowsft.layers.cast_weights`): the weights outlive
+        the adapter layers."""
+        for module in self.model.modules():
+            if isinstance(module, RowSFTLayer):
+                forget_cast(module.get_base_layer())
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
+        self._forget_casts()
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         self._remove_norm_hooks()
         return model
 
     def unload(self) -> nn.Module:
+        self._forget_casts()
         model = super().unload()
         self._remove_norm_hooks()
         return model

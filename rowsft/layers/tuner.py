@@ -22,6 +22,7 @@ from torch import nn
 
 from rowsft.data.quantization import forget_quantization
 from rowsft.distributed import check_can_apply, check_not_sharded
+from rowsft.layers.cast_weights import forget as forget_cast
 from rowsft.layers.grouped import assign_groups
 from rowsft.layers.quantized import MERGE_REFUSAL, MergeError, float_linear
 from rowsft.layers.rebuild import track_norm_outputs
@@ -284,6 +285,7 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in sparse_layers(model).items():
         if layer.in_weight and not layer.merged:
             layer.set_train_in_weight(False)          # the pretrained rows back into the weight
+        forget_cast(layer.base_layer)                 # its bf16 copy, kept under autocast, is freed
         _set_module(model, name, layer.base_layer)
     for handle in _NORM_HOOKS.pop(model, []):
         handle.remove()
