@@ -139,3 +139,26 @@ def test_explore_command_prints_intervals_and_writes_the_figure(tmp_path, capsys
     assert "<html>" in figure.read_text() and "plotly" in figure.read_text() and cache.is_file()
     assert main([*argv[:-2], "--figure", str(tmp_path / "figure.txt")]) == 2
     assert ".html" in capsys.readouterr().err
+
+
+def test_a_cached_point_of_an_older_predictor_gets_the_new_prediction_and_keeps_its_run(tmp_path, monkeypatch):
+    """Records written before `rowsft.memory.PREDICTOR_VERSION` changed carry the old predicted peak: it is computed
+    again (the same selection, nothing trained) and written back; accuracy and loss stay those of the run."""
+    import json
+
+    cache = tmp_path / "explore.jsonl"
+    config = ExploreConfig(**{**TINY, "budgets": [1]}, cache=str(cache))
+    fresh = explore_budgets(config, progress=False)
+    stale = [{**r, "predicted_peak_bytes": 7 if r["predicted_peak_bytes"] else None} for r in fresh]
+    for r in stale:
+        r.pop("predictor_version")
+    cache.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    monkeypatch.setattr(explorer, "run_point", lambda point: pytest.fail("a cached point ran again"))
+    monkeypatch.setattr(explorer, "train", lambda *a, **k: pytest.fail("trained to refresh a prediction"))
+    again = explore_budgets(config, progress=False)
+    assert [r["predicted_peak_bytes"] for r in again] == [r["predicted_peak_bytes"] for r in fresh]
+    assert [r["evaluation"] for r in again] == [r["evaluation"] for r in stale]
+    assert all(r["predictor_version"] == rowsft.memory.PREDICTOR_VERSION for r in again)
+    written = explorer.read_cache(cache)
+    assert all(r["predictor_version"] == rowsft.memory.PREDICTOR_VERSION and r["predicted_peak_bytes"] != 7
+               for r in written.values())

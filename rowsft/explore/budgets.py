@@ -4,7 +4,9 @@ For "tuning row budgets interactively": each point of the grid (a method, an imp
 budget and a seed) is one short fine-tune from the same pretrained model, evaluated on the same
 held-out questions, with its trainable parameters and predicted peak memory. Points are cached in a
 JSON-lines file keyed by everything that defines them, so re-plotting is instant and adding one
-budget runs only that budget. `rowsft.viz.budget_explorer` draws the result.
+budget runs only that budget; a cached point whose predicted memory came from an older
+`rowsft.memory.predict` (its ``predictor_version``) gets it computed again from the same selection,
+without training again. `rowsft.viz.budget_explorer` draws the result.
 
     points = rowsft.explore_budgets(ExploreConfig(model="smollm2-135m", task="rotten_tomatoes",
                                                   budgets=[1, 2, 4, "lora:8"], metrics=["taylor", "random"]))
@@ -139,31 +141,53 @@ def write_cache(path, records: Iterable[dict]) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged.values()))
 
 
-def run_point(point: dict) -> dict:
-    """One short fine-tune and its evaluation; a JSON-ready record."""
+def _prepared(point: dict):
+    """The point's pretrained model, tokenizer, data and training batches, seeded as its run was."""
     torch.manual_seed(point["seed"])
     model, tokenizer = load_model(point["model"])
     data = load_dataset(point["task"], max_train=point["max_train"], seed=0)
     batches = make_batches(data["train"], tokenizer, batch_size=point["batch_size"], max_length=point["max_length"],
                            seed=point["seed"])
+    return model, tokenizer, data, batches
+
+
+def _selected(point: dict, model, batches):
+    """The point's model made trainable (LoRA, or its selection applied) and its predicted peak memory."""
     first = next(iter(batches))
     seq_len, positions = int(first["input_ids"].shape[-1]), logit_positions(first)
-    if point["method"] == "zero-shot":                                   # the pretrained model itself
-        result = evaluate(model, tokenizer, data["validation"], max_length=point["max_length"],
-                          max_examples=point["eval_examples"], progress=False)
-        return {**point, "trainable_parameters": 0, "total_parameters": sum(p.numel() for p in model.parameters()),
-                "predicted_peak_bytes": None, "final_loss": None, "evaluation": json_safe(result)}
     if point["method"] == "lora":
         rank = int(point["budget"].split(":")[1])
         model = baselines.lora(model, rank=rank)
         predicted = memory.predict(model.get_base_model(), ("lora", rank), point["batch_size"], seq_len,
                                    logit_positions=positions)
-    else:
-        calibration = list(itertools.islice(iter(batches), point["calibration_batches"]))
-        scores = score(model, calibration, metric=point["metric"], unit=point["method"], seed=point["seed"])
-        selection = select(scores, parse_budget(point["budget"]))
-        predicted = memory.predict(model, selection, point["batch_size"], seq_len, logit_positions=positions)
-        apply(model, selection)
+        return model, predicted
+    calibration = list(itertools.islice(iter(batches), point["calibration_batches"]))
+    scores = score(model, calibration, metric=point["metric"], unit=point["method"], seed=point["seed"])
+    selection = select(scores, parse_budget(point["budget"]))
+    predicted = memory.predict(model, selection, point["batch_size"], seq_len, logit_positions=positions)
+    return apply(model, selection), predicted
+
+
+def predicted_again(point: dict, record: dict) -> dict:
+    """``record`` (of ``point``) with its predicted peak computed by this version of `rowsft.memory.predict`
+    (the same selection, made as its run made it; nothing trained): a cached record of an older predictor."""
+    predicted = None
+    if point["method"] != "zero-shot":
+        model, _, _, batches = _prepared(point)
+        predicted = int(_selected(point, model, batches)[1].total)
+    return {**record, "predicted_peak_bytes": predicted, "predictor_version": memory.PREDICTOR_VERSION}
+
+
+def run_point(point: dict) -> dict:
+    """One short fine-tune and its evaluation; a JSON-ready record."""
+    model, tokenizer, data, batches = _prepared(point)
+    if point["method"] == "zero-shot":                                   # the pretrained model itself
+        result = evaluate(model, tokenizer, data["validation"], max_length=point["max_length"],
+                          max_examples=point["eval_examples"], progress=False)
+        return {**point, "trainable_parameters": 0, "total_parameters": sum(p.numel() for p in model.parameters()),
+                "predicted_peak_bytes": None, "predictor_version": memory.PREDICTOR_VERSION, "final_loss": None,
+                "evaluation": json_safe(result)}
+    model, predicted = _selected(point, model, batches)
     trainable, total = trainable_parameters(model)
     started = time.perf_counter()
     history = train(model, batches, steps=point["steps"], lr=point["lr"], seed=point["seed"], progress=False)
@@ -171,7 +195,8 @@ def run_point(point: dict) -> dict:
     result = evaluate(model, tokenizer, data["validation"], max_length=point["max_length"],
                       max_examples=point["eval_examples"], progress=False)
     return {**point, "trainable_parameters": int(trainable), "total_parameters": int(total),
-            "predicted_peak_bytes": int(predicted.total), "final_loss": history.steps[-1]["loss"],
+            "predicted_peak_bytes": int(predicted.total), "predictor_version": memory.PREDICTOR_VERSION,
+            "final_loss": history.steps[-1]["loss"],
             "train_seconds": train_seconds, "threads": torch.get_num_threads(), "evaluation": json_safe(result)}
 
 
@@ -196,6 +221,11 @@ def explore_budgets(cfg: ExploreConfig | None = None, progress: bool | Callable 
         record = cached.get(key)
         if record is None and cfg.cache is not None:
             record = read_cache(cfg.cache).get(key)          # another process may have run it meanwhile
+        if record is not None and record.get("predictor_version") != memory.PREDICTOR_VERSION:
+            record = predicted_again(point, record)          # an older predictor's memory; the run itself stands
+            cached[key] = record
+            if cfg.cache is not None:
+                write_cache(cfg.cache, [record])
         if record is None:
             if keep is not None and not keep(point):
                 continue

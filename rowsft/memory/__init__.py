@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from rowsft.memory.callback import MemoryCallback
 from rowsft.memory.measure import cpu_peak, live_bytes, measure_peak, region_peak, unique_storage_bytes
-from rowsft.memory.prediction import predict
+from rowsft.memory.prediction import PREDICTOR_VERSION, predict
 from rowsft.memory.report import (
                                   PARTS,
                                   MemoryReport,
@@ -24,5 +24,5 @@ from rowsft.memory.report import (
 )
 
 __all__ = ["MemoryCallback", "MemoryReport", "PARTS", "SavedTensorCounter", "activation_bytes", "breakdown",
-           "cpu_peak", "index_bytes", "live_bytes", "measure_peak", "model_tensors", "optimizer_bytes", "predict",
+           "cpu_peak", "index_bytes", "live_bytes", "measure_peak", "model_tensors", "optimizer_bytes", "predict", "PREDICTOR_VERSION",
            "region_peak", "static_report", "unique_storage_bytes"]

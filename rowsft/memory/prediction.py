@@ -240,6 +240,11 @@ def _index_bytes(choice) -> int:
     return choice.k * per
 
 
+PREDICTOR_VERSION = 2    # 1: before the padded term (fused attention on padded batches, session 13); 2: with it.
+                         # Bump when `predict` changes what it returns for the same inputs; stored predictions
+                         # (the budget explorer's cache) with another version are computed again.
+
+
 def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_len: int, optimizer: str = "adamw",
             targets="all-linear", logit_positions: int | None = None, padded: bool = True):
     """Predicted `MemoryReport` of training ``model`` with ``selection_or_method`` on batches of
@@ -315,4 +320,4 @@ def predict(model: torch.nn.Module, selection_or_method, batch_size: int, seq_le
                         details={"batch_size": batch_size, "seq_len": seq_len, "predicted": True})
 
 
-__all__ = ["predict", "activation_formula", "Shapes"]
+__all__ = ["predict", "PREDICTOR_VERSION", "activation_formula", "Shapes"]
