@@ -190,3 +190,15 @@ def test_the_peft_method_keeps_casts_too_with_the_same_bits_and_frees_them(endin
     assert torch.equal(logits_bf16(kept, batch), logits_bf16(fresh, batch))
     plain = getattr(kept, ending)()
     assert kept_bytes(plain) == 0
+
+
+@pytest.mark.parametrize("mode", ["grouped", "in-weight"])
+def test_kept_casts_under_gradient_checkpointing_change_no_bit(mode):
+    _, kept, fresh = pair(**MODES[mode])
+    for model in (kept, fresh):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    steps = batches(2)
+    assert train_bf16(kept, steps) == train_bf16(fresh, steps)
+    for a, b in zip(tuner.sparse_layers(kept).values(), tuner.sparse_layers(fresh).values()):
+        assert torch.equal(a.update, b.update)
+    assert kept_bytes(kept) > 0
