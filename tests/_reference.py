@@ -77,3 +77,18 @@ def train_beside_masked_dense(original, selection, make_optimizer, batches, appl
         opt.step()
         assert abs(loss.item() - ref_loss.item()) < 1e-10
     return reference, model, masks
+
+
+def adamw_steps(model, steps, autocast=False, **adamw) -> list[float]:
+    """AdamW (lr 1e-2) over ``model``'s trainable parameters, one step per batch of ``steps``, the forward under bf16
+    autocast if asked; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **adamw)
+    losses = []
+    for batch in steps:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from _reference import random_batches
+from _reference import adamw_steps, random_batches
 from transformers.pytorch_utils import Conv1D
 
 import rowsft
@@ -58,16 +58,7 @@ def pair(arch="llama", **apply_kwargs):
 
 
 def train_bf16(model, steps) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for batch in steps:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return adamw_steps(model, steps, autocast=True)
 
 
 def logits_bf16(model, batch):

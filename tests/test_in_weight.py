@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from _reference import random_batches, train_beside_masked_dense
+from _reference import adamw_steps, random_batches, train_beside_masked_dense
 from transformers.pytorch_utils import Conv1D
 
 import rowsft
@@ -82,23 +82,8 @@ def trained(arch="llama", units=LLAMA_UNITS, steps=2, dtype=torch.float32, **app
     original = rowsft.tiny_model(arch, vocab_size=VOCAB, dtype=dtype)
     model = tuner.apply(copy.deepcopy(original), selection_for(original, units), train_in_weight=True,
                         **apply_kwargs)
-    train_steps(model, batches(steps), fused=True)
+    adamw_steps(model, batches(steps), fused=True)
     return original, model
-
-
-def train_steps(model, steps, autocast=False, **adamw) -> list[float]:
-    """AdamW (lr 1e-2) over ``model``'s trainable parameters, one step per batch of ``steps``, the forward under bf16
-    autocast if asked; the losses."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **adamw)
-    losses = []
-    for batch in steps:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def rows_of(units):
@@ -181,7 +166,7 @@ def test_a_backward_after_delta_changed_in_place_is_refused_as_usual():
 
 def test_bf16_autocast_trains_and_merges_into_the_weight_it_used():
     original, model = trained(units=rows_of(LLAMA_UNITS), steps=0)
-    losses = train_steps(model, [batches(1)[0]] * 4, autocast=True)
+    losses = adamw_steps(model, [batches(1)[0]] * 4, autocast=True)
     assert losses[-1] < losses[0]
     batch = batches(1, seed=2)[0]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -269,7 +254,7 @@ def test_bf16_model_with_float32_deltas_stores_rows_in_bf16_and_merges_what_it_u
                         train_in_weight=True)
     layer = model.model.layers[1].mlp.down_proj
     assert layer.delta.dtype == torch.float32 and layer.pretrained_rows.dtype == torch.bfloat16
-    losses = train_steps(model, [batches(1)[0]] * 4)
+    losses = adamw_steps(model, [batches(1)[0]] * 4)
     assert losses[-1] < losses[0]
     ids = batches(1, seed=6)[0]["input_ids"]
     with torch.no_grad():
