@@ -51,14 +51,11 @@ def cast_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refresh_rows(base_layer: nn.Module, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`cast_weight`, with the rows ``indices`` copied again from the weight (rows trained in the weight, just
-    written). Through ``.data``: a graph that saved the copy (two forwards before one backward, checkpointing) is
-    not refused for rows written with the same values."""
-    copy = cast_weight(base_layer, dtype)
-    rows = weight_out_in(base_layer).index_select(0, indices)                                    # (k, d_in)
-    copy.data.index_copy_(0, indices, rows.to(dtype))
-    return copy
+def refresh_rows(copy: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows (k, d_in)`` (rows trained in the weight, as just written into it) into a kept ``copy`` at
+    ``indices``, cast to the copy's dtype: the copy stays the cast of the weight. Through ``.data``: a graph that saved
+    the copy (two forwards before one backward, checkpointing) is not refused for rows written with the same values."""
+    copy.data.index_copy_(0, indices, rows.to(copy.dtype))
 
 
 def forget(base_layer: nn.Module) -> None:

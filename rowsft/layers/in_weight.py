@@ -43,7 +43,7 @@ import torch
 from rowsft.layers.autograd import RowUpdate, _save, _saved, _static_entry_points, add_sparse_update, saved_extra
 from rowsft.layers.cast_weights import forget as forget_cast
 from rowsft.layers.cast_weights import refresh_rows
-from rowsft.layers.forward_paths import fusable, writable
+from rowsft.layers.forward_paths import frozen_weight, fusable, writable
 from rowsft.layers.products import (
     ScaledInput,
     add_product,
@@ -140,13 +140,14 @@ def in_weight_outputs(layers, x: torch.Tensor, source) -> tuple[torch.Tensor, ..
     `rowsft.layers.forward_paths.fusable`), their rows written first: `InWeightProducts`."""
     check_not_compiling(layers[0])
     bases = [layer.base_layer for layer in layers]
-    weights = [weight_out_in(b) for b in bases]                       # (d_out_i, d_in), views for Conv1D
-    for layer, weight in zip(layers, weights):
-        write_rows(layer, weight)
-    dtype = compute_dtype(x, weights[0].dtype)
-    if dtype != weights[0].dtype:                  # under autocast: kept casts, their rows copied again
-        weights = [refresh_rows(b, layer.indices, dtype) if layer.keep_cast_weight else w
-                   for layer, b, w in zip(layers, bases, weights)]
+    weights = []
+    for layer, base in zip(layers, bases):
+        weight = weight_out_in(base)                                  # (d_out_i, d_in), a view for Conv1D
+        rows = write_rows(layer, weight)                              # (k_i, d_in), as written
+        used = frozen_weight(base, x, layer.keep_cast_weight)         # under autocast: the kept cast
+        if used is not weight:
+            refresh_rows(used, layer.indices, rows)
+        weights.append(used)
     return InWeightProducts.apply(x, source, tuple(is_transposed(b) for b in bases), len(layers), *weights,
                                   *(b.bias for b in bases), *(layer.indices for layer in layers),
                                   *(layer.delta for layer in layers))
@@ -164,13 +165,15 @@ def forward(layer, x: torch.Tensor, source) -> torch.Tensor:
 
 
 @torch.no_grad()
-def write_rows(layer, weight: torch.Tensor | None = None) -> None:
-    """``W[idx] = pretrained_rows + delta`` in the weight's storage, rounded as a merge folds them (`folded`). Through
-    ``.data``: the weight's version is not bumped, so a graph that saved it (a second forward before one backward,
-    checkpointing) is not refused for rows rewritten with the same values. ``weight``: the base layer's
-    ``weight_out_in``, when the caller has it."""
+def write_rows(layer, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``W[idx] = pretrained_rows + delta`` in the weight's storage, rounded as a merge folds them (`folded`); returns
+    the rows written ``(k, d_in)``. Through ``.data``: the weight's version is not bumped, so a graph that saved it (a
+    second forward before one backward, checkpointing) is not refused for rows rewritten with the same values.
+    ``weight``: the base layer's ``weight_out_in``, when the caller has it."""
     weight = (weight_out_in(layer.base_layer) if weight is None else weight).data     # (d_out, d_in), a view for Conv1D
-    weight.index_copy_(0, layer.indices, folded(layer.pretrained_rows, layer.delta))                # (k, d_in)
+    rows = folded(layer.pretrained_rows, layer.delta)                                                # (k, d_in)
+    weight.index_copy_(0, layer.indices, rows)
+    return rows
 
 
 def enable(layer) -> None:
