@@ -49,7 +49,10 @@ def batches(n, seed=0):
 
 
 def pair(arch="llama", **apply_kwargs):
-    """(the untouched model, rowsft with kept casts, rowsft casting every time), same selection and weights."""
+    """(the untouched model, rowsft with kept casts, rowsft casting every time), same selection and weights. Rows
+    take the usual update here (``train_in_cast=False``): rows written into the kept casts have their own tests
+    (`tests/test_rows_in_cast.py`)."""
+    apply_kwargs.setdefault("train_in_cast", False)
     original = rowsft.tiny_model(arch, vocab_size=VOCAB)
     selection = selection_for(original, UNITS[arch])
     kept = tuner.apply(copy.deepcopy(original), selection, **apply_kwargs)
@@ -172,8 +175,9 @@ def test_the_peft_method_keeps_casts_too_with_the_same_bits_and_frees_them(endin
     from rowsft.integrations import RowSFTConfig
     original = rowsft.tiny_model("llama", vocab_size=VOCAB)
     selection = selection_for(original, UNITS["llama"])
-    kept = get_peft_model(copy.deepcopy(original), RowSFTConfig.from_selection(selection))
-    fresh = get_peft_model(copy.deepcopy(original), RowSFTConfig.from_selection(selection, keep_cast_weights=False))
+    kept = get_peft_model(copy.deepcopy(original), RowSFTConfig.from_selection(selection, train_in_cast=False))
+    fresh = get_peft_model(copy.deepcopy(original), RowSFTConfig.from_selection(selection, keep_cast_weights=False,
+                                                                                train_in_cast=False))
     steps = batches(2)
     assert train_bf16(kept, steps) == train_bf16(fresh, steps)
     assert kept_bytes(kept) > 0 and kept_bytes(fresh) == 0

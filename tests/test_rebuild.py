@@ -124,9 +124,11 @@ def test_folded_row_gradient_is_the_float64_gradient_of_the_norm_output():
 def test_bitwise_equal_under_bf16_autocast(unit):
     """Under autocast the input is handed over already cast to the update's compute dtype (once per
     sibling group): the gradients must still equal those of the kept-input path bit for bit (rows included: they
-    fold a Llama RMSNorm into their gradient only where they compute in the input's dtype, not under autocast)."""
+    fold a Llama RMSNorm into their gradient only where they compute in the input's dtype, not under autocast).
+    Rows take the usual update here (``train_in_cast=False``); rows written into the kept cast take delta's gradient
+    on the norm's input, equal to this to bf16 rounding (`tests/test_in_weight.py`)."""
     model = rowsft.tiny_model("llama", vocab_size=VOCAB, seed=3)
-    tuner.apply(model, all_linear_selection(model, unit))
+    tuner.apply(model, all_linear_selection(model, unit), train_in_cast=False)
     for layer in tuner.sparse_layers(model).values():
         with torch.no_grad():
             layer.update.normal_(std=0.05)

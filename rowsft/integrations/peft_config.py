@@ -84,6 +84,11 @@ class RowSFTConfig(PeftConfig):
                                           "each adapted base weight once and keep the copy across steps instead of "
                                           "casting it twice a step, as rowsft.apply (same bits; one bf16 copy per "
                                           "weight in memory)")
+    train_in_cast: bool = _help(True, "Under autocast with kept casts, write each row update's rows W0[idx] + delta "
+                                      "into the kept copy (the base weight untouched), so the frozen product computes "
+                                      "the update, as rowsft.apply (about a third of the usual row update's extra "
+                                      "time; the arithmetic of mixed-precision full fine-tuning); False: the usual "
+                                      "row update")
     selection_meta: Optional[dict] = _help(None, "How the selection was made (rowsft.Selection.meta)", repr=False)
 
     def __post_init__(self):

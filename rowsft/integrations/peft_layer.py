@@ -13,7 +13,8 @@ Forward runs the first active adapter through `rowsft.layers.forward_paths.spars
 `rowsft.layers.SparseLinear` makes (the frozen matmul inside rowsft's autograd function, the update added
 in place, only ``x`` / its ``k`` columns / a rebuild source kept for backward), so memory, speed and bits
 equal `rowsft.apply`'s. Further active adapters are added into that output with
-`rowsft.layers.autograd.add_sparse_update`. ``merge`` / ``unmerge`` fold updates into the base weight with
+`rowsft.layers.autograd.add_sparse_update`. Under autocast, the first adapter's rows are written into the kept
+cast of the base weight (`rowsft.layers.in_weight.in_cast_output`), as `rowsft.apply`'s row layers do. ``merge`` / ``unmerge`` fold updates into the base weight with
 `rowsft.layers.sparse.fold_update` (the arithmetic `rowsft.merge` uses).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from rowsft.layers.autograd import add_sparse_update
 from rowsft.layers.forward_paths import input_source, sparse_forward
+from rowsft.layers.in_weight import cast_can_take_rows, in_cast_output
 from rowsft.layers.sparse import (
     KeptColumns,
     SparseLinear,
@@ -56,11 +58,12 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
     """A frozen linear layer (``nn.Linear`` / ``Conv1D``) plus named sparse updates (see the module docstring)."""
 
     adapter_layer_names = ("rowsft_delta",)
-    other_param_names = ("rowsft_indices", "rowsft_unit", "rowsft_rebuild", "rowsft_keep_cast", "rowsft_lean",
+    other_param_names = ("rowsft_indices", "rowsft_unit", "rowsft_rebuild", "rowsft_keep_cast", "rowsft_in_cast", "rowsft_lean",
                          "rowsft_columns")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, unit: str, indices, name: str | None = None,
-                 delta_dtype: torch.dtype | None = None, rebuild_input: bool = True, keep_cast: bool = True):
+                 delta_dtype: torch.dtype | None = None, rebuild_input: bool = True, keep_cast: bool = True,
+                 in_cast: bool = True):
         super().__init__()
         if isinstance(base_layer, SparseLinear):
             raise TypeError(f"{name or 'the target'} is a rowsft sparse layer made by rowsft.apply; call "
@@ -77,18 +80,21 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         self.rowsft_unit: dict[str, str] = {}
         self.rowsft_rebuild: dict[str, bool] = {}
         self.rowsft_keep_cast: dict[str, bool] = {}
+        self.rowsft_in_cast: dict[str, bool] = {}
         self.rowsft_lean: dict[str, bool] = {}
         self.rowsft_columns: dict[str, KeptColumns] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, unit, indices, delta_dtype=delta_dtype, rebuild_input=rebuild_input,
-                          keep_cast=keep_cast)
+                          keep_cast=keep_cast, in_cast=in_cast)
 
     # ---------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, unit: str, indices, delta_dtype: torch.dtype | None = None,
-                     rebuild_input: bool = True, inference_mode: bool = False, keep_cast: bool = True) -> None:
-        """Add the adapter ``adapter_name``: a zero update of ``unit`` at ``indices`` (validated first)."""
+                     rebuild_input: bool = True, inference_mode: bool = False, keep_cast: bool = True,
+                     in_cast: bool = True) -> None:
+        """Add the adapter ``adapter_name``: a zero update of ``unit`` at ``indices`` (validated first). ``keep_cast``,
+        ``in_cast``: `rowsft.apply`'s ``keep_cast_weights`` and ``train_in_cast``."""
         if unit not in LAYER_UNITS:
             raise ValueError(f"{self.module_name}: unit must be one of {LAYER_UNITS}, got {unit!r}")
         if adapter_name in self.rowsft_delta:
@@ -107,6 +113,7 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         self.rowsft_unit[adapter_name] = unit
         self.rowsft_rebuild[adapter_name] = bool(rebuild_input)
         self.rowsft_keep_cast[adapter_name] = bool(keep_cast)
+        self.rowsft_in_cast[adapter_name] = bool(in_cast)
         self.rowsft_lean[adapter_name] = unit == "element" and not input_kept_elsewhere(self.module_name)
         self.rowsft_columns[adapter_name] = KeptColumns()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -126,6 +133,12 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         return input_source(x, self.rowsft_unit[adapter], self.rowsft_delta[adapter], self.rowsft_rebuild[adapter],
                             self.base_quantization)
 
+    def _in_cast(self, adapter: str, x: torch.Tensor) -> bool:
+        """Whether ``adapter``'s rows go into the kept cast of the base weight for ``x`` (see `rowsft.apply`'s
+        ``train_in_cast``)."""
+        return (self.rowsft_unit[adapter] == "row" and self.rowsft_in_cast.get(adapter, True)
+                and self.rowsft_keep_cast[adapter] and cast_can_take_rows(self.base_layer, x))
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -137,9 +150,13 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         if args or kwargs:
             raise TypeError(f"{type(self.base_layer).__name__} takes one input; got extra arguments")
         first, *rest = active
-        out = sparse_forward(self.base_layer, self.rowsft_unit[first], x, self.rowsft_delta[first],
-                             self.rowsft_indices[first], self._columns(first), self._source(first, x),
-                             self.rowsft_keep_cast[first])                                              # (..., d_out)
+        if self._in_cast(first, x):             # rows written into the kept cast (`rowsft.layers.in_weight`)
+            out = in_cast_output(self.base_layer, x, self.rowsft_indices[first], self.rowsft_delta[first],
+                                 self._source(first, x))                                               # (..., d_out)
+        else:
+            out = sparse_forward(self.base_layer, self.rowsft_unit[first], x, self.rowsft_delta[first],
+                                 self.rowsft_indices[first], self._columns(first), self._source(first, x),
+                                 self.rowsft_keep_cast[first])                                          # (..., d_out)
         for adapter in rest:                    # further active adapters: added into out in place
             out = add_sparse_update(self.rowsft_unit[adapter], out, x, self.rowsft_delta[adapter],
                                     self.rowsft_indices[adapter], self.in_features, self._columns(adapter),

@@ -7,7 +7,8 @@ and taken out again.
 - :mod:`rowsft.layers.autograd`: their autograd functions (no dense weight-sized tensor);
 - :mod:`rowsft.layers.products`: the tensor products those functions are made of;
 - :mod:`rowsft.layers.grouped`: row layers that read one input (q/k/v, gate/up) updated in one product;
-- :mod:`rowsft.layers.in_weight`: rows trained inside the base weight (``apply(..., train_in_weight=True)``);
+- :mod:`rowsft.layers.in_weight`: rows trained inside the base weight (``apply(..., train_in_weight=True)``), or
+  under autocast inside its kept cast (the default);
 - :mod:`rowsft.layers.rebuild`: inputs rebuilt in backward from what the frozen graph keeps;
 - :mod:`rowsft.layers.cast_weights`: under autocast, base weights cast once and kept across steps;
 - :mod:`rowsft.layers.tuner`: ``apply``, ``merge``, ``unmerge``, ``unload``, parameter counts;

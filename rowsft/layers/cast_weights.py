@@ -11,7 +11,12 @@ once and the copy kept across steps (`cast_weight`); forward and backward read i
 cast of the weight, bit for bit, so results do not change. It is cast again when the weight is another tensor, at
 another version (an in-place edit, ``load_state_dict``, a merge), on another device or in another dtype. Rows
 trained in the weight (`rowsft.layers.in_weight`) are copied into it before each forward (`refresh_rows`), and
-putting the pretrained rows back drops it (`forget`).
+putting the pretrained rows back drops it (`forget`). Rows trained *in the cast* (the default for row layers
+under autocast: `rowsft.layers.in_weight`) are written into a copy of their own (`cast_with_rows`), which records
+which rows it holds: the plain cast is never handed out with trained rows in it.
+
+A copy made under ``torch.inference_mode`` is an inference tensor, which autograd cannot save: outside inference
+mode it is cast again.
 
 Memory: one compute-dtype copy of every trained layer's weight for as long as the layer lives, where the frozen
 model keeps such copies only between its forward and its backward: the training peak is the floor's plus the
@@ -28,11 +33,23 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from rowsft.targets import weight_out_in
 
-_COPIES = WeakIdKeyDictionary()       # base weight (the Parameter) → (its key when cast, the (d_out, d_in) copy)
+# base weight (the Parameter) → (its key when cast, the (d_out, d_in) copy, which trained rows it holds or None)
+_COPIES = WeakIdKeyDictionary()
 
 
 def _key(weight: torch.Tensor, dtype: torch.dtype) -> tuple:
     return weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape), dtype
+
+
+def _usable(kept, key: tuple, rows) -> bool:
+    """A kept entry is still the cast of the weight as it stands, holding exactly ``rows`` (None: no trained rows),
+    and autograd may save it (not an inference tensor outside inference mode)."""
+    return (kept is not None and kept[0] == key and kept[2] == rows
+            and (not kept[1].is_inference() or torch.is_inference_mode_enabled()))
+
+
+def _rows_key(indices: torch.Tensor) -> tuple:
+    return indices.data_ptr(), indices._version, indices.numel(), indices.device
 
 
 @torch.no_grad()
@@ -43,10 +60,29 @@ def cast_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = base_layer.weight
     key = _key(weight, dtype)
     kept = _COPIES.get(weight)
-    if kept is not None and kept[0] == key:
+    if _usable(kept, key, None):
         return kept[1]
     copy = weight_out_in(base_layer).detach().to(dtype)            # (d_out, d_in), strides kept
-    _COPIES[weight] = (key, copy)
+    _COPIES[weight] = (key, copy, None)
+    return copy
+
+
+@torch.no_grad()
+def cast_with_rows(base_layer: nn.Module, dtype: torch.dtype, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The cast of ``weight_out_in(base_layer)`` ``(d_out, d_in)`` in ``dtype`` with ``rows (k, d_in)`` written at
+    ``indices`` (cast to ``dtype``): rows trained in the cast. The base weight is not touched. The copy is kept while
+    the weight and the indices stay as they are, and only its rows are written at each call; another weight, other
+    indices, or a kept plain cast give a new copy (a graph that saved the old one keeps it as it was). Written through
+    ``.data``, as `refresh_rows`: a graph that saved the copy with the same rows (checkpointing) is not refused."""
+    weight = base_layer.weight
+    key, written = _key(weight, dtype), _rows_key(indices)
+    kept = _COPIES.get(weight)
+    if _usable(kept, key, written):
+        copy = kept[1]
+    else:
+        copy = weight_out_in(base_layer).detach().to(dtype)        # (d_out, d_in), strides kept
+        _COPIES[weight] = (key, copy, written)
+    copy.data.index_copy_(0, indices, rows.to(dtype))
     return copy
 
 
@@ -73,4 +109,4 @@ def kept_bytes(model: nn.Module) -> int:
     return sum(copy.untyped_storage().nbytes() for copy in kept_copies(model))
 
 
-__all__ = ["cast_weight", "refresh_rows", "forget", "kept_copies", "kept_bytes"]
+__all__ = ["cast_weight", "cast_with_rows", "refresh_rows", "forget", "kept_copies", "kept_bytes"]

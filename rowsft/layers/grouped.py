@@ -18,7 +18,8 @@ attention, cached generation: see `RowGroup`) stops grouping; a merged or non-ro
 product runs in bitsandbytes), ``torch.compile`` (which would trace Python state), or a layer run on its own falls
 back to the ungrouped update. Layers whose rows train inside their weights (`rowsft.layers.in_weight`) have no shares:
 their group's leader computes every such member's whole output (`rowsft.layers.in_weight.InWeightProducts`) and the
-members take it; the usual and in-weight layers of one group form separate rounds. `assign_groups` forms the
+members take it; so do layers whose rows are written into their kept autocast casts (the default under autocast);
+layers whose rows go different ways in one group form separate rounds. `assign_groups` forms the
 groups when `rowsft.apply` builds the layers: row layers of one parent module with the role ``qkv`` or ``up``.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from rowsft.layers.autograd import RowUpdate, _save, _saved, saved_extra
 from rowsft.layers.forward_paths import frozen_weight, fusable
-from rowsft.layers.in_weight import in_weight_outputs
+from rowsft.layers.in_weight import in_weight_outputs, rows_mode
 from rowsft.layers.products import (
     add_into_columns,
     add_product,
@@ -144,10 +145,10 @@ class RowGroup:
         """``layer``'s output (frozen product plus its update) through the group, or None to run it ungrouped (also
         under ``torch.inference_mode``: its tensors have no version to check a share against)."""
         entry = self._pending.get(id(layer))
-        if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == _delta_key(layer):
+        if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == _delta_key(layer, x):
             del self._pending[id(layer)]          # the leader found this member groupable for this very x and delta
             self._misses = 0
-            if layer.in_weight:                   # the leader computed this member's whole output
+            if entry[2][2] is not None:           # rows in the weight or the cast: the leader computed the whole output
                 return entry[3]
             base = layer.base_layer
             return GroupMemberUpdate.apply(x, frozen_weight(base, x, layer.keep_cast_weight), base.bias,
@@ -160,17 +161,19 @@ class RowGroup:
             self._miss()
             if not self.shared_input:
                 return None
-        members = [m for m in self.layers if m is not layer and self.groupable(m) and m.in_weight == layer.in_weight]
+        mode = rows_mode(layer, x)
+        members = [m for m in self.layers if m is not layer and self.groupable(m) and rows_mode(m, x) == mode]
         if not members:
             return None
-        if layer.in_weight:
+        if mode is not None:
             outputs = in_weight_outputs([layer, *members], x, layer._input_source(x))
         else:
             outputs = GroupedRowUpdate.apply(x, frozen_weight(base, x, layer.keep_cast_weight), base.bias,
                                              is_transposed(base), layer.indices, layer._input_source(x), layer.delta,
                                              *(m.delta for m in members))
         version = x._version
-        self._pending = {id(m): (weakref.ref(x), version, _delta_key(m), share) for m, share in zip(members, outputs[1:])}
+        self._pending = {id(m): (weakref.ref(x), version, _delta_key(m, x), share)
+                         for m, share in zip(members, outputs[1:])}
         return outputs[0]
 
     def _miss(self) -> None:
@@ -178,10 +181,10 @@ class RowGroup:
         self.shared_input = self._misses < self.MISSES_TO_STOP
 
 
-def _delta_key(layer) -> tuple:
-    """Which delta, in which state, trained in the weight or not: a share (or an output) computed from it is valid
-    only while this is unchanged."""
-    return id(layer.delta), layer.delta._version, layer.in_weight
+def _delta_key(layer, x: torch.Tensor) -> tuple:
+    """Which delta, in which state, with its rows written where (`rows_mode`: the weight, the cast, or the usual
+    update): a share (or an output) computed from it is valid only while this is unchanged."""
+    return id(layer.delta), layer.delta._version, rows_mode(layer, x)
 
 
 def assign_groups(layers: dict) -> list[RowGroup]:

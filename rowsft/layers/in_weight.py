@@ -31,6 +31,14 @@ instead of three.
   (q/k/v, gate/up) of layers trained in the weight runs as one, its leader computing every member's frozen output
   (``x`` cast once under autocast), and in backward ``grad x = Σ g_i W_i`` in place and every ``grad delta_i`` as one
   product. A layer alone (o_proj, down_proj) takes the same node with one layer.
+- **Rows in the cast** (the default for row layers under autocast over weights in another dtype, bf16 over float32,
+  with kept casts: `rowsft.layers.cast_weights`): the rows ``bf16(W0[idx] + delta)`` are written into the layer's
+  own kept compute-dtype copy of its weight (`cast_with_rows`), not into the weight, which stays pretrained. Same
+  products and the same bits as rows trained in the weight under autocast (the sum is rounded to the weight's
+  dtype, then cast), so the same arithmetic as mixed-precision full fine-tuning; no pretrained-rows buffer, no hooks
+  (``state_dict``, merges and ``disable_adapter`` see the untouched weight). Off with ``train_in_cast=False``
+  (`rowsft.apply`), or ``keep_cast_weights=False``; not under ``torch.compile``, over a quantized or a hooked base,
+  or without autocast, where the usual update runs.
 - Under bf16 autocast, over a scaled RMSNorm (``x = w ⊙ (h · s)``, `rowsft.layers.rebuild`), delta's gradient is
   ``((g_rows · s)ᵀ bf16(h)) ⊙ w``: ``h`` cast once for the group instead of ``x`` rebuilt (two passes) and cast. It
   equals the usual layers' ``g_rowsᵀ bf16(x)`` to bf16 rounding, not bit for bit (in float32 the fold is the usual
@@ -41,8 +49,8 @@ from __future__ import annotations
 import torch
 
 from rowsft.layers.autograd import RowUpdate, _save, _saved, _static_entry_points, add_sparse_update, saved_extra
+from rowsft.layers.cast_weights import cast_with_rows, refresh_rows
 from rowsft.layers.cast_weights import forget as forget_cast
-from rowsft.layers.cast_weights import refresh_rows
 from rowsft.layers.forward_paths import frozen_weight, fusable, writable
 from rowsft.layers.products import (
     ScaledInput,
@@ -135,28 +143,79 @@ class InWeightProducts(torch.autograd.Function):
         return grad_x, None, None, None, *([None] * (3 * n)), *grad_deltas
 
 
+def rows_mode(layer, x: torch.Tensor) -> str | None:
+    """Where ``layer``'s rows are written for a forward on ``x``: ``"weight"`` (trained in the base weight),
+    ``"cast"`` (in its kept autocast copy: `trains_in_cast`) or None (the usual update adds them)."""
+    if layer.in_weight:
+        return "weight"
+    return "cast" if trains_in_cast(layer, x) else None
+
+
+def trains_in_cast(layer, x: torch.Tensor) -> bool:
+    """True when ``layer`` (a row layer, not merged) writes its rows into its kept compute-dtype copy for ``x``: on
+    (``train_in_cast`` and ``keep_cast_weight``) and `cast_can_take_rows`."""
+    return (layer.unit == "row" and layer.train_in_cast and layer.keep_cast_weight
+            and cast_can_take_rows(layer.base_layer, x))
+
+
+def cast_can_take_rows(base_layer, x: torch.Tensor) -> bool:
+    """True when rows over ``base_layer`` can be written into its kept cast for ``x``: under autocast to another
+    dtype than the weight's, over a plain, hook-free float base (`rowsft.layers.forward_paths.fusable`; a quantized
+    base is not one), not under ``torch.compile``."""
+    if not fusable(base_layer) or torch.compiler.is_compiling():
+        return False
+    weight_dtype = base_layer.weight.dtype
+    return compute_dtype(x, weight_dtype) != weight_dtype
+
+
+def cast_with_trained_rows(base_layer, indices: torch.Tensor, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The kept compute-dtype cast of ``base_layer``'s weight ``(d_out, d_in)`` with its rows ``W0[idx] + delta``
+    written (`cast_with_rows`), rounded to the weight's dtype first (`folded`), as rows written into the weight are."""
+    weight = weight_out_in(base_layer)                                # (d_out, d_in), a view for Conv1D
+    rows = folded(weight.index_select(0, indices), delta)                                            # (k, d_in)
+    return cast_with_rows(base_layer, compute_dtype(x, weight.dtype), indices, rows)
+
+
+def in_cast_output(base_layer, x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, source) -> torch.Tensor:
+    """One row update trained in the kept cast of a plain base layer (`cast_can_take_rows`), outside a
+    `rowsft.layers.SparseLinear` (the peft method's layer): ``(..., d_out)`` through `InWeightProducts`."""
+    weight = cast_with_trained_rows(base_layer, indices, delta, x)
+    return InWeightProducts.apply(x, source, (is_transposed(base_layer),), 1, weight, base_layer.bias, indices,
+                                  delta)[0]
+
+
+def weight_with_rows(layer, x: torch.Tensor) -> torch.Tensor:
+    """The ``(d_out, d_in)`` weight ``layer``'s frozen product reads for ``x``, its rows ``W0[idx] + delta`` written:
+    the base weight (or its kept cast under autocast) for rows trained in the weight, else the layer's kept cast with
+    the rows (`cast_with_rows`; the base weight untouched). The rows are rounded to the weight's dtype first either
+    way (`folded`), so both give the same bits."""
+    base = layer.base_layer
+    if not layer.in_weight:                                           # rows in the cast
+        return cast_with_trained_rows(base, layer.indices, layer.delta, x)
+    weight = weight_out_in(base)                                      # (d_out, d_in), a view for Conv1D
+    rows = write_rows(layer, weight)                                  # (k, d_in), as written
+    used = frozen_weight(base, x, layer.keep_cast_weight)             # under autocast: the kept cast
+    if used is not weight:
+        refresh_rows(used, layer.indices, rows)
+    return used
+
+
 def in_weight_outputs(layers, x: torch.Tensor, source) -> tuple[torch.Tensor, ...]:
-    """The outputs of row layers trained in their weights that read ``x`` (plain, hook-free bases:
-    `rowsft.layers.forward_paths.fusable`), their rows written first: `InWeightProducts`."""
+    """The outputs of row layers trained in their weights, or in their casts (`rows_mode`), that read ``x`` (plain,
+    hook-free bases: `rowsft.layers.forward_paths.fusable`), their rows written first: `InWeightProducts`."""
     check_not_compiling(layers[0])
     bases = [layer.base_layer for layer in layers]
-    weights = []
-    for layer, base in zip(layers, bases):
-        weight = weight_out_in(base)                                  # (d_out_i, d_in), a view for Conv1D
-        rows = write_rows(layer, weight)                              # (k_i, d_in), as written
-        used = frozen_weight(base, x, layer.keep_cast_weight)         # under autocast: the kept cast
-        if used is not weight:
-            refresh_rows(used, layer.indices, rows)
-        weights.append(used)
+    weights = [weight_with_rows(layer, x) for layer in layers]
     return InWeightProducts.apply(x, source, tuple(is_transposed(b) for b in bases), len(layers), *weights,
                                   *(b.bias for b in bases), *(layer.indices for layer in layers),
                                   *(layer.delta for layer in layers))
 
 
 def forward(layer, x: torch.Tensor, source) -> torch.Tensor:
-    """One row layer trained in its weight, on its own: `in_weight_outputs` for a plain base layer, else its base
-    layer run as is (rows written first) with `InWeightRowUpdate` for delta's gradient."""
-    if fusable(layer.base_layer):
+    """One row layer trained in its weight or in its cast, on its own: `in_weight_outputs` for a plain base layer,
+    else (in the weight only) its base layer run as is (rows written first) with `InWeightRowUpdate` for delta's
+    gradient."""
+    if not layer.in_weight or fusable(layer.base_layer):
         return in_weight_outputs([layer], x, source)[0]
     check_not_compiling(layer)
     write_rows(layer)
@@ -253,5 +312,7 @@ def check_not_compiling(layer) -> None:
                            f"torch.compile; apply with train_in_weight=False to compile")
 
 
-__all__ = ["InWeightRowUpdate", "InWeightProducts", "in_weight_outputs", "forward", "enable", "disable", "write_rows", "take_rows_out", "read_pretrained_rows", "hide_rows_in_state_dict", "before_load",
+__all__ = ["InWeightRowUpdate", "InWeightProducts", "rows_mode", "trains_in_cast", "cast_can_take_rows",
+           "cast_with_trained_rows", "in_cast_output", "weight_with_rows",
+           "in_weight_outputs", "forward", "enable", "disable", "write_rows", "take_rows_out", "read_pretrained_rows", "hide_rows_in_state_dict", "before_load",
            "after_load", "check_can_train_in_weight", "check_not_compiling"]

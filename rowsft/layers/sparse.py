@@ -93,6 +93,7 @@ class SparseLinear(nn.Module):
     row_group = None             # a `rowsft.layers.grouped.RowGroup` of the row layers reading the same input, or None
     in_weight = False            # rows trained inside the base weight (`rowsft.layers.in_weight`; row layers only)
     keep_cast_weight = True      # under autocast, keep the base weight's cast across steps (`rowsft.layers.cast_weights`)
+    train_in_cast = True         # under autocast, with a kept cast: rows written into it (`rowsft.layers.in_weight`)
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -172,7 +173,7 @@ class SparseLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         out = None if self.row_group is None else self.row_group.forward(self, x)     # `rowsft.layers.grouped`
-        if out is None and self.in_weight:                                 # rows written into the base weight
+        if out is None and rows_in_weight.rows_mode(self, x) is not None:   # rows written into the weight or its cast
             out = rows_in_weight.forward(self, x, self._input_source(x))
         if out is None:
             out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
