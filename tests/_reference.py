@@ -92,3 +92,37 @@ def adamw_steps(model, steps, autocast=False, **adamw) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+# Row, column and element layers over two blocks of a tiny Llama and a tiny GPT-2 (Conv1D), for tests that train all
+# three units side by side (`selection_for`).
+MIXED_UNITS = {"llama": {"model.layers.0.self_attn.q_proj": "row", "model.layers.0.self_attn.k_proj": "row",
+                         "model.layers.0.self_attn.v_proj": "row", "model.layers.0.self_attn.o_proj": "column",
+                         "model.layers.1.mlp.gate_proj": "row", "model.layers.1.mlp.up_proj": "row",
+                         "model.layers.1.mlp.down_proj": "row", "model.layers.0.mlp.up_proj": "element"},
+               "gpt2": {"transformer.h.0.attn.c_attn": "row", "transformer.h.0.attn.c_proj": "column",
+                        "transformer.h.1.mlp.c_fc": "row", "transformer.h.1.mlp.c_proj": "row"}}
+
+
+def out_in(module) -> torch.Tensor:
+    """(d_out, d_in) view of a plain module's weight, written independently of rowsft."""
+    from transformers.pytorch_utils import Conv1D
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def selection_for(model, units: dict, seed: int = 0):
+    """A seeded random `rowsft.Selection` of ``units`` (``{module name: unit}``): 5 rows, 4 columns or 37 elements."""
+    from rowsft.selection.choice import LayerChoice, Selection
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, unit in units.items():
+        d_out, d_in = out_in(model.get_submodule(name)).shape
+        limit, k = {"row": (d_out, 5), "column": (d_in, 4), "element": (d_out * d_in, 37)}[unit]
+        layers[name] = LayerChoice(unit, torch.sort(torch.randperm(limit, generator=g)[:k]).values, (d_out, d_in))
+    return Selection(layers)
+
+
+def logits_bf16(model, batch: dict) -> torch.Tensor:
+    """The logits of ``batch``'s inputs under bf16 autocast, without grad."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(input_ids=batch["input_ids"]).logits

@@ -10,38 +10,19 @@ import weakref
 
 import pytest
 import torch
-from _reference import adamw_steps, random_batches
-from transformers.pytorch_utils import Conv1D
+from _reference import MIXED_UNITS, adamw_steps, logits_bf16, out_in, random_batches, selection_for
 
 import rowsft
 from rowsft.integrations.rowsft_model import RowSFTModel
 from rowsft.layers import tuner
 from rowsft.layers.cast_weights import cast_weight, kept_bytes
-from rowsft.selection.choice import LayerChoice, Selection
 
 VOCAB = 128
-UNITS = {"llama": {"model.layers.0.self_attn.q_proj": "row", "model.layers.0.self_attn.k_proj": "row",
-                   "model.layers.0.self_attn.v_proj": "row", "model.layers.0.self_attn.o_proj": "column",
-                   "model.layers.1.mlp.gate_proj": "row", "model.layers.1.mlp.up_proj": "row",
-                   "model.layers.1.mlp.down_proj": "row", "model.layers.0.mlp.up_proj": "element"},
-         "gpt2": {"transformer.h.0.attn.c_attn": "row", "transformer.h.0.attn.c_proj": "column",
-                  "transformer.h.1.mlp.c_fc": "row", "transformer.h.1.mlp.c_proj": "row"}}
+UNITS = MIXED_UNITS
 MODES = {"grouped": {}, "ungrouped": {"group_updates": False}, "in-weight": {"train_in_weight": True},
          "inputs-kept": {"rebuild_inputs": False}}
 
 
-def out_in(module):
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
-
-
-def selection_for(model, units):
-    g = torch.Generator().manual_seed(0)
-    layers = {}
-    for name, unit in units.items():
-        d_out, d_in = out_in(model.get_submodule(name)).shape
-        limit, k = {"row": (d_out, 5), "column": (d_in, 4), "element": (d_out * d_in, 37)}[unit]
-        layers[name] = LayerChoice(unit, torch.sort(torch.randperm(limit, generator=g)[:k]).values, (d_out, d_in))
-    return Selection(layers)
 
 
 def batches(n, seed=0):
@@ -63,10 +44,6 @@ def pair(arch="llama", **apply_kwargs):
 def train_bf16(model, steps) -> list[float]:
     return adamw_steps(model, steps, autocast=True)
 
-
-def logits_bf16(model, batch):
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        return model(input_ids=batch["input_ids"]).logits
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -8,13 +8,11 @@ import copy
 
 import pytest
 import torch
-from _reference import adamw_steps, random_batches, train_beside_masked_dense
-from transformers.pytorch_utils import Conv1D
+from _reference import adamw_steps, out_in, random_batches, selection_for, train_beside_masked_dense
 
 import rowsft
 from rowsft.layers import tuner
 from rowsft.layers.in_weight import InWeightProducts, InWeightRowUpdate, take_rows_out
-from rowsft.selection.choice import LayerChoice, Selection
 from rowsft.training.dynamic import rebuild_layer
 
 VOCAB = 128
@@ -25,20 +23,6 @@ GPT2_UNITS = {"transformer.h.0.attn.c_attn": "row", "transformer.h.0.attn.c_proj
               "transformer.h.1.mlp.c_proj": "row"}
 
 
-def out_in(module):
-    """(d_out, d_in) view of a plain module's weight, written independently of rowsft."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
-
-
-def selection_for(model, units, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, unit in units.items():
-        d_out, d_in = out_in(model.get_submodule(name)).shape
-        limit = {"row": d_out, "column": d_in, "element": d_out * d_in}[unit]
-        k = {"row": 5, "column": 4, "element": 37}[unit]
-        layers[name] = LayerChoice(unit, torch.sort(torch.randperm(limit, generator=g)[:k]).values, (d_out, d_in))
-    return Selection(layers)
 
 
 def batches(n, seed=0):
