@@ -44,7 +44,7 @@ import harness  # noqa: E402
 import paired_ratio  # noqa: E402
 
 ALL = ("row", "row-in-weight", "row-usual", "row-recast", "row-kept", "row-ungrouped", "column", "lean", "element", "dense-scatter", "lora", "full", "floor")
-COLORS = {"row": "#1f77b4", "row-in-weight": "#08306b", "row-usual": "#3182bd", "row-recast": "#9ecae1", "row-kept": "#aec7e8", "row-ungrouped": "#6baed6", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e",
+COLORS = {"row": "#1f77b4", "row-in-weight": "#08306b", "row-usual": "#8c564b", "row-recast": "#9ecae1", "row-kept": "#aec7e8", "row-ungrouped": "#6baed6", "column": "#17becf", "lean": "#2ca02c", "element": "#ff7f0e",
           "dense-scatter": "#d62728", "lora": "#9467bd", "full": "#7f7f7f", "floor": "#bcbd22"}
 
 
