@@ -27,6 +27,8 @@ model), nothing is cast or kept.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
@@ -41,15 +43,20 @@ def _key(weight: torch.Tensor, dtype: torch.dtype) -> tuple:
     return weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape), dtype
 
 
-def _usable(kept, key: tuple, rows) -> bool:
-    """A kept entry is still the cast of the weight as it stands, holding exactly ``rows`` (None: no trained rows),
-    and autograd may save it (not an inference tensor outside inference mode)."""
-    return (kept is not None and kept[0] == key and kept[2] == rows
-            and (not kept[1].is_inference() or torch.is_inference_mode_enabled()))
+def _usable(kept, key: tuple, indices: torch.Tensor | None) -> bool:
+    """A kept entry is still the cast of the weight as it stands, holding the trained rows of exactly ``indices``
+    (None: none), and autograd may save it (not an inference tensor outside inference mode)."""
+    if kept is None or kept[0] != key or (kept[1].is_inference() and not torch.is_inference_mode_enabled()):
+        return False
+    if indices is None or kept[2] is None:
+        return indices is None and kept[2] is None
+    return kept[2][0]() is indices and kept[2][1] == indices._version
 
 
 def _rows_key(indices: torch.Tensor) -> tuple:
-    return indices.data_ptr(), indices._version, indices.numel(), indices.device
+    """Which rows a copy holds: the very index tensor (a weak reference: a new tensor at the same address is another
+    one) at its version."""
+    return weakref.ref(indices), indices._version
 
 
 @torch.no_grad()
@@ -75,13 +82,13 @@ def cast_with_rows(base_layer: nn.Module, dtype: torch.dtype, indices: torch.Ten
     indices, or a kept plain cast give a new copy (a graph that saved the old one keeps it as it was). Written through
     ``.data``, as `refresh_rows`: a graph that saved the copy with the same rows (checkpointing) is not refused."""
     weight = base_layer.weight
-    key, written = _key(weight, dtype), _rows_key(indices)
+    key = _key(weight, dtype)
     kept = _COPIES.get(weight)
-    if _usable(kept, key, written):
+    if _usable(kept, key, indices):
         copy = kept[1]
     else:
         copy = weight_out_in(base_layer).detach().to(dtype)        # (d_out, d_in), strides kept
-        _COPIES[weight] = (key, copy, written)
+        _COPIES[weight] = (key, copy, _rows_key(indices))
     copy.data.index_copy_(0, indices, rows.to(dtype))
     return copy
 
