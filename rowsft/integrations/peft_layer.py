@@ -14,8 +14,9 @@ Forward runs the first active adapter through `rowsft.layers.forward_paths.spars
 in place, only ``x`` / its ``k`` columns / a rebuild source kept for backward), so memory, speed and bits
 equal `rowsft.apply`'s. Further active adapters are added into that output with
 `rowsft.layers.autograd.add_sparse_update`. Under autocast, the first adapter's rows are written into the kept
-cast of the base weight (`rowsft.layers.in_weight.in_cast_output`), as `rowsft.apply`'s row layers do. ``merge`` / ``unmerge`` fold updates into the base weight with
-`rowsft.layers.sparse.fold_update` (the arithmetic `rowsft.merge` uses).
+cast of the base weight (`rowsft.layers.in_weight.in_cast_output`), as `rowsft.apply`'s row layers do. ``merge`` /
+``unmerge`` fold updates into the base weight with `rowsft.layers.sparse.fold_update` (the arithmetic `rowsft.merge`
+uses).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from rowsft.layers.autograd import add_sparse_update
 from rowsft.layers.forward_paths import input_source, sparse_forward
-from rowsft.layers.in_weight import cast_can_take_rows, in_cast_output
+from rowsft.layers.in_weight import in_cast_output, rows_go_in_cast
 from rowsft.layers.sparse import (
     KeptColumns,
     SparseLinear,
@@ -58,8 +59,8 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
     """A frozen linear layer (``nn.Linear`` / ``Conv1D``) plus named sparse updates (see the module docstring)."""
 
     adapter_layer_names = ("rowsft_delta",)
-    other_param_names = ("rowsft_indices", "rowsft_unit", "rowsft_rebuild", "rowsft_keep_cast", "rowsft_in_cast", "rowsft_lean",
-                         "rowsft_columns")
+    other_param_names = ("rowsft_indices", "rowsft_unit", "rowsft_rebuild", "rowsft_keep_cast", "rowsft_in_cast",
+                         "rowsft_lean", "rowsft_columns")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, unit: str, indices, name: str | None = None,
                  delta_dtype: torch.dtype | None = None, rebuild_input: bool = True, keep_cast: bool = True,
@@ -136,8 +137,8 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
     def _in_cast(self, adapter: str, x: torch.Tensor) -> bool:
         """Whether ``adapter``'s rows go into the kept cast of the base weight for ``x`` (see `rowsft.apply`'s
         ``train_in_cast``)."""
-        return (self.rowsft_unit[adapter] == "row" and self.rowsft_in_cast.get(adapter, True)
-                and self.rowsft_keep_cast[adapter] and cast_can_take_rows(self.base_layer, x))
+        return rows_go_in_cast(self.rowsft_unit[adapter], self.rowsft_in_cast[adapter], self.rowsft_keep_cast[adapter],
+                               self.base_layer, x)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

@@ -75,7 +75,8 @@ def cast_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cast_with_rows(base_layer: nn.Module, dtype: torch.dtype, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def cast_with_rows(base_layer: nn.Module, dtype: torch.dtype, indices: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
     """The cast of ``weight_out_in(base_layer)`` ``(d_out, d_in)`` in ``dtype`` with ``rows (k, d_in)`` written at
     ``indices`` (cast to ``dtype``): rows trained in the cast. The base weight is not touched. The copy is kept while
     the weight and the indices stay as they are, and only its rows are written at each call; another weight, other
@@ -89,7 +90,7 @@ def cast_with_rows(base_layer: nn.Module, dtype: torch.dtype, indices: torch.Ten
     else:
         copy = weight_out_in(base_layer).detach().to(dtype)        # (d_out, d_in), strides kept
         _COPIES[weight] = (key, copy, _rows_key(indices))
-    copy.data.index_copy_(0, indices, rows.to(dtype))
+    refresh_rows(copy, indices, rows)
     return copy
 
 

@@ -145,7 +145,8 @@ class RowGroup:
         """``layer``'s output (frozen product plus its update) through the group, or None to run it ungrouped (also
         under ``torch.inference_mode``: its tensors have no version to check a share against)."""
         entry = self._pending.get(id(layer))
-        if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == _delta_key(layer, x):
+        if (entry is not None and entry[0]() is x and entry[1] == x._version
+                and entry[2] == _delta_key(layer, rows_mode(layer, x))):
             del self._pending[id(layer)]          # the leader found this member groupable for this very x and delta
             self._misses = 0
             if entry[2][2] is not None:           # rows in the weight or the cast: the leader computed the whole output
@@ -172,7 +173,7 @@ class RowGroup:
                                              is_transposed(base), layer.indices, layer._input_source(x), layer.delta,
                                              *(m.delta for m in members))
         version = x._version
-        self._pending = {id(m): (weakref.ref(x), version, _delta_key(m, x), share)
+        self._pending = {id(m): (weakref.ref(x), version, _delta_key(m, mode), share)     # members share its mode
                          for m, share in zip(members, outputs[1:])}
         return outputs[0]
 
@@ -181,10 +182,10 @@ class RowGroup:
         self.shared_input = self._misses < self.MISSES_TO_STOP
 
 
-def _delta_key(layer, x: torch.Tensor) -> tuple:
-    """Which delta, in which state, with its rows written where (`rows_mode`: the weight, the cast, or the usual
-    update): a share (or an output) computed from it is valid only while this is unchanged."""
-    return id(layer.delta), layer.delta._version, rows_mode(layer, x)
+def _delta_key(layer, mode: str | None) -> tuple:
+    """Which delta, in which state, with its rows written where (``mode``, `rows_mode`: the weight, the cast, or the
+    usual update): a share (or an output) computed from it is valid only while this is unchanged."""
+    return id(layer.delta), layer.delta._version, mode
 
 
 def assign_groups(layers: dict) -> list[RowGroup]:

@@ -152,17 +152,17 @@ def rows_mode(layer, x: torch.Tensor) -> str | None:
 
 
 def trains_in_cast(layer, x: torch.Tensor) -> bool:
-    """True when ``layer`` (a row layer, not merged) writes its rows into its kept compute-dtype copy for ``x``: on
-    (``train_in_cast`` and ``keep_cast_weight``) and `cast_can_take_rows`."""
-    return (layer.unit == "row" and layer.train_in_cast and layer.keep_cast_weight
-            and cast_can_take_rows(layer.base_layer, x))
+    """True when ``layer`` (a row layer, not merged) writes its rows into its kept compute-dtype copy for ``x``
+    (`rows_go_in_cast` with the layer's settings)."""
+    return rows_go_in_cast(layer.unit, layer.train_in_cast, layer.keep_cast_weight, layer.base_layer, x)
 
 
-def cast_can_take_rows(base_layer, x: torch.Tensor) -> bool:
-    """True when rows over ``base_layer`` can be written into its kept cast for ``x``: under autocast to another
-    dtype than the weight's, over a plain, hook-free float base (`rowsft.layers.forward_paths.fusable`; a quantized
-    base is not one), not under ``torch.compile``."""
-    if not fusable(base_layer) or torch.compiler.is_compiling():
+def rows_go_in_cast(unit: str, train_in_cast: bool, keep_cast: bool, base_layer, x: torch.Tensor) -> bool:
+    """True when an update of ``unit`` over ``base_layer`` writes its rows into the base weight's kept cast for ``x``:
+    a row update, asked to (``train_in_cast`` and ``keep_cast``), under autocast to another dtype than the weight's,
+    over a plain, hook-free float base (`rowsft.layers.forward_paths.fusable`; a quantized base is not one), not under
+    ``torch.compile``. `rowsft.apply`'s layers and the peft method's ask this alike."""
+    if not (unit == "row" and train_in_cast and keep_cast and fusable(base_layer)) or torch.compiler.is_compiling():
         return False
     weight_dtype = base_layer.weight.dtype
     return compute_dtype(x, weight_dtype) != weight_dtype
@@ -177,7 +177,7 @@ def cast_with_trained_rows(base_layer, indices: torch.Tensor, delta: torch.Tenso
 
 
 def in_cast_output(base_layer, x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, source) -> torch.Tensor:
-    """One row update trained in the kept cast of a plain base layer (`cast_can_take_rows`), outside a
+    """One row update trained in the kept cast of a plain base layer (`rows_go_in_cast`), outside a
     `rowsft.layers.SparseLinear` (the peft method's layer): ``(..., d_out)`` through `InWeightProducts`."""
     weight = cast_with_trained_rows(base_layer, indices, delta, x)
     return InWeightProducts.apply(x, source, (is_transposed(base_layer),), 1, weight, base_layer.bias, indices,
@@ -312,7 +312,7 @@ def check_not_compiling(layer) -> None:
                            f"torch.compile; apply with train_in_weight=False to compile")
 
 
-__all__ = ["InWeightRowUpdate", "InWeightProducts", "rows_mode", "trains_in_cast", "cast_can_take_rows",
+__all__ = ["InWeightRowUpdate", "InWeightProducts", "rows_mode", "trains_in_cast", "rows_go_in_cast",
            "cast_with_trained_rows", "in_cast_output", "weight_with_rows",
            "in_weight_outputs", "forward", "enable", "disable", "write_rows", "take_rows_out", "read_pretrained_rows", "hide_rows_in_state_dict", "before_load",
            "after_load", "check_can_train_in_weight", "check_not_compiling"]
