@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import sys
 import time
@@ -35,12 +34,11 @@ from pathlib import Path
 
 import torch
 
-from rowsft import apply, evaluate, load_dataset, load_model, score, select, train
-from rowsft.data import batches as make_batches
+from rowsft import apply, evaluate, train
+from rowsft.evaluation.choices import choice_loss
 from rowsft.evaluation.stats import correctness, exact_mcnemar, paired_bootstrap, paired_over_seeds
-from rowsft.explore.budgets import read_cache, write_cache
+from rowsft.explore.budgets import point_selection, prepared_point, read_cache, write_cache
 from rowsft.io_utils import atomic_write_text
-from rowsft.selection.budgets import parse_budget
 from rowsft.training.learning_rates import default_learning_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,13 +58,9 @@ def run_key(setting: str, arm: str, seed: int) -> str:
 def run_one(setting: str, arm: str, seed: int) -> dict:
     """One bf16-autocast fine-tune of the setting's rows, evaluated in float32; a JSON-ready record."""
     s = SETTINGS[setting]
-    torch.manual_seed(seed)                                   # as the study's runs (`rowsft.explore.budgets`)
-    model, tokenizer = load_model(s["model"])
-    data = load_dataset(s["task"], max_train=s["max_train"], seed=0)
-    batches = make_batches(data["train"], tokenizer, batch_size=s["batch_size"], max_length=s["max_length"], seed=seed)
-    calibration = list(itertools.islice(iter(batches), s["calibration_batches"]))
-    scores = score(model, calibration, metric=s["metric"], unit="row", seed=seed)
-    selection = select(scores, parse_budget(s["budget"]))
+    point = {**s, "method": "row", "seed": seed}              # made as the study's runs are (`rowsft.explore.budgets`)
+    model, tokenizer, data, batches = prepared_point(point)
+    selection = point_selection(point, model, batches)
     apply(model, selection, train_in_cast=arm == "cast")
     lr = default_learning_rate("row")
     started = time.perf_counter()
@@ -81,12 +75,6 @@ def run_one(setting: str, arm: str, seed: int) -> dict:
             "interval": list(result["interval"]), "majority": result["majority"],
             "correct": correctness(result).astype(int).tolist(), "choice_loss": result["choice_loss"],
             "choice_losses": [round(choice_loss(q["scores"], q["label"]), 6) for q in result["per_question"]]}
-
-
-def choice_loss(scores: list[float], label: int) -> float:
-    """``−log softmax(scores)[label]``: the question's loss over its choices (`rowsft.evaluate`'s choice_loss)."""
-    top = max(scores)
-    return top + math.log(sum(math.exp(s - top) for s in scores)) - scores[label]
 
 
 def float32_runs(setting: str) -> dict[int, dict]:

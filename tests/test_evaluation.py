@@ -1,6 +1,8 @@
 """evaluate(): choice scoring against an unpadded, one-sequence-at-a-time float64 reference."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -174,3 +176,11 @@ def test_cached_loglikelihoods_equal_packed_ones_directly(arch, byte_tokenizer, 
     short_prompt = [([1] * 5, [[2] * 40, [3] * 40])]
     assert prompt_sharing_pays(long_prompt) and not prompt_sharing_pays(short_prompt)
     assert prompt_sharing_pays([([1] * 5, [[2], [3]])])                       # one-token choices: one pass
+
+
+def test_one_questions_choice_loss_is_minus_the_log_of_its_labels_share():
+    """``choice_loss(scores, label)`` against ``−log(e^{s_label} / Σ e^{s})`` by hand."""
+    from rowsft.evaluation.choices import choice_loss
+    for scores, label in (([-4.2, -4.4], 0), ([-11.5, -7.2], 0), ([-3.0, -1.0, -2.0], 2), ([0.0, 0.0], 1)):
+        expected = -math.log(math.exp(scores[label]) / sum(math.exp(s) for s in scores))
+        assert math.isclose(choice_loss(scores, label), expected, rel_tol=1e-12, abs_tol=1e-12)

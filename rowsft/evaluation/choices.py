@@ -95,7 +95,7 @@ def summarize(questions: list[dict]) -> dict:
     """
     n = len(questions)
     correct = sum(q["correct"] for q in questions)
-    loss = sum(_choice_loss(q["scores"], q["label"]) for q in questions)
+    loss = sum(choice_loss(q["scores"], q["label"]) for q in questions)
     normed = [q["predicted_norm"] == q["label"] for q in questions if "predicted_norm" in q]
     return {"accuracy": correct / n, "choice_loss": loss / n, "n": n,
             "interval": wilson_interval(correct, n),
@@ -104,7 +104,9 @@ def summarize(questions: list[dict]) -> dict:
             "per_question": questions}
 
 
-def _choice_loss(scores: list[float], label: int) -> float:
+def choice_loss(scores: list[float], label: int) -> float:
+    """One question's loss over its choices: ``−log softmax(scores)[label]`` (``evaluate``'s ``choice_loss`` is the
+    mean over the questions)."""
     return -float(torch.log_softmax(torch.tensor(scores, dtype=torch.float64), dim=0)[label])
 
 

@@ -35,6 +35,7 @@ from rowsft.layers.tuner import apply, trainable_parameters
 from rowsft.lean_loss import logit_positions
 from rowsft.scoring.scorer import score
 from rowsft.selection.budgets import LoraParity, parse_budget
+from rowsft.selection.choice import Selection
 from rowsft.selection.strategies import select
 from rowsft.training.history import json_safe
 from rowsft.training.learning_rates import default_learning_rate
@@ -141,8 +142,10 @@ def write_cache(path, records: Iterable[dict]) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged.values()))
 
 
-def _prepared(point: dict):
-    """The point's pretrained model, tokenizer, data and training batches, seeded as its run was."""
+def prepared_point(point: dict):
+    """The point's pretrained model, tokenizer, data and training batches, seeded as its run was (the recipe of every
+    explorer run and of the study; ``point`` needs ``model``, ``task``, ``max_train``, ``batch_size``, ``max_length``
+    and ``seed``)."""
     torch.manual_seed(point["seed"])
     model, tokenizer = load_model(point["model"])
     data = load_dataset(point["task"], max_train=point["max_train"], seed=0)
@@ -161,11 +164,17 @@ def _selected(point: dict, model, batches):
         predicted = memory.predict(model.get_base_model(), ("lora", rank), point["batch_size"], seq_len,
                                    logit_positions=positions)
         return model, predicted
-    calibration = list(itertools.islice(iter(batches), point["calibration_batches"]))
-    scores = score(model, calibration, metric=point["metric"], unit=point["method"], seed=point["seed"])
-    selection = select(scores, parse_budget(point["budget"]))
+    selection = point_selection(point, model, batches)
     predicted = memory.predict(model, selection, point["batch_size"], seq_len, logit_positions=positions)
     return apply(model, selection), predicted
+
+
+def point_selection(point: dict, model, batches) -> Selection:
+    """The point's selection, made as its run made it: ``point["metric"]`` scores of unit ``point["method"]`` on the
+    first ``calibration_batches`` of ``batches``, selected at ``point["budget"]``."""
+    calibration = list(itertools.islice(iter(batches), point["calibration_batches"]))
+    scores = score(model, calibration, metric=point["metric"], unit=point["method"], seed=point["seed"])
+    return select(scores, parse_budget(point["budget"]))
 
 
 def predicted_again(point: dict, record: dict) -> dict:
@@ -173,14 +182,14 @@ def predicted_again(point: dict, record: dict) -> dict:
     (the same selection, made as its run made it; nothing trained): a cached record of an older predictor."""
     predicted = None
     if point["method"] != "zero-shot":
-        model, _, _, batches = _prepared(point)
+        model, _, _, batches = prepared_point(point)
         predicted = int(_selected(point, model, batches)[1].total)
     return {**record, "predicted_peak_bytes": predicted, "predictor_version": memory.PREDICTOR_VERSION}
 
 
 def run_point(point: dict) -> dict:
     """One short fine-tune and its evaluation; a JSON-ready record."""
-    model, tokenizer, data, batches = _prepared(point)
+    model, tokenizer, data, batches = prepared_point(point)
     if point["method"] == "zero-shot":                                   # the pretrained model itself
         result = evaluate(model, tokenizer, data["validation"], max_length=point["max_length"],
                           max_examples=point["eval_examples"], progress=False)
