@@ -126,3 +126,13 @@ def logits_bf16(model, batch: dict) -> torch.Tensor:
     """The logits of ``batch``'s inputs under bf16 autocast, without grad."""
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         return model(input_ids=batch["input_ids"]).logits
+
+
+def assert_train_alike(model, reference, steps, autocast: bool = True) -> None:
+    """Train ``model`` and ``reference`` with the same AdamW steps (`adamw_steps`): the same losses and the same
+    trained updates of every sparse layer, bit for bit, each of them moved from zero."""
+    from rowsft.layers import tuner
+    assert adamw_steps(model, steps, autocast=autocast) == adamw_steps(reference, steps, autocast=autocast)
+    for (name, a), b in zip(tuner.sparse_layers(model).items(), tuner.sparse_layers(reference).values()):
+        assert torch.equal(a.update, b.update), name
+        assert a.update.abs().max() > 0, name
