@@ -107,17 +107,15 @@ def test_grouped_gradients_equal_the_ungrouped_ones_with_one_node_per_group(arch
     layers = tuner.sparse_layers(model).values()
     groups = {id(layer.row_group) for layer in layers if layer.row_group is not None}
     alone = sum(layer.row_group is None for layer in layers)
-    if in_weight:                              # one node for a whole group (the leader computes every output)
-        assert names.count("InWeightProductsBackward") == len(groups) + alone
-        assert "GroupedRowUpdateBackward" not in names and "GroupMemberUpdateBackward" not in names
-    else:
-        assert names.count("GroupedRowUpdateBackward") == len(groups)
-        members = sum(len(layer.row_group.layers) - 1 for layer in layers
-                      if layer.row_group is not None and layer is layer.row_group.layers[0])
-        assert names.count("GroupMemberUpdateBackward") == members
+    node = "InWeightProductsBackward" if in_weight else "GroupedRowProductsBackward"
+    assert names.count(node) == len(groups) + (alone if in_weight else 0)   # one node for a whole group
+    other = "GroupedRowProductsBackward" if in_weight else "InWeightProductsBackward"
+    assert other not in names
+    if not in_weight:                          # a layer alone (o_proj, down_proj) runs its own row update
+        assert names.count("RowUpdateBackward") == alone
     plain_loss, plain = gradients(ungrouped(model), batch)
     ungrouped_names = node_names(model(**batch).loss)
-    assert "GroupedRowUpdateBackward" not in ungrouped_names
+    assert "GroupedRowProductsBackward" not in ungrouped_names
     assert ungrouped_names.count("InWeightProductsBackward") == (len(layers) if in_weight else 0)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
     assert plain.keys() == grouped_grads.keys()
@@ -240,7 +238,7 @@ def test_one_interrupted_forward_does_not_stop_grouping(in_weight):
     if in_weight:                                   # grouped: fewer nodes than layers
         assert node_names(loss).count("InWeightProductsBackward") < len(layers)
     else:
-        assert "GroupedRowUpdateBackward" in node_names(loss)
+        assert "GroupedRowProductsBackward" in node_names(loss)
 
 
 @IN_WEIGHT

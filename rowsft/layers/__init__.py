@@ -7,6 +7,8 @@ and taken out again.
 - :mod:`rowsft.layers.autograd`: their autograd functions (no dense weight-sized tensor);
 - :mod:`rowsft.layers.products`: the tensor products those functions are made of;
 - :mod:`rowsft.layers.grouped`: row layers that read one input (q/k/v, gate/up) updated in one product;
+- :mod:`rowsft.layers.group_products`: the one autograd node such a group runs as (a row layer alone too, when its
+  rows are written into its weight or its kept cast);
 - :mod:`rowsft.layers.in_weight`: rows trained inside the base weight (``apply(..., train_in_weight=True)``), or
   under autocast inside its kept cast (the default);
 - :mod:`rowsft.layers.rebuild`: inputs rebuilt in backward from what the frozen graph keeps;

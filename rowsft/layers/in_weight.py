@@ -27,10 +27,10 @@ instead of three.
 - Not for: a quantized base (its packed weight cannot take rows), a weight tied to another parameter (that one
   would change too), ``torch.compile`` (the write is a side effect), FSDP2 sharding (a rank holds a slice of
   the rows).
-- One autograd node for the layers that read one input (`InWeightProducts`): a `rowsft.layers.grouped` group
-  (q/k/v, gate/up) of layers trained in the weight runs as one, its leader computing every member's frozen output
-  (``x`` cast once under autocast), and in backward ``grad x = Σ g_i W_i`` in place and every ``grad delta_i`` as one
-  product. A layer alone (o_proj, down_proj) takes the same node with one layer.
+- One autograd node for the layers that read one input (`InWeightProducts`, `rowsft.layers.group_products`): a
+  `rowsft.layers.grouped` group (q/k/v, gate/up) of layers trained in the weight runs as one, its leader computing
+  every member's frozen output (``x`` cast once under autocast), and in backward ``grad x = Σ g_i W_i`` in place and
+  every ``grad delta_i`` as one product. A layer alone (o_proj, down_proj) takes the same node with one layer.
 - **Rows in the cast** (the default for row layers under autocast over weights in another dtype, bf16 over float32,
   with kept casts: `rowsft.layers.cast_weights`): the rows ``bf16(W0[idx] + delta)`` are written into the layer's
   own kept compute-dtype copy of its weight (`cast_with_rows`), not into the weight, which stays pretrained. Same
@@ -48,18 +48,14 @@ from __future__ import annotations
 
 import torch
 
-from rowsft.layers.autograd import RowUpdate, _save, _saved, _static_entry_points, add_sparse_update, saved_extra
+from rowsft.layers.autograd import RowUpdate, _static_entry_points, add_sparse_update
 from rowsft.layers.cast_weights import cast_with_rows, refresh_rows
 from rowsft.layers.cast_weights import forget as forget_cast
 from rowsft.layers.forward_paths import frozen_weight, fusable, writable
+from rowsft.layers.group_products import InWeightProducts, written_rows_outputs
 from rowsft.layers.products import (
-    ScaledInput,
-    add_product,
     cast,
     compute_dtype,
-    flat,
-    frozen_input_grad,
-    frozen_linear,
     gathered_columns,
     row_gradient,
 )
@@ -90,57 +86,6 @@ class InWeightRowUpdate(RowUpdate):
             grad_rows = gathered_columns([grad_out], [index], ctx.dt)            # (N, k), as InWeightProducts gathers
             grad_delta = cast(row_gradient(grad_rows, x, ctx.dt), ctx.update_dtype)      # (k, d_in)
         return grad_x, grad_delta
-
-
-class InWeightProducts(torch.autograd.Function):
-    """The frozen products of ``n`` row layers trained in their weights that read one input (one layer, or a
-    `rowsft.layers.grouped` group: q/k/v, gate/up): ``out_i = x W_iᵀ + b_i`` with the rows already written
-    (`write_rows`), ``x`` cast once. Backward: ``grad x = Σ g_i W_i`` accumulated in place, and every layer's
-    ``grad delta_i = g_i[..., idx_i]ᵀ x`` as one product ``Gᵀ x`` over ``G = [g_1[..., idx_1], ...]`` ``(N, K)``.
-    One autograd node for the group where separate layers take one each.
-
-    Inputs: ``x (..., d_in)``, ``source`` (a `rowsft.layers.rebuild.Source` of ``x`` or None), ``conv1d`` (one per
-    layer), ``n``, then ``weight_1 ... weight_n`` (frozen ``(d_out_i, d_in)``), ``bias_1 ... bias_n``,
-    ``index_1 ... index_n``, ``delta_1 ... delta_n``. Outputs: ``out_1 (..., d_out_1), ..., out_n``."""
-
-    @staticmethod
-    def forward(ctx, x, source, conv1d, n, *tensors):
-        weights, biases, indices, deltas = (tensors[i * n:(i + 1) * n] for i in range(4))
-        ctx.base_dt = compute_dtype(x, weights[0].dtype)
-        base_x = cast(x, ctx.base_dt)                                  # cast once for the group (autocast)
-        outs = tuple(frozen_linear(base_x, w, b, c, ctx.base_dt)                                    # (..., d_out_i)
-                     for w, b, c in zip(weights, biases, conv1d))
-        ctx.dt, ctx.n, ctx.sizes = compute_dtype(x, deltas[0].dtype), n, [d.shape[0] for d in deltas]
-        ctx.x_dtype, ctx.x_shape, ctx.update_dtype = x.dtype, x.shape, deltas[0].dtype
-        ctx.source, ctx.columns = source, None
-        need_x, need_deltas = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4 + 3 * n:])
-        kept_weights = weights if need_x else (None,) * n      # kept casts (autocast), or cast again in backward
-        _save(ctx, x if need_deltas else None, None, None, None, fold_scaled=True,
-              extra=(*kept_weights, *indices, *(deltas if need_x else (None,) * n)))   # deltas: refuse in-place edits
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        kept, *_ = _saved(ctx, RowUpdate)                 # the kept input, a rebuilt one or a `ScaledInput`
-        if isinstance(kept, ScaledInput) and kept.h.dtype != ctx.dt:
-            kept.h_cast = cast(flat(kept.h), ctx.dt)      # (N, d_in): under autocast, cast once for the group
-        n = ctx.n
-        extra = saved_extra(ctx)
-        weights, indices = extra[:n], extra[n:2 * n]
-        grad_x = None
-        if ctx.needs_input_grad[0]:                       # Σ g_i W_i, the frozen model's own input gradient
-            for g, w in zip(grad_outs, weights):
-                if grad_x is None:
-                    grad_x = frozen_input_grad(g, w, ctx.base_dt, ctx.x_dtype, ctx.x_shape)     # (..., d_in)
-                else:
-                    add_product(grad_x, cast(g, ctx.base_dt), cast(w, ctx.base_dt))
-        grad_deltas = [None] * n
-        if any(ctx.needs_input_grad[4 + 3 * n:]):
-            rows = gathered_columns(grad_outs, indices, ctx.dt)                                  # (N, K)
-            stacked = row_gradient(rows, kept, ctx.dt)                                            # (K, d_in)
-            grad_deltas = [cast(g, ctx.update_dtype) if need else None
-                           for g, need in zip(stacked.split(ctx.sizes), ctx.needs_input_grad[4 + 3 * n:])]
-        return grad_x, None, None, None, *([None] * (3 * n)), *grad_deltas
 
 
 def rows_mode(layer, x: torch.Tensor) -> str | None:
@@ -180,8 +125,8 @@ def in_cast_output(base_layer, x: torch.Tensor, indices: torch.Tensor, delta: to
     """One row update trained in the kept cast of a plain base layer (`rows_go_in_cast`), outside a
     `rowsft.layers.SparseLinear` (the peft method's layer): ``(..., d_out)`` through `InWeightProducts`."""
     weight = cast_with_trained_rows(base_layer, indices, delta, x)
-    return InWeightProducts.apply(x, source, (is_transposed(base_layer),), 1, weight, base_layer.bias, indices,
-                                  delta)[0]
+    return written_rows_outputs(x, source, (is_transposed(base_layer),), (weight,), (base_layer.bias,), (indices,),
+                                (delta,))[0]
 
 
 def weight_with_rows(layer, x: torch.Tensor) -> torch.Tensor:
@@ -206,9 +151,8 @@ def in_weight_outputs(layers, x: torch.Tensor, source) -> tuple[torch.Tensor, ..
     check_not_compiling(layers[0])
     bases = [layer.base_layer for layer in layers]
     weights = [weight_with_rows(layer, x) for layer in layers]
-    return InWeightProducts.apply(x, source, tuple(is_transposed(b) for b in bases), len(layers), *weights,
-                                  *(b.bias for b in bases), *(layer.indices for layer in layers),
-                                  *(layer.delta for layer in layers))
+    return written_rows_outputs(x, source, tuple(is_transposed(b) for b in bases), weights, [b.bias for b in bases],
+                                [layer.indices for layer in layers], [layer.delta for layer in layers])
 
 
 def forward(layer, x: torch.Tensor, source) -> torch.Tensor:
