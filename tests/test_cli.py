@@ -191,7 +191,8 @@ def test_bad_quantization_flags_are_refused_before_loading(capsys, monkeypatch):
                          (["--double-quant"], "needs quantization='nf4' or 'fp4'"),
                          (["--quantization", "nf4", "--method", "full"], "full fine-tuning cannot train quantized"),
                          (["--train-in-weight", "--method", "lora"], "it goes with method rowsft, not lora"),
-                         (["--quantization", "nf4", "--train-in-weight"], "cannot write rows into a quantized")):
+                         (["--quantization", "nf4", "--train-in-weight"], "cannot write rows into a quantized"),
+                         (["--autocast", "fp16"], "float16 needs loss scaling")):
         assert main(["run", *TINY_RUN, *flags]) == 2, flags
         assert words in capsys.readouterr().err, flags
 
@@ -216,6 +217,27 @@ def test_a_job_training_rows_in_the_weight_trains_as_the_usual_job(monkeypatch):
         torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-6)
     assert results[1].correct_after == results[0].correct_after
     assert results[1].config["train_in_weight"] is True
+
+
+def test_a_job_under_bf16_autocast_trains_its_rows_in_the_kept_casts(monkeypatch):
+    import rowsft.cli.job as job
+    from rowsft.layers.cast_weights import kept_copies
+    models = []
+
+    def recording_load_model(*args, **kwargs):
+        model, tokenizer = job_load_model(*args, **kwargs)
+        models.append(model)
+        return model, tokenizer
+    job_load_model = job.load_model
+    monkeypatch.setattr(job, "load_model", recording_load_model)
+    result = job.run_job(job.JobConfig(model="tiny-llama", task="boolq", steps=2, max_train=16, eval_examples=8,
+                                       calibration_batches=1, batch_size=2, max_length=64, progress=False,
+                                       device="cpu", autocast="bf16"), log=lambda line: None)
+    model = models[-1]
+    assert kept_copies(model) and result.config["autocast"] == "bf16"
+    assert result.history["meta"]["autocast"] == "bf16"
+    deltas = [m.delta for m in model.modules() if hasattr(m, "in_weight")]
+    assert deltas and all(d.dtype == torch.float32 for d in deltas) and any(d.abs().max() > 0 for d in deltas)
 
 
 @pytest.mark.parametrize("method", ["rowsft", "lora"])

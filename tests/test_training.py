@@ -469,3 +469,64 @@ def test_trains_on_rowsft_batches_with_rowsft_evaluate(byte_tokenizer, mc_rows):
     assert len(h.steps) == 2 * len(batches) and all(math.isfinite(x) for x in h.losses)
     assert [e["step"] for e in h.evals] == [3, 6] and h.evals[-1]["n"] == len(mc_rows)
     assert 0.0 <= h.evals[-1]["accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------- bf16 autocast
+def row_model():
+    from rowsft.selection.choice import LayerChoice, Selection
+    from rowsft.targets import find_targets, linear_shape
+    model = llama()
+    rows = {n: torch.tensor([0, 3, 5]) for n in find_targets(model, ["q_proj", "k_proj", "down_proj"])}
+    return rowsft.apply(model, Selection({n: LayerChoice("row", r, linear_shape(model.get_submodule(n)))
+                                          for n, r in rows.items()}))
+
+
+def test_autocast_bf16_trains_as_a_hand_written_autocast_loop():
+    """train(autocast="bf16") == a plain loop: forward and loss under torch.autocast to bf16, backward and a fused
+    AdamW step outside it: the same losses and the same deltas, bit for bit; the weights stay float32, the rows
+    train in the kept bf16 casts, and the run differs from a float32 one."""
+    from rowsft.layers.cast_weights import kept_copies
+    batches = token_batches(n=3)
+    ours = row_model()
+    history = train(ours, batches, steps=3, lr=1e-2, autocast="bf16", schedule="constant", max_grad_norm=None,
+                    lean_logits=False, **QUIET)
+    assert history.meta["autocast"] == "bf16" and kept_copies(ours)        # the rows went into the kept casts
+
+    ref = row_model()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0, fused=True)
+    ref.train()
+    losses = []
+    for batch in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ref(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert history.losses == losses
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    for name, p in ref.named_parameters():
+        assert p.dtype == torch.float32, name
+        if p.requires_grad:
+            assert torch.equal(mine[name], p) and p.abs().sum() > 0, name
+    plain = train(row_model(), batches, steps=3, lr=1e-2, schedule="constant", max_grad_norm=None, lean_logits=False,
+                  **QUIET)
+    assert plain.losses[1:] != history.losses[1:]                          # float32 is another run
+
+
+def test_autocast_refuses_what_it_cannot_run_before_anything_changes():
+    from rowsft.training.parts import check_autocast
+    for bad in ("fp16", "float16"):
+        with pytest.raises(ValueError, match="loss scaling.*bf16"):
+            TrainConfig(autocast=bad)
+    with pytest.raises(ValueError, match="autocast must be None or 'bf16'"):
+        TrainConfig(autocast="bfloat")
+    with pytest.raises(ValueError, match="autocast=None"):
+        check_autocast("bf16", torch.device("meta"))
+    check_autocast("bf16", torch.device("cpu"))
+    model = row_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="autocast"):
+        train(model, token_batches(), steps=1, autocast="fp16", **QUIET)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

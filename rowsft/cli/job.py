@@ -26,10 +26,10 @@ from rowsft.scoring.scorer import canonical_metric, score
 from rowsft.selection.budgets import parse_budget
 from rowsft.selection.strategies import STRATEGIES, select
 from rowsft.targets import check_targets
-from rowsft.training.config import MAX_LR
+from rowsft.training.config import MAX_LR, TrainConfig
 from rowsft.training.learning_rates import default_learning_rate
 from rowsft.training.loop import train
-from rowsft.training.parts import check_device
+from rowsft.training.parts import autocast_context, check_device
 
 METHODS = ("rowsft", "column", "element", "lora", "dora", "full")
 METHOD_UNITS = {"rowsft": "row", "column": "column", "element": "element"}
@@ -63,6 +63,7 @@ class JobConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order, random selection and init"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/validation split of single-file tasks (rotten_tomatoes, piqa, siqa, openbookqa, commonsenseqa) and of the max_train subset: kept apart from seed, so that runs with other seeds, and rowsft eval, score the very same held-out questions and none of them is trained on"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    autocast: str | None = field(default=None, metadata={"help": "bf16: train under torch.autocast to bfloat16 (weights and deltas stay float32; rows then train in a kept bf16 copy of each weight, their fastest form); evaluation stays in the model's dtype"})
     out: str | None = field(default=None, metadata={"help": "folder to save the adapter into (optional)"})
     overwrite: bool = field(default=False, metadata={"help": "let --out be a non-empty folder holding other files (they are kept)"})
     measure_peak: bool = field(default=False, metadata={"help": "also measure the peak bytes of one training step (slow on CPU)"})
@@ -95,6 +96,7 @@ class JobConfig:
             canonical_metric(self.metric, unit, None)
         check_targets(self.targets)
         check_device(self.device)
+        TrainConfig(autocast=self.autocast)          # the loop's own check of autocast, before anything is loaded
         self._check_quantization()
         return self
 
@@ -277,11 +279,12 @@ def run_job(cfg: JobConfig, callbacks=(), log: Callable[[str], None] = print, mo
     result.memory = report.byte_counts()
     log(str(report))
     if cfg.measure_peak:
-        result.memory["measured_peak"] = int(memory.measure_peak(model, first)["peak"])
+        with autocast_context(cfg.autocast, torch.device(device)):          # the step as it trains
+            result.memory["measured_peak"] = int(memory.measure_peak(model, first)["peak"])
 
     start = time.perf_counter()
     history = train(model, batches, steps=cfg.steps, lr=cfg.lr, callbacks=callbacks, seed=cfg.seed,
-                    progress=cfg.progress)
+                    progress=cfg.progress, autocast=cfg.autocast)
     result.train_seconds = time.perf_counter() - start
     result.history = history.to_dict()
     steps = history.steps

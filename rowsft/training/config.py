@@ -14,6 +14,8 @@ REAL_FIELDS = {"lr": (0.0, True), "weight_decay": (0.0, True), "eps": (0.0, Fals
                "warmup_ratio": (0.0, True)}
 # above this, one AdamW step moves every trained value by about lr: nothing learnt survives, and float32 overflows
 MAX_LR = 10.0
+# autocast's names -> the dtype forward and loss run in (float16 would need loss scaling, which the loop does not do)
+AUTOCAST_DTYPES = {"bf16": "bfloat16"}
 # name -> lowest allowed value; every one must be a whole number (not a bool or a float)
 COUNT_FIELDS = {"warmup_steps": 0, "grad_accum_steps": 1, "eval_every": 0, "log_every": 1, "memory_every": 0}
 
@@ -48,6 +50,10 @@ class TrainConfig:
     eval_every: int = _help(0, "call eval_data every this many steps (0: only at the end)")
     log_every: int = _help(10, "refresh the progress bar / log line every this many steps")
     device: str | None = _help(None, "device to train on (the model is moved there); None: the model's device")
+    autocast: str | None = _help(None, "'bf16': each step's forward and loss run under torch.autocast to bfloat16 (the "
+                                 "weights, deltas and optimizer stay in the model's dtype; row layers then write their rows "
+                                 "into a kept bf16 copy of each weight, their fastest form); None: the model's own dtype. "
+                                 "eval_data runs as it is given")
     progress: bool = _help(True, "show a tqdm progress bar")
     memory_every: int = _help(0, "record memory figures every this many steps (rowsft.memory.MemoryCallback; 0: off)")
     lean_logits: bool = _help(True, "causal LMs: run the LM head only at positions whose next token is labelled (same loss, "
@@ -74,6 +80,10 @@ class TrainConfig:
             (self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.fused in (None, True, False), f"fused must be None, True or False, got {self.fused!r}"),
             (self.nan_policy in ("raise", "skip"), f"nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}"),
+            (self.autocast in AUTOCAST_DTYPES or self.autocast is None,
+             f"autocast must be None or 'bf16', got {self.autocast!r}"
+             + ("; float16 needs loss scaling, which rowsft.train does not do: use 'bf16', or transformers' "
+                "Trainer(fp16=True)" if str(self.autocast).lower() in ("fp16", "float16", "half") else "")),
             (callable(self.optimizer) or self.optimizer in ("adamw", "sgd"),
              f"optimizer must be 'adamw', 'sgd' or a function params -> Optimizer, got {self.optimizer!r}"),
         ]

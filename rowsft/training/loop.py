@@ -2,8 +2,9 @@
 
 It trains whatever parameters require grad (after ``rowsft.apply`` only the sparse deltas; after
 ``rowsft.baselines.full_finetune`` everything; after ``rowsft.baselines.lora`` the LoRA factors)
-with AdamW, a warm-up + decay schedule, gradient accumulation, gradient clipping and optional
-gradient checkpointing. Callbacks (see `rowsft.training.callbacks`) watch every step; a ``threading.Event``,
+with AdamW, a warm-up + decay schedule, gradient accumulation, gradient clipping, optional
+gradient checkpointing and optional bf16 autocast (forward and loss under ``torch.autocast``; backward and the
+optimizer step outside it, the weights and optimizer state in the model's dtype). Callbacks (see `rowsft.training.callbacks`) watch every step; a ``threading.Event``,
 ``state.request_stop()`` or Ctrl-C ends the run cleanly after the current step: no optimizer step
 is ever half-applied, the model's train/eval mode is restored and ``History.stopped`` is set.
 
@@ -83,9 +84,10 @@ class _Run:
         if eval_data is not None and not callable(eval_data):
             raise TypeError("eval_data must be a function fn(model) -> dict of metrics, e.g. "
                             "lambda m: rowsft.evaluate(m, tokenizer, data['validation'])")
+        self.device = torch.device(cfg.device) if cfg.device is not None else self.params[0].device
+        parts.check_autocast(cfg.autocast, self.device)
         if cfg.device is not None:
             model.to(cfg.device)
-        self.device = torch.device(cfg.device) if cfg.device is not None else self.params[0].device
         self.optimizer = parts.build_optimizer(self.params, cfg)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -95,7 +97,7 @@ class _Run:
         n_total = sum(p.numel() for p in model.parameters())
         self.history = History(config=cfg.to_dict(), meta={
             "trainable_parameters": n_trainable, "total_parameters": n_total, "device": str(self.device),
-            "max_steps": max_steps, "dtype": str(self.params[0].dtype).replace("torch.", "")})
+            "max_steps": max_steps, "dtype": str(self.params[0].dtype).replace("torch.", ""), "autocast": cfg.autocast})
         self.state = TrainState(max_steps=max_steps, lr=lr_at(1, cfg, max_steps), history=self.history, model=model,
                                 optimizer=self.optimizer, config=cfg)
         self.start = time.perf_counter()
@@ -213,7 +215,8 @@ class _Run:
                 epoch, batch = next(self.stream)
             except StopIteration:
                 break
-            loss = training_loss(self.model, to_device(batch, self.device), lean=self.cfg.lean_logits)
+            with parts.autocast_context(self.cfg.autocast, self.device):
+                loss = training_loss(self.model, to_device(batch, self.device), lean=self.cfg.lean_logits)
             value = float(loss.detach())
             losses.append(value)
             if not math.isfinite(value):

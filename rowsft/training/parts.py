@@ -15,7 +15,7 @@ from rowsft.checks import check_count, check_real
 from rowsft.layers.tuner import sparse_layers
 from rowsft.memory.callback import MemoryCallback
 from rowsft.training.callbacks import CallbackList, LogCallback, ProgressBar
-from rowsft.training.config import TrainConfig
+from rowsft.training.config import AUTOCAST_DTYPES, TrainConfig
 
 
 def lr_factor(step: int, config: TrainConfig, max_steps: int | None) -> float:
@@ -171,6 +171,26 @@ def check_device(device) -> None:
         raise ValueError(f"device={device!r} is not a device torch knows ({error}); use 'cpu', 'cuda' or 'cuda:0'") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: this torch has no CUDA (or sees no GPU); use device='cpu' (--device cpu)")
+
+
+def autocast_context(autocast: str | None, device: torch.device):
+    """The context a step's forward and loss run in: ``torch.autocast`` on ``device``'s type to ``autocast``'s dtype
+    (`rowsft.training.config.AUTOCAST_DTYPES`), or nothing for None."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, AUTOCAST_DTYPES[autocast]))
+
+
+def check_autocast(autocast: str | None, device: torch.device) -> None:
+    """A clear error, before training starts, where ``device`` cannot run ``autocast``."""
+    if autocast is None:
+        return
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"autocast={autocast!r} runs on CPU and CUDA; the model trains on {device.type}: "
+                         f"train with autocast=None")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 arithmetic: train with "
+                         f"autocast=None")
 
 
 def check_trainable_model(model) -> None:
