@@ -64,14 +64,7 @@ def cast_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """``weight_out_in(base_layer)`` ``(d_out, d_in)`` in ``dtype``: the kept copy while it is the cast of the weight
     as it stands, else a new one (kept in its place). The copy keeps the weight's strides (a Conv1D's stays
     transposed), so the frozen product takes the same kernel."""
-    weight = base_layer.weight
-    key = _key(weight, dtype)
-    kept = _COPIES.get(weight)
-    if _usable(kept, key, None):
-        return kept[1]
-    copy = weight_out_in(base_layer).detach().to(dtype)            # (d_out, d_in), strides kept
-    _COPIES[weight] = (key, copy, None)
-    return copy
+    return _kept_cast(base_layer, dtype, None)
 
 
 @torch.no_grad()
@@ -82,15 +75,22 @@ def cast_with_rows(base_layer: nn.Module, dtype: torch.dtype, indices: torch.Ten
     the weight and the indices stay as they are, and only its rows are written at each call; another weight, other
     indices, or a kept plain cast give a new copy (a graph that saved the old one keeps it as it was). Written through
     ``.data``, as `refresh_rows`: a graph that saved the copy with the same rows (checkpointing) is not refused."""
+    copy = _kept_cast(base_layer, dtype, indices)
+    refresh_rows(copy, indices, rows)
+    return copy
+
+
+def _kept_cast(base_layer: nn.Module, dtype: torch.dtype, indices: torch.Tensor | None) -> torch.Tensor:
+    """The kept ``(d_out, d_in)`` copy of ``base_layer``'s weight in ``dtype`` holding the trained rows of ``indices``
+    (None: a plain cast) while it is usable (`_usable`), else a new cast, kept in its place, recorded as holding those
+    rows (the caller writes them)."""
     weight = base_layer.weight
     key = _key(weight, dtype)
     kept = _COPIES.get(weight)
     if _usable(kept, key, indices):
-        copy = kept[1]
-    else:
-        copy = weight_out_in(base_layer).detach().to(dtype)        # (d_out, d_in), strides kept
-        _COPIES[weight] = (key, copy, _rows_key(indices))
-    refresh_rows(copy, indices, rows)
+        return kept[1]
+    copy = weight_out_in(base_layer).detach().to(dtype)            # (d_out, d_in), strides kept
+    _COPIES[weight] = (key, copy, None if indices is None else _rows_key(indices))
     return copy
 
 
