@@ -26,7 +26,7 @@ from rowsft.scoring.scorer import canonical_metric, score
 from rowsft.selection.budgets import parse_budget
 from rowsft.selection.strategies import STRATEGIES, select
 from rowsft.targets import check_targets
-from rowsft.training.config import MAX_LR, TrainConfig
+from rowsft.training.config import MAX_LR, check_autocast_name
 from rowsft.training.learning_rates import default_learning_rate
 from rowsft.training.loop import train
 from rowsft.training.parts import autocast_context, check_device
@@ -96,7 +96,7 @@ class JobConfig:
             canonical_metric(self.metric, unit, None)
         check_targets(self.targets)
         check_device(self.device)
-        TrainConfig(autocast=self.autocast)          # the loop's own check of autocast, before anything is loaded
+        check_autocast_name(self.autocast)          # the loop's own check, before anything is loaded
         self._check_quantization()
         return self
 

@@ -80,16 +80,13 @@ class TrainConfig:
             (self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.fused in (None, True, False), f"fused must be None, True or False, got {self.fused!r}"),
             (self.nan_policy in ("raise", "skip"), f"nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}"),
-            (self.autocast in AUTOCAST_DTYPES or self.autocast is None,
-             f"autocast must be None or 'bf16', got {self.autocast!r}"
-             + ("; float16 needs loss scaling, which rowsft.train does not do: use 'bf16', or transformers' "
-                "Trainer(fp16=True)" if str(self.autocast).lower() in ("fp16", "float16", "half") else "")),
             (callable(self.optimizer) or self.optimizer in ("adamw", "sgd"),
              f"optimizer must be 'adamw', 'sgd' or a function params -> Optimizer, got {self.optimizer!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_autocast_name(self.autocast)
         self.betas = tuple(self.betas)
 
     @classmethod
@@ -103,6 +100,16 @@ class TrainConfig:
             if callable(getattr(self, name)):
                 d[name] = getattr(getattr(self, name), "__name__", "custom")
         return d
+
+
+def check_autocast_name(autocast) -> None:
+    """``autocast``: None or a name in `AUTOCAST_DTYPES`; float16 is refused with the reason (no loss scaling)."""
+    if autocast is None or autocast in AUTOCAST_DTYPES:
+        return
+    fp16 = str(autocast).lower() in ("fp16", "float16", "half")
+    raise ValueError(f"autocast must be None or 'bf16', got {autocast!r}"
+                     + ("; float16 needs loss scaling, which rowsft.train does not do: use 'bf16', or transformers' "
+                        "Trainer(fp16=True)" if fp16 else ""))
 
 
 def check_betas(betas) -> None:
