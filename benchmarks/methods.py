@@ -118,12 +118,12 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
     del probe
 
     def sparse(kind, rebuild_inputs=True, group_updates=True, train_in_weight=False, keep_cast_weights=True,
-               train_in_cast=True):
+               train_in_cast=True, lend_rows=True):
         def build():
             m = fresh()
             tuner.apply(m, selections[kind], rebuild_inputs=rebuild_inputs, group_updates=group_updates,
                         train_in_weight=train_in_weight, keep_cast_weights=keep_cast_weights,
-                        train_in_cast=train_in_cast)
+                        train_in_cast=train_in_cast, lend_rows=lend_rows)
             return m
         return build
 
@@ -134,8 +134,8 @@ def build_methods(model_name: str, batch: dict, rank: int, methods):
         elif m == "row-in-weight":
             builders[m] = ("row, trained in the weight (train_in_weight=True)", sparse("row", train_in_weight=True))
         elif m == "row-usual":
-            builders[m] = ("row, the usual update under autocast (train_in_cast=False)",
-                           sparse("row", train_in_cast=False))
+            builders[m] = ("row, the usual update (lend_rows=False; under autocast train_in_cast=False)",
+                           sparse("row", train_in_cast=False, lend_rows=False))
         elif m == "row-recast":
             builders[m] = ("row, weights cast every step (keep_cast_weights=False)",
                            sparse("row", keep_cast_weights=False))
@@ -316,7 +316,8 @@ def main(argv=None) -> int:
                                                              floor.step_times_s, target=0.30)
                             ratio_tests.append({"method": key, "tokens": args.batch * seq, "rank": rank, **test})
                             print(paired_ratio.describe(test))
-            for other, what in (("row-usual", "rows in the cast"), ("row-recast", "kept casts and rows in them")):
+            for other, what in (("row-usual", "rows lent (float32) or in the cast (autocast)"),
+                                ("row-recast", "kept casts and rows in them")):
                 if {"row", other} <= by.keys():    # what the default's autocast paths buy, paired round by round
                     band = above_floor_interval(by["row"], by[other])
                     print(f"{what}: row − {other} {band['median']:+.3f} s a step [{band['low']:+.3f}, "

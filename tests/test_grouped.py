@@ -27,9 +27,11 @@ def row_selection(model, k=3, seed=0):
     return Selection(layers)
 
 
-def applied(arch, dtype=torch.float32, in_weight=False):
+def applied(arch, dtype=torch.float32, form="lent"):
+    """A tiny model with row layers on every linear layer, trained the usual way (``form="usual"``), with their rows
+    lent to the weights for each product (``"lent"``, the default), or inside the weights (``"in-weight"``)."""
     model = rowsft.tiny_model(arch, vocab_size=VOCAB, seed=3, dtype=dtype)
-    tuner.apply(model, row_selection(model), train_in_weight=in_weight)
+    tuner.apply(model, row_selection(model), train_in_weight=form == "in-weight", lend_rows=form != "usual")
     for layer in tuner.sparse_layers(model).values():              # nonzero updates: a trained state
         with torch.no_grad():
             layer.update.normal_(std=0.05)
@@ -45,7 +47,9 @@ def expected(layer, x):
     return x @ (weight + layer.delta_weight()).T
 
 
-IN_WEIGHT = pytest.mark.parametrize("in_weight", [False, True], ids=["usual", "in-weight"])
+FORMS = pytest.mark.parametrize("form", ["usual", "lent", "in-weight"])
+NODES = {"usual": "GroupedRowProductsBackward", "lent": "LentRowProductsBackward",
+         "in-weight": "InWeightProductsBackward"}
 
 
 def batch_for(arch):
@@ -99,42 +103,41 @@ def test_groups_are_the_layers_that_read_one_input():
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-@IN_WEIGHT
-def test_grouped_gradients_equal_the_ungrouped_ones_with_one_node_per_group(arch, in_weight):
-    model, batch = applied(arch, in_weight=in_weight), batch_for(arch)
+@FORMS
+def test_grouped_gradients_equal_the_ungrouped_ones_with_one_node_per_group(arch, form):
+    model, batch = applied(arch, form=form), batch_for(arch)
     loss, grouped_grads = gradients(model, batch)
     names = node_names(model(**batch).loss)
     layers = tuner.sparse_layers(model).values()
     groups = {id(layer.row_group) for layer in layers if layer.row_group is not None}
     alone = sum(layer.row_group is None for layer in layers)
-    node = "InWeightProductsBackward" if in_weight else "GroupedRowProductsBackward"
-    assert names.count(node) == len(groups) + (alone if in_weight else 0)   # one node for a whole group
-    other = "GroupedRowProductsBackward" if in_weight else "InWeightProductsBackward"
-    assert other not in names
-    if not in_weight:                          # a layer alone (o_proj, down_proj) runs its own row update
+    usual = form == "usual"
+    assert names.count(NODES[form]) == len(groups) + (0 if usual else alone)   # one node for a whole group
+    assert not {node for other, node in NODES.items() if other != form} & set(names)
+    if usual:                                  # a layer alone (o_proj, down_proj) runs its own row update
         assert names.count("RowUpdateBackward") == alone
     plain_loss, plain = gradients(ungrouped(model), batch)
     ungrouped_names = node_names(model(**batch).loss)
     assert "GroupedRowProductsBackward" not in ungrouped_names
-    assert ungrouped_names.count("InWeightProductsBackward") == (len(layers) if in_weight else 0)
+    assert ungrouped_names.count(NODES[form]) == (0 if usual else len(layers))
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
     assert plain.keys() == grouped_grads.keys()
     for name in plain:
         torch.testing.assert_close(grouped_grads[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
-@IN_WEIGHT
-def test_float64_grouped_gradients_equal_the_ungrouped_ones_to_float64_rounding(in_weight):
-    model, batch = applied("llama", torch.float64, in_weight=in_weight), batch_for("llama")
+@FORMS
+def test_float64_grouped_gradients_equal_the_ungrouped_ones_to_float64_rounding(form):
+    model, batch = applied("llama", torch.float64, form=form), batch_for("llama")
     _, grouped_grads = gradients(model, batch)
     _, plain = gradients(ungrouped(model), batch)
     for name in plain:
         torch.testing.assert_close(grouped_grads[name], plain[name], rtol=1e-12, atol=1e-15, msg=name)
 
 
-@IN_WEIGHT
-def test_a_member_run_on_another_input_falls_back_to_its_own_update(in_weight):
-    model = applied("llama", in_weight=in_weight)
+@FORMS
+def test_a_member_run_on_another_input_falls_back_to_its_own_update(form):
+    model = applied("llama", form=form)
     layers = tuner.sparse_layers(model)
     q, k = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.1.self_attn.k_proj"]
     x = torch.randn(2, 5, q.in_features, requires_grad=True)
@@ -147,9 +150,9 @@ def test_a_member_run_on_another_input_falls_back_to_its_own_update(in_weight):
     torch.testing.assert_close(k(x), expected(k, x.detach()), rtol=1e-5, atol=1e-6)
 
 
-@IN_WEIGHT
-def test_a_merged_member_leaves_the_group_and_the_rest_stay_exact(in_weight):
-    model, batch = applied("llama", in_weight=in_weight), batch_for("llama")
+@FORMS
+def test_a_merged_member_leaves_the_group_and_the_rest_stay_exact(form):
+    model, batch = applied("llama", form=form), batch_for("llama")
     layers = tuner.sparse_layers(model)
     layers["model.layers.0.self_attn.k_proj"].merge()
     _, with_groups = gradients(model, batch)
@@ -158,9 +161,9 @@ def test_a_merged_member_leaves_the_group_and_the_rest_stay_exact(in_weight):
         torch.testing.assert_close(with_groups[name], plain[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
-@IN_WEIGHT
-def test_grouping_keeps_no_more_for_backward(in_weight):
-    model, batch = applied("llama", in_weight=in_weight), batch_for("llama")
+@FORMS
+def test_grouping_keeps_no_more_for_backward(form):
+    model, batch = applied("llama", form=form), batch_for("llama")
     with SavedTensorCounter(exclude=model_tensors(model)) as counted:
         model(**batch).loss.backward()
     with SavedTensorCounter(exclude=model_tensors(model)) as plain:
@@ -177,10 +180,10 @@ def test_assign_groups_resets_layers_that_no_longer_group():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-@IN_WEIGHT
-def test_grouped_updates_under_gradient_checkpointing(reentrant, in_weight):
+@FORMS
+def test_grouped_updates_under_gradient_checkpointing(reentrant, form):
     """Checkpointing runs each block's forward again in backward (and lets saved tensors be read only once)."""
-    model, batch = applied("llama", in_weight=in_weight), batch_for("llama")
+    model, batch = applied("llama", form=form), batch_for("llama")
     _, plain = gradients(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
@@ -205,12 +208,12 @@ def test_layers_of_different_input_widths_do_not_group():
         q.in_features = wide_in
 
 
-@IN_WEIGHT
-def test_layers_that_read_different_tensors_stop_grouping_and_keep_no_share(in_weight):
+@FORMS
+def test_layers_that_read_different_tensors_stop_grouping_and_keep_no_share(form):
     """Cross-attention (q reads the decoder, k/v the encoder) or cached generation (k/v not called): the group
     notices, computes each update alone from then on, and holds no share (a model with one still deep-copies)."""
     import copy
-    model = applied("llama", in_weight=in_weight)
+    model = applied("llama", form=form)
     layers = tuner.sparse_layers(model)
     q, k, v = (layers[f"model.layers.1.self_attn.{t}_proj"] for t in "qkv")
     decoder, encoder = torch.randn(2, 5, q.in_features), torch.randn(2, 7, q.in_features)
@@ -220,30 +223,30 @@ def test_layers_that_read_different_tensors_stop_grouping_and_keep_no_share(in_w
     group = q.row_group
     assert group.shared_input is False and group._pending == {}
     copy.deepcopy(model)
-    fresh = applied("llama", in_weight=in_weight)
+    fresh = applied("llama", form=form)
     q2 = tuner.sparse_layers(fresh)["model.layers.1.self_attn.q_proj"]
     for step in range(3):                           # q leads each step; k and v never come (cached generation)
         q2(torch.randn(2, 1, q2.in_features))
     assert q2.row_group.shared_input is False and q2.row_group._pending == {}
 
 
-@IN_WEIGHT
-def test_one_interrupted_forward_does_not_stop_grouping(in_weight):
-    model, batch = applied("llama", in_weight=in_weight), batch_for("llama")
+@FORMS
+def test_one_interrupted_forward_does_not_stop_grouping(form):
+    model, batch = applied("llama", form=form), batch_for("llama")
     q = tuner.sparse_layers(model)["model.layers.1.self_attn.q_proj"]
     q(torch.randn(2, 5, q.in_features))             # as if the forward stopped after q (Ctrl-C, an error)
     loss = model(**batch).loss
     assert q.row_group.shared_input is True and q.row_group._pending == {}
     layers = tuner.sparse_layers(model).values()
-    if in_weight:                                   # grouped: fewer nodes than layers
-        assert node_names(loss).count("InWeightProductsBackward") < len(layers)
-    else:
+    if form == "usual":
         assert "GroupedRowProductsBackward" in node_names(loss)
+    else:                                           # grouped: fewer nodes than layers
+        assert node_names(loss).count(NODES[form]) < len(layers)
 
 
-@IN_WEIGHT
-def test_a_share_is_not_used_once_the_members_delta_changed(in_weight):
-    model = applied("llama", in_weight=in_weight)
+@FORMS
+def test_a_share_is_not_used_once_the_members_delta_changed(form):
+    model = applied("llama", form=form)
     layers = tuner.sparse_layers(model)
     q, k = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.1.self_attn.k_proj"]
     x = torch.randn(2, 5, q.in_features)
@@ -253,11 +256,11 @@ def test_a_share_is_not_used_once_the_members_delta_changed(in_weight):
     torch.testing.assert_close(k(x), expected(k, x), rtol=1e-5, atol=1e-6)
 
 
-@IN_WEIGHT
-def test_a_group_deep_copies_and_pickles_with_a_share_pending(in_weight):
+@FORMS
+def test_a_group_deep_copies_and_pickles_with_a_share_pending(form):
     import copy
     import pickle
-    model = applied("llama", in_weight=in_weight)
+    model = applied("llama", form=form)
     q = tuner.sparse_layers(model)["model.layers.1.self_attn.q_proj"]
     q(torch.randn(2, 5, q.in_features, requires_grad=True))
     assert q.row_group._pending
@@ -266,9 +269,9 @@ def test_a_group_deep_copies_and_pickles_with_a_share_pending(in_weight):
     pickle.dumps(q.row_group)
 
 
-@IN_WEIGHT
-def test_inference_mode_runs_ungrouped_with_the_same_outputs(in_weight):
-    model = applied("llama", in_weight=in_weight)
+@FORMS
+def test_inference_mode_runs_ungrouped_with_the_same_outputs(form):
+    model = applied("llama", form=form)
     batch = batch_for("llama")
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"]).logits

@@ -89,6 +89,11 @@ class RowSFTConfig(PeftConfig):
                                       "the update, as rowsft.apply (about a third of the usual row update's extra "
                                       "time; the arithmetic of mixed-precision full fine-tuning); False: the usual "
                                       "row update")
+    lend_rows: bool = _help(True, "Without autocast, over float32/float64 weights, lend each row update's rows "
+                                  "W0[idx] + delta to the base weight for each frozen product and put the pretrained "
+                                  "rows back right after it, so the frozen product computes the update, as "
+                                  "rowsft.apply (the memory of the usual row update, the arithmetic of full "
+                                  "fine-tuning); False: the usual row update")
     selection_meta: Optional[dict] = _help(None, "How the selection was made (rowsft.Selection.meta)", repr=False)
 
     def __post_init__(self):

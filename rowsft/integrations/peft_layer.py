@@ -14,7 +14,8 @@ Forward runs the first active adapter through `rowsft.layers.forward_paths.spars
 in place, only ``x`` / its ``k`` columns / a rebuild source kept for backward), so memory, speed and bits
 equal `rowsft.apply`'s. Further active adapters are added into that output with
 `rowsft.layers.autograd.add_sparse_update`. Under autocast, the first adapter's rows are written into the kept
-cast of the base weight (`rowsft.layers.in_weight.in_cast_output`), as `rowsft.apply`'s row layers do. ``merge`` /
+cast of the base weight (`rowsft.layers.in_weight.in_cast_output`); without autocast, over a float32 weight, they are
+lent to the base weight for each product (`rowsft.layers.lent_rows`): as `rowsft.apply`'s row layers do. ``merge`` /
 ``unmerge`` fold updates into the base weight with `rowsft.layers.sparse.fold_update` (the arithmetic `rowsft.merge`
 uses).
 """
@@ -60,11 +61,11 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("rowsft_delta",)
     other_param_names = ("rowsft_indices", "rowsft_unit", "rowsft_rebuild", "rowsft_keep_cast", "rowsft_in_cast",
-                         "rowsft_lean", "rowsft_columns")
+                         "rowsft_lend", "rowsft_lean", "rowsft_columns")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, unit: str, indices, name: str | None = None,
                  delta_dtype: torch.dtype | None = None, rebuild_input: bool = True, keep_cast: bool = True,
-                 in_cast: bool = True):
+                 in_cast: bool = True, lend: bool = True):
         super().__init__()
         if isinstance(base_layer, SparseLinear):
             raise TypeError(f"{name or 'the target'} is a rowsft sparse layer made by rowsft.apply; call "
@@ -82,20 +83,21 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         self.rowsft_rebuild: dict[str, bool] = {}
         self.rowsft_keep_cast: dict[str, bool] = {}
         self.rowsft_in_cast: dict[str, bool] = {}
+        self.rowsft_lend: dict[str, bool] = {}
         self.rowsft_lean: dict[str, bool] = {}
         self.rowsft_columns: dict[str, KeptColumns] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, unit, indices, delta_dtype=delta_dtype, rebuild_input=rebuild_input,
-                          keep_cast=keep_cast, in_cast=in_cast)
+                          keep_cast=keep_cast, in_cast=in_cast, lend=lend)
 
     # ---------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, unit: str, indices, delta_dtype: torch.dtype | None = None,
                      rebuild_input: bool = True, inference_mode: bool = False, keep_cast: bool = True,
-                     in_cast: bool = True) -> None:
+                     in_cast: bool = True, lend: bool = True) -> None:
         """Add the adapter ``adapter_name``: a zero update of ``unit`` at ``indices`` (validated first). ``keep_cast``,
-        ``in_cast``: `rowsft.apply`'s ``keep_cast_weights`` and ``train_in_cast``."""
+        ``in_cast``, ``lend``: `rowsft.apply`'s ``keep_cast_weights``, ``train_in_cast`` and ``lend_rows``."""
         if unit not in LAYER_UNITS:
             raise ValueError(f"{self.module_name}: unit must be one of {LAYER_UNITS}, got {unit!r}")
         if adapter_name in self.rowsft_delta:
@@ -115,6 +117,7 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         self.rowsft_rebuild[adapter_name] = bool(rebuild_input)
         self.rowsft_keep_cast[adapter_name] = bool(keep_cast)
         self.rowsft_in_cast[adapter_name] = bool(in_cast)
+        self.rowsft_lend[adapter_name] = bool(lend)
         self.rowsft_lean[adapter_name] = unit == "element" and not input_kept_elsewhere(self.module_name)
         self.rowsft_columns[adapter_name] = KeptColumns()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -157,7 +160,7 @@ class RowSFTLayer(nn.Module, BaseTunerLayer):
         else:
             out = sparse_forward(self.base_layer, self.rowsft_unit[first], x, self.rowsft_delta[first],
                                  self.rowsft_indices[first], self._columns(first), self._source(first, x),
-                                 self.rowsft_keep_cast[first])                                          # (..., d_out)
+                                 self.rowsft_keep_cast[first], self.rowsft_lend[first])            # (..., d_out)
         for adapter in rest:                    # further active adapters: added into out in place
             out = add_sparse_update(self.rowsft_unit[adapter], out, x, self.rowsft_delta[adapter],
                                     self.rowsft_indices[adapter], self.in_features, self._columns(adapter),

@@ -71,13 +71,14 @@ class RowSFTTuner(BaseTuner):
         if isinstance(target, RowSFTLayer):
             target.update_layer(adapter_name, choice.unit, choice.indices, delta_dtype=dtype,
                                 rebuild_input=peft_config.rebuild_inputs, inference_mode=peft_config.inference_mode,
-                                keep_cast=peft_config.keep_cast_weights, in_cast=peft_config.train_in_cast)
+                                keep_cast=peft_config.keep_cast_weights, in_cast=peft_config.train_in_cast,
+                                lend=peft_config.lend_rows)
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key} already carries another peft method's adapter")
         layer = RowSFTLayer(target, adapter_name, choice.unit, choice.indices, name=current_key, delta_dtype=dtype,
                             rebuild_input=peft_config.rebuild_inputs, keep_cast=peft_config.keep_cast_weights,
-                            in_cast=peft_config.train_in_cast)
+                            in_cast=peft_config.train_in_cast, lend=peft_config.lend_rows)
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)                         # an added adapter is not trainable until set
         self._replace_module(parent, target_name, layer, target)

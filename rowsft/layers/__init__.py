@@ -9,8 +9,9 @@ and taken out again.
 - :mod:`rowsft.layers.grouped`: row layers that read one input (q/k/v, gate/up) updated in one product;
 - :mod:`rowsft.layers.group_products`: the one autograd node such a group runs as (a row layer alone too, when its
   rows are written into its weight or its kept cast);
+- :mod:`rowsft.layers.lent_rows`: rows lent to a float32/float64 base weight for each frozen product (the default);
 - :mod:`rowsft.layers.in_weight`: rows trained inside the base weight (``apply(..., train_in_weight=True)``), or
-  under autocast inside its kept cast (the default);
+  under autocast inside its kept cast (the default there);
 - :mod:`rowsft.layers.rebuild`: inputs rebuilt in backward from what the frozen graph keeps;
 - :mod:`rowsft.layers.cast_weights`: under autocast, base weights cast once and kept across steps;
 - :mod:`rowsft.layers.tuner`: ``apply``, ``merge``, ``unmerge``, ``unload``, parameter counts;

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from rowsft.layers.lent_rows import LENDING_LOCK
 from rowsft.targets import weight_out_in
 
 # base weight (the Parameter) → (its key when cast, the (d_out, d_in) copy, which trained rows it holds or None)
@@ -89,7 +90,8 @@ def _kept_cast(base_layer: nn.Module, dtype: torch.dtype, indices: torch.Tensor 
     kept = _COPIES.get(weight)
     if _usable(kept, key, indices):
         return kept[1]
-    copy = weight_out_in(base_layer).detach().to(dtype)            # (d_out, d_in), strides kept
+    with LENDING_LOCK:                                              # never a weight holding lent rows
+        copy = weight_out_in(base_layer).detach().to(dtype)        # (d_out, d_in), strides kept
     _COPIES[weight] = (key, copy, None if indices is None else _rows_key(indices))
     return copy
 

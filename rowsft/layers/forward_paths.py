@@ -2,8 +2,9 @@
 
 `sparse_forward` is what every rowsft sparse layer (and the peft tuner layer of `rowsft.integrations`) computes:
 ``base_layer(x)`` plus one sparse update. A plain, frozen, hook-free ``nn.Linear`` / ``Conv1D`` (`fusable`) runs its
-matmul inside the update's autograd function (`rowsft.layers.autograd.sparse_linear`); any other base layer runs as is
-and the update is added into its output (`writable` makes that output safe to write into). `input_source` decides
+matmul inside the update's autograd function (`rowsft.layers.autograd.sparse_linear`; a row update over a float32 or
+float64 weight with its rows lent to the weight for each product, `lends_rows`, `rowsft.layers.lent_rows`); any other
+base layer runs as is and the update is added into its output (`writable` makes that output safe to write into). `input_source` decides
 whether the update keeps its input or a recipe to rebuild it (`rowsft.layers.rebuild`).
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from torch import nn
 
 from rowsft.layers.autograd import add_sparse_update, sparse_linear
 from rowsft.layers.cast_weights import cast_weight
+from rowsft.layers.group_products import lent_rows_outputs
+from rowsft.layers.lent_rows import lendable
 from rowsft.layers.products import compute_dtype
 from rowsft.layers.rebuild import global_forward_hooks, source_of
 from rowsft.targets import is_transposed, linear_shape, weight_out_in
@@ -33,6 +36,13 @@ def fusable(base_layer: nn.Module) -> bool:
             and not (base_layer._forward_hooks or base_layer._forward_pre_hooks or global_forward_hooks()))
 
 
+def lends_rows(unit: str, lend: bool, base_layer: nn.Module, x: torch.Tensor, update: torch.Tensor) -> bool:
+    """True when an update of ``unit`` over ``base_layer`` runs with its rows lent to the weight for each product
+    (`rowsft.layers.lent_rows`) for ``x``: a row update, asked to (``lend``), over a plain, hook-free base
+    (`fusable`) of float32/float64 weights, ``update`` (its delta) in the weight's dtype, no autocast, not compiled."""
+    return unit == "row" and lend and fusable(base_layer) and lendable(base_layer.weight.dtype, update, x)
+
+
 def frozen_weight(base_layer: nn.Module, x: torch.Tensor, keep_cast: bool) -> torch.Tensor:
     """``weight_out_in(base_layer)`` ``(d_out, d_in)``, or (``keep_cast``, under autocast to another dtype) its copy
     in the compute dtype kept across steps (`rowsft.layers.cast_weights`). Not under ``torch.compile``: a compiled
@@ -47,13 +57,17 @@ def frozen_weight(base_layer: nn.Module, x: torch.Tensor, keep_cast: bool) -> to
 
 def sparse_forward(base_layer: nn.Module, unit: str, x: torch.Tensor, update: torch.Tensor, indices: torch.Tensor,
                    columns: tuple[torch.Tensor, torch.Tensor] | None = None, source=None,
-                   keep_cast: bool = False) -> torch.Tensor:
+                   keep_cast: bool = False, lend: bool = False) -> torch.Tensor:
     """``base_layer(x)`` plus one sparse update of ``unit`` → ``(..., d_out)``: what every rowsft sparse layer (and
     the peft tuner layer of `rowsft.integrations`) computes. Fast path (`fusable`): the frozen matmul runs inside
     the update's autograd function (`rowsft.layers.autograd.sparse_linear`); else the base layer runs as is and the
     update is added into its output (`add_sparse_update`). ``update``: ``delta (k, d_in)`` (row), ``(d_out, k)``
     (column) or ``values (k,)`` (element); ``columns``/``source``: see `rowsft.layers.autograd.sparse_linear`.
-    ``keep_cast``: a row or column update under autocast reads its weight's kept cast (`frozen_weight`)."""
+    ``keep_cast``: a row or column update under autocast reads its weight's kept cast (`frozen_weight`). ``lend``: a
+    row update lends its rows to the weight for each product where it can (`lends_rows`)."""
+    if lends_rows(unit, lend, base_layer, x, update):
+        return lent_rows_outputs(x, source, (is_transposed(base_layer),), (weight_out_in(base_layer),),
+                                 (base_layer.bias,), (indices,), (update,))[0]
     if fusable(base_layer):
         weight = frozen_weight(base_layer, x, keep_cast and unit != "element")
         return sparse_linear(unit, x, weight, base_layer.bias, update, indices, is_transposed(base_layer), columns,
@@ -80,4 +94,4 @@ def writable(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["fusable", "frozen_weight", "sparse_forward", "input_source", "writable"]
+__all__ = ["fusable", "lends_rows", "frozen_weight", "sparse_forward", "input_source", "writable"]

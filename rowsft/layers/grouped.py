@@ -30,10 +30,10 @@ from collections import defaultdict
 import torch
 
 from rowsft.layers.forward_paths import frozen_weight, fusable
-from rowsft.layers.group_products import added_rows_outputs
-from rowsft.layers.in_weight import in_weight_outputs, rows_mode
+from rowsft.layers.group_products import added_rows_outputs, lent_rows_outputs
+from rowsft.layers.in_weight import WRITTEN, in_weight_outputs, rows_mode
 from rowsft.layers.products import compute_dtype
-from rowsft.targets import is_transposed, role
+from rowsft.targets import is_transposed, role, weight_out_in
 
 GROUPED_ROLES = ("qkv", "up")
 
@@ -86,8 +86,13 @@ class RowGroup:
         if not members:
             return None
         group = [layer, *members]
-        if mode is not None:
+        if mode in WRITTEN:
             outputs = in_weight_outputs(group, x, layer._input_source(x))
+        elif mode == "lent":
+            bases = [m.base_layer for m in group]
+            outputs = lent_rows_outputs(x, layer._input_source(x), tuple(is_transposed(b) for b in bases),
+                                        [weight_out_in(b) for b in bases], [b.bias for b in bases],
+                                        [m.indices for m in group], [m.delta for m in group])
         else:
             bases = [m.base_layer for m in group]
             outputs = added_rows_outputs(
@@ -106,7 +111,7 @@ class RowGroup:
 
 
 def _delta_key(layer, mode: str | None) -> tuple:
-    """Which delta, in which state, with its rows written where (``mode``, `rows_mode`: the weight, the cast, or the
+    """Which delta, in which state, with its rows written where (``mode``, `rows_mode`: the weight, the cast, lent, or the
     usual update): an output computed from it is valid only while this is unchanged."""
     return id(layer.delta), layer.delta._version, mode
 

@@ -1,12 +1,15 @@
 """Rows trained inside the base weight: the frozen matmul computes the row update too.
 
-A row layer normally computes ``y = x Wᵀ`` and adds ``x deltaᵀ`` into the columns ``idx`` of ``y``: three thin
+The usual row update computes ``y = x Wᵀ`` and adds ``x deltaᵀ`` into the columns ``idx`` of ``y``: three thin
 products a step (the forward share, the input gradient's share ``g_rows delta``, delta's gradient). Trained *in the
 weight* (``rowsft.apply(..., train_in_weight=True)``), the layer writes its rows' current values
 ``W0[idx] + delta`` into the base weight before every forward, so the frozen ``x W'ᵀ`` and the frozen input gradient
 ``g W'`` carry the update, and only ``grad delta = g[..., idx]ᵀ x`` is left
 (`InWeightProducts`; a hooked or subclassed base layer runs as is, with `InWeightRowUpdate`): one thin product
-instead of three.
+instead of three. Rows *lent* to the weight (`rowsft.layers.lent_rows`, the default over float32/float64 weights)
+compute the same products with the same bits, but write the rows for each product and put the pretrained ones back
+right after it: no pretrained-rows copy, nothing written between steps, a few small copies more a step. Trained in the
+weight is for a hooked or subclassed base, which cannot lend.
 
 - The record is ``pretrained_rows (k, d_in)`` (a buffer in the weight's dtype, as large as ``delta``) and ``delta``;
   the weight's rows are a cache of ``W0[idx] + delta``, rebuilt at every forward (`write_rows`). So any optimizer,
@@ -51,7 +54,7 @@ import torch
 from rowsft.layers.autograd import RowUpdate, _static_entry_points, add_sparse_update
 from rowsft.layers.cast_weights import cast_with_rows, refresh_rows
 from rowsft.layers.cast_weights import forget as forget_cast
-from rowsft.layers.forward_paths import frozen_weight, fusable, writable
+from rowsft.layers.forward_paths import frozen_weight, fusable, lends_rows, writable
 from rowsft.layers.group_products import InWeightProducts, written_rows_outputs
 from rowsft.layers.products import (
     cast,
@@ -63,6 +66,7 @@ from rowsft.layers.update_forms import folded
 from rowsft.targets import is_transposed, weight_out_in
 
 WEIGHT_KEY = "base_layer.weight"
+WRITTEN = ("weight", "cast")     # the `rows_mode`s whose rows stay written while the forward runs (`in_weight_outputs`)
 
 
 @_static_entry_points
@@ -89,11 +93,14 @@ class InWeightRowUpdate(RowUpdate):
 
 
 def rows_mode(layer, x: torch.Tensor) -> str | None:
-    """Where ``layer``'s rows are written for a forward on ``x``: ``"weight"`` (trained in the base weight),
-    ``"cast"`` (in its kept autocast copy: `trains_in_cast`) or None (the usual update adds them)."""
+    """Where ``layer``'s rows go for a forward on ``x``: ``"weight"`` (trained in the base weight), ``"cast"`` (in its
+    kept autocast copy: `trains_in_cast`), ``"lent"`` (lent to the base weight for each product:
+    `rowsft.layers.lent_rows`) or None (the usual update adds them)."""
     if layer.in_weight:
         return "weight"
-    return "cast" if trains_in_cast(layer, x) else None
+    if trains_in_cast(layer, x):
+        return "cast"
+    return "lent" if lends_rows(layer.unit, layer.lend_rows, layer.base_layer, x, layer.update) else None
 
 
 def trains_in_cast(layer, x: torch.Tensor) -> bool:
@@ -256,7 +263,7 @@ def check_not_compiling(layer) -> None:
                            f"torch.compile; apply with train_in_weight=False to compile")
 
 
-__all__ = ["InWeightRowUpdate", "InWeightProducts", "rows_mode", "trains_in_cast", "rows_go_in_cast",
+__all__ = ["InWeightRowUpdate", "InWeightProducts", "WRITTEN", "rows_mode", "trains_in_cast", "rows_go_in_cast",
            "cast_with_trained_rows", "in_cast_output", "weight_with_rows",
            "in_weight_outputs", "forward", "enable", "disable", "write_rows", "take_rows_out", "read_pretrained_rows", "hide_rows_in_state_dict", "before_load",
            "after_load", "check_can_train_in_weight", "check_not_compiling"]

@@ -15,9 +15,11 @@ element layer whose input the frozen graph can rebuild (a norm's output, an MLP 
 hook-free ``nn.Linear``/``Conv1D`` the frozen matmul runs inside the update's autograd function (same
 kernel as the layer's own forward, so step-0 outputs are bit-identical); a hooked or subclassed base
 layer is called as is and the update is added into its output. ``y`` is a fresh tensor either way. ``merge()`` folds the update into the base weight
-(computed in the wider of the two dtypes, stored in the base dtype), ``unmerge()`` takes it out again. A row layer
-may instead train its rows inside the base weight (``set_train_in_weight``, `rowsft.layers.in_weight`): the frozen
-matmul then computes the update too.
+(computed in the wider of the two dtypes, stored in the base dtype), ``unmerge()`` takes it out again. Over a float32
+or float64 weight a row layer lends its rows ``W0[idx] + delta`` to the base weight for each frozen product and puts
+the pretrained rows back right after it (``lend_rows``, on by default: `rowsft.layers.lent_rows`), and under autocast
+writes them into its kept cast (`rowsft.layers.in_weight`): the frozen matmul then computes the update too. It may
+instead train its rows inside the base weight between steps (``set_train_in_weight``).
 
 A bitsandbytes-quantized base layer (``Linear4bit`` nf4/fp4, ``Linear8bitLt`` int8;
 `rowsft.layers.quantized`) takes the second way: its own quantized forward and backward compute the frozen
@@ -94,6 +96,7 @@ class SparseLinear(nn.Module):
     in_weight = False            # rows trained inside the base weight (`rowsft.layers.in_weight`; row layers only)
     keep_cast_weight = True      # under autocast, keep the base weight's cast across steps (`rowsft.layers.cast_weights`)
     train_in_cast = True         # under autocast, with a kept cast: rows written into it (`rowsft.layers.in_weight`)
+    lend_rows = True             # float32/float64, no autocast: rows lent to the weight per product (`rowsft.layers.lent_rows`)
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -173,11 +176,11 @@ class SparseLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         out = None if self.row_group is None else self.row_group.forward(self, x)     # `rowsft.layers.grouped`
-        if out is None and rows_in_weight.rows_mode(self, x) is not None:   # rows written into the weight or its cast
+        if out is None and rows_in_weight.rows_mode(self, x) in rows_in_weight.WRITTEN:   # in the weight or its cast
             out = rows_in_weight.forward(self, x, self._input_source(x))
-        if out is None:
+        if out is None:                                                    # rows lent (`rowsft.layers.lent_rows`) or added
             out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
-                                 self._input_source(x), self.keep_cast_weight)
+                                 self._input_source(x), self.keep_cast_weight, self.lend_rows)
         if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)

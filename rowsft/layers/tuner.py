@@ -120,7 +120,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, delta_dtype: torch.dtype | None = None,
           train_bias: bool = False, rebuild_inputs: bool = True, group_updates: bool = True,
           train_in_weight: bool = False, keep_cast_weights: bool = True,
-          train_in_cast: bool = True) -> nn.Module:
+          train_in_cast: bool = True, lend_rows: bool = True) -> nn.Module:
     """Make ``model`` train only the selected rows / columns / elements, in place; returns ``model``.
 
     ``selection``: a :class:`Selection`, or a plain ``{module name: row indices}`` dict (rows).
@@ -150,7 +150,13 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
     do, with the same bits as those (`rowsft.layers.in_weight`): about a third of the usual row update's time above
     the frozen model's. Its arithmetic is mixed-precision full fine-tuning's (the rows rounded to bf16 as a whole),
     where the usual update adds ``x deltaᵀ`` in bf16 on its own; ``False`` keeps the usual update. No effect without
-    autocast (float32 training runs the usual update).
+    autocast.
+    ``lend_rows``: without autocast, over float32 or float64 weights, row layers lend their rows ``W0[idx] + delta``
+    to the base weight for each frozen product, forward and backward, and put the pretrained rows back right after it
+    (`rowsft.layers.lent_rows`): the frozen product computes the update and only delta's gradient is left, as with
+    ``train_in_weight``, but nothing more is kept (the memory of the usual update) and the weight holds its pretrained
+    values between products. The arithmetic is full fine-tuning's (``x (W0 + delta)ᵀ``), the same bits as
+    ``train_in_weight``; ``False``: the usual update (``x W0ᵀ + x deltaᵀ``, equal up to float rounding).
     """
     check_can_apply(model)  # a DDP/FSDP-wrapped model: apply before wrapping (clear message)
     if getattr(model, _STATE, None) is not None or sparse_layers(model):
@@ -176,6 +182,7 @@ def apply(model: nn.Module, selection: Selection | Mapping, train_heads=False, d
         layer.rebuild_input = bool(rebuild_inputs)
         layer.keep_cast_weight = bool(keep_cast_weights)
         layer.train_in_cast = bool(train_in_cast)
+        layer.lend_rows = bool(lend_rows)
         if train_in_weight and choice.unit == "row":
             layer.set_train_in_weight(True)
         _set_module(model, name, layer)

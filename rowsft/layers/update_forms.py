@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from rowsft.layers.autograd import input_columns
+from rowsft.layers.lent_rows import LENDING_LOCK
 from rowsft.layers.products import cast
 from rowsft.targets import role
 
@@ -31,14 +32,16 @@ def folded(base: torch.Tensor, update: torch.Tensor, sign: int = 1) -> torch.Ten
 @torch.no_grad()
 def fold_update(unit: str, weight: torch.Tensor, update: torch.Tensor, indices: torch.Tensor, sign: int) -> None:
     """``weight (d_out, d_in) += sign * update`` in place at ``indices`` (``weight`` may be a transposed view, as
-    `weight_out_in` gives for Conv1D); computed in the wider of the two dtypes, stored in the weight's (`folded`)."""
-    if unit == "row":
-        weight.index_copy_(0, indices, folded(weight.index_select(0, indices), update, sign))       # (k, d_in)
-    elif unit == "column":
-        weight.index_copy_(1, indices, folded(weight.index_select(1, indices), update, sign))       # (d_out, k)
-    else:
-        rows, cols = element_positions(indices, weight.shape[1])
-        weight.index_put_((rows, cols), folded(weight[rows, cols], update, sign))                  # (k,)
+    `weight_out_in` gives for Conv1D); computed in the wider of the two dtypes, stored in the weight's (`folded`).
+    Under `rowsft.layers.lent_rows.LENDING_LOCK`: never onto rows another thread has lent to the weight."""
+    with LENDING_LOCK:
+        if unit == "row":
+            weight.index_copy_(0, indices, folded(weight.index_select(0, indices), update, sign))   # (k, d_in)
+        elif unit == "column":
+            weight.index_copy_(1, indices, folded(weight.index_select(1, indices), update, sign))   # (d_out, k)
+        else:
+            rows, cols = element_positions(indices, weight.shape[1])
+            weight.index_put_((rows, cols), folded(weight[rows, cols], update, sign))              # (k,)
 
 
 def dense_update(unit: str, update: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
