@@ -45,7 +45,7 @@ class JobConfig:
     double_quant: bool = field(default=False, metadata={"help": "with nf4/fp4: quantize the per-block absmax statistics too, as QLoRA does"})
     task: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes (the model learns it in minutes), boolq (the hard case), piqa, siqa, openbookqa, commonsenseqa"})
     method: str = field(default="rowsft", metadata={"help": f"one of {METHODS}"})
-    train_in_weight: bool = field(default=False, metadata={"help": "rowsft only: train the rows inside the base weight (rowsft.apply(train_in_weight=True)): the same training up to float rounding, about a third of the row update's extra time, one more copy of the trained rows in memory; not over a quantized base (under bf16 autocast the default already writes the rows into its kept bf16 copy of the weight)"})
+    train_in_weight: bool = field(default=False, metadata={"help": "rowsft only: keep the rows inside the base weight between steps (rowsft.apply(train_in_weight=True)): the same training up to float rounding, one more copy of the trained rows in memory; not over a quantized base. The default rows already compute the same products, lent to the float32 weight for each product (or written into its kept bf16 copy under bf16 autocast)"})
     metric: str = field(default="taylor", metadata={"help": "importance metric for rowsft/column/element selection"})
     budget: str = field(default="2", metadata={"help": "rows per layer (64), ratio (0.02), 'lora:8' (parity with LoRA rank 8) or 'params:N'"})
     strategy: str = field(default="per-layer", metadata={"help": "per-layer or global"})
