@@ -19,6 +19,11 @@ of whether one arm learnt less.
     .venv/bin/python benchmarks/cast_rows_accuracy.py --report                            # the report only
     .venv/bin/python benchmarks/cast_rows_accuracy.py --fast                              # tiny model, seconds
 
+Training runs as rowsft's own loop runs it under autocast (``rowsft.train(..., autocast="bf16")``, as transformers'
+Trainer with ``bf16=True``): forward and loss under autocast, backward and AdamW outside it (`RECIPE`). Session 15's
+runs wrapped the whole ``train`` call in ``torch.autocast`` (backward and the optimizer step too); their records stay
+in the results file, without a ``recipe``, and are not reported.
+
 Results: ``benchmarks/results/cast-rows-accuracy.jsonl`` (one record per run, merged under a lock so that two
 processes, e.g. one per arm, can share it; a finished run is not run again) and ``cast-rows-accuracy.md``.
 """
@@ -49,10 +54,11 @@ SETTINGS = {"standard": dict(model="smollm2-135m", task="rotten_tomatoes", budge
             "fast": dict(model="tiny-llama", task="rotten_tomatoes", budget="lora:1", metric="taylor", steps=2,
                          batch_size=2, max_length=32, eval_examples=8, max_train=16, calibration_batches=1)}
 MARGIN = 0.02          # "match": the mean paired difference over seeds lies within ±2 points (95% t-interval)
+RECIPE = "train-autocast"    # rowsft.train(..., autocast="bf16"): forward and loss under autocast, backward outside
 
 
 def run_key(setting: str, arm: str, seed: int) -> str:
-    return f"{setting}/{arm}/seed{seed}"
+    return f"{setting}/{RECIPE}/{arm}/seed{seed}"
 
 
 def run_one(setting: str, arm: str, seed: int) -> dict:
@@ -64,12 +70,12 @@ def run_one(setting: str, arm: str, seed: int) -> dict:
     apply(model, selection, train_in_cast=arm == "cast")
     lr = default_learning_rate("row")
     started = time.perf_counter()
-    with torch.autocast(model.device.type, dtype=torch.bfloat16):
-        history = train(model, batches, steps=s["steps"], lr=lr, seed=seed, progress=False)
+    history = train(model, batches, steps=s["steps"], lr=lr, seed=seed, progress=False, autocast="bf16")
     train_seconds = time.perf_counter() - started
     result = evaluate(model, tokenizer, data["validation"], max_length=s["max_length"],
                       max_examples=s["eval_examples"], progress=False)           # float32, no autocast
-    return {"key": run_key(setting, arm, seed), "setting": setting, "arm": arm, "seed": seed, "lr": lr, **s,
+    return {"key": run_key(setting, arm, seed), "setting": setting, "recipe": RECIPE, "arm": arm, "seed": seed,
+            "lr": lr, **s,
             "trainable_parameters": selection.trainable_parameters, "final_loss": history.steps[-1]["loss"],
             "train_seconds": train_seconds, "threads": torch.get_num_threads(), "accuracy": result["accuracy"],
             "interval": list(result["interval"]), "majority": result["majority"],
@@ -150,14 +156,15 @@ def loss_comparison(name_a: str, runs_a: dict, name_b: str, runs_b: dict, seeds:
 
 
 def report(setting: str, path: Path) -> str:
-    records = [r for r in read_cache(path).values() if r["setting"] == setting]
+    records = [r for r in read_cache(path).values() if r["setting"] == setting and r.get("recipe") == RECIPE]
     if not records:
         return f"no runs of setting {setting!r} in {path} yet"
     by_arm = {arm: {r["seed"]: r for r in records if r["arm"] == arm} for arm in ARMS}
     lines = [f"# Rows in the bf16 cast against the usual row update, setting `{setting}`", "",
              "Written by `benchmarks/cast_rows_accuracy.py`.", "",
-             f"Settings: `{json.dumps(SETTINGS[setting])}`; rate {records[0]['lr']:g}; trained under bf16 autocast, "
-             f"evaluated in float32 on the same {records[0]['eval_examples']} questions.", "",
+             f"Settings: `{json.dumps(SETTINGS[setting])}`; rate {records[0]['lr']:g}; trained with "
+             f"`rowsft.train(..., autocast=\"bf16\")` (forward and loss under bf16 autocast, backward and AdamW "
+             f"outside it), evaluated in float32 on the same {records[0]['eval_examples']} questions.", "",
              "| arm | seed | accuracy (95% Wilson) | held-out choice loss | last batch's loss | train s |",
              "|---|---|---|---|---|---|"]
     for arm, runs in by_arm.items():

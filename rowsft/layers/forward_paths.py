@@ -4,8 +4,8 @@
 ``base_layer(x)`` plus one sparse update. A plain, frozen, hook-free ``nn.Linear`` / ``Conv1D`` (`fusable`) runs its
 matmul inside the update's autograd function (`rowsft.layers.autograd.sparse_linear`; a row update over a float32 or
 float64 weight with its rows lent to the weight for each product, `lends_rows`, `rowsft.layers.lent_rows`); any other
-base layer runs as is and the update is added into its output (`writable` makes that output safe to write into). `input_source` decides
-whether the update keeps its input or a recipe to rebuild it (`rowsft.layers.rebuild`).
+base layer runs as is and the update is added into its output (`writable` makes that output safe to write into).
+`input_source` decides whether the update keeps its input or a recipe to rebuild it (`rowsft.layers.rebuild`).
 """
 from __future__ import annotations
 

@@ -14,10 +14,11 @@ whose backward computes ``grad x`` once, accumulated in place, where separate la
 - **written** (`InWeightProducts`): the weights passed already hold the rows ``W0[idx] + delta``
   (`rowsft.layers.in_weight`: in the base weight, or in its kept autocast cast), so the frozen products carry them.
 
-Either way delta's gradient is one product for the group, ``Gᵀ x`` ``(K, d_in)`` (`rowsft.layers.products.row_gradient`),
-on what the node keeps of ``x``: the input itself, a `rowsft.layers.rebuild.Source` rebuilt in backward, or a scaled
-norm's factors (``fold_scaled``: `rowsft.layers.products.ScaledInput`). Nothing dense is made: the stacked deltas
-``(K, d_in)`` are rebuilt in backward rather than kept.
+Each way, delta's gradient is one product for the group, ``Gᵀ x`` ``(K, d_in)``
+(`rowsft.layers.products.row_gradient`), on what the node keeps of ``x``: the input itself, a
+`rowsft.layers.rebuild.Source` rebuilt in backward, or a scaled norm's factors (``fold_scaled``:
+`rowsft.layers.products.ScaledInput`). Nothing dense is made: the stacked deltas ``(K, d_in)`` are rebuilt in backward
+rather than kept.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ ROWS = ("added", "lent", "written")
 
 
 class _RowProducts(torch.autograd.Function):
-    """The frozen products of ``n`` row layers reading one input, with their rows added or already written.
+    """The frozen products of ``n`` row layers reading one input, with their rows added, lent or already written.
 
     Inputs: ``x (..., d_in)``, ``source`` (a `rowsft.layers.rebuild.Source` of ``x`` or None), ``conv1d`` (one flag per
     layer), ``rows`` (one of `ROWS`: ``x delta_iᵀ`` added into columns ``idx_i``, the rows lent to the weights for
@@ -136,9 +137,9 @@ def added_rows_outputs(x: torch.Tensor, source, conv1d: tuple[bool, ...], weight
 
 def lent_rows_outputs(x: torch.Tensor, source, conv1d: tuple[bool, ...], weights, biases, indices,
                       deltas) -> tuple[torch.Tensor, ...]:
-    """``x (W_i + rows)ᵀ + b_i``, the rows ``W0[idx_i] + delta_i`` lent to the base weights ``(d_out_i, d_in)`` for
-    each product (`LentRowProducts`, `rowsft.layers.lent_rows`), for each layer ``i``. A scaled norm's input is kept as
-    its factors where delta's gradient is computed in ``x``'s dtype (no autocast here)."""
+    """``x W_i'ᵀ + b_i`` for each layer ``i``, ``W_i'`` the base weight ``(d_out_i, d_in)`` with its rows
+    ``W0[idx_i] + delta_i`` lent to it for each product (`LentRowProducts`, `rowsft.layers.lent_rows`). A scaled
+    norm's input is kept as its factors where delta's gradient is computed in ``x``'s dtype (no autocast here)."""
     return LentRowProducts.apply(x, source, conv1d, "lent", deltas[0].dtype == x.dtype, len(weights), *weights,
                                  *biases, *indices, *deltas)
 
@@ -147,7 +148,8 @@ def written_rows_outputs(x: torch.Tensor, source, conv1d: tuple[bool, ...], weig
                          deltas) -> tuple[torch.Tensor, ...]:
     """``x W_iᵀ + b_i`` for weights that hold their rows already, for each layer ``i`` (`InWeightProducts`); the
     deltas are inputs for their gradients. A scaled norm's input is always kept as its factors."""
-    return InWeightProducts.apply(x, source, conv1d, "written", True, len(weights), *weights, *biases, *indices, *deltas)
+    return InWeightProducts.apply(x, source, conv1d, "written", True, len(weights), *weights, *biases, *indices,
+                                  *deltas)
 
 
 __all__ = ["ROWS", "GroupedRowProducts", "LentRowProducts", "InWeightProducts", "added_rows_outputs",

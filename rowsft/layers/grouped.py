@@ -111,8 +111,8 @@ class RowGroup:
 
 
 def _delta_key(layer, mode: str | None) -> tuple:
-    """Which delta, in which state, with its rows written where (``mode``, `rows_mode`: the weight, the cast, lent, or the
-    usual update): an output computed from it is valid only while this is unchanged."""
+    """Which delta, in which state, with its rows going where (``mode``, `rows_mode`: the weight, the cast, lent, or
+    the usual update): an output computed from it is valid only while this is unchanged."""
     return id(layer.delta), layer.delta._version, mode
 
 
