@@ -15,7 +15,7 @@ questions; the held-out choice loss (``−log p(label)`` over the choices, per q
 of whether one arm learnt less.
 
     .venv/bin/python benchmarks/cast_rows_accuracy.py --arms cast --seeds 0 1 2 3 4 5 &   # one process per arm:
-    .venv/bin/python benchmarks/cast_rows_accuracy.py --arms usual --seeds 0 1 2 3 4 5    # ~35 min on 2 cores
+    .venv/bin/python benchmarks/cast_rows_accuracy.py --arms usual --seeds 0 1 2 3 4 5    # ~8 min a run on 2 cores
     .venv/bin/python benchmarks/cast_rows_accuracy.py --report                            # the report only
     .venv/bin/python benchmarks/cast_rows_accuracy.py --fast                              # tiny model, seconds
 
