@@ -136,3 +136,16 @@ def assert_train_alike(model, reference, steps, autocast: bool = True) -> None:
     for (name, a), b in zip(tuner.sparse_layers(model).items(), tuner.sparse_layers(reference).values()):
         assert torch.equal(a.update, b.update), name
         assert a.update.abs().max() > 0, name
+
+
+def node_names(loss) -> list[str]:
+    """The names of every autograd node behind ``loss`` (each node once), e.g. ``"LentRowProductsBackward"``."""
+    seen, stack, names = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(n for n, _ in node.next_functions)
+    return names

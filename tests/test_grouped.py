@@ -7,7 +7,7 @@ has one grouped node per group, the fall-backs, and that grouping keeps no more 
 """
 import pytest
 import torch
-from _reference import random_batches
+from _reference import node_names, random_batches
 
 import rowsft
 from rowsft.layers import grouped, tuner
@@ -71,18 +71,6 @@ def ungrouped(model):
     for layer in tuner.sparse_layers(model).values():
         layer.row_group = None
     return model
-
-
-def node_names(loss) -> list[str]:
-    seen, stack, names = set(), [loss.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(node.name())
-        stack.extend(n for n, _ in node.next_functions)
-    return names
 
 
 def test_groups_are_the_layers_that_read_one_input():

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from _reference import out_in, random_batches, selection_for, train_beside_masked_dense
+from _reference import node_names, out_in, random_batches, selection_for, train_beside_masked_dense
 
 import rowsft
 from rowsft.layers import group_products, tuner
@@ -244,15 +244,5 @@ def test_the_peft_method_lends_as_rowsft_apply_does(lend):
     for model in (peft_model, applied):
         with_updates(model)
     batch = batches(1)[0]
-    names = []
-    for model in (peft_model, applied):
-        loss = model(**batch).loss
-        node, seen, stack = [], set(), [loss.grad_fn]
-        while stack:
-            n = stack.pop()
-            if n is not None and n not in seen:
-                seen.add(n)
-                node.append(n.name())
-                stack.extend(f for f, _ in n.next_functions)
-        names.append(node.count("LentRowProductsBackward"))
-    assert names[0] == names[1] == (len(LLAMA_ROWS) if lend else 0)
+    counts = [node_names(model(**batch).loss).count("LentRowProductsBackward") for model in (peft_model, applied)]
+    assert counts[0] == counts[1] == (len(LLAMA_ROWS) if lend else 0)

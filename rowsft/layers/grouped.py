@@ -33,7 +33,7 @@ from rowsft.layers.forward_paths import frozen_weight, fusable
 from rowsft.layers.group_products import added_rows_outputs, lent_rows_outputs
 from rowsft.layers.in_weight import WRITTEN, in_weight_outputs, rows_mode
 from rowsft.layers.products import compute_dtype
-from rowsft.targets import is_transposed, role, weight_out_in
+from rowsft.targets import is_transposed, role
 
 GROUPED_ROLES = ("qkv", "up")
 
@@ -88,18 +88,15 @@ class RowGroup:
         group = [layer, *members]
         if mode in WRITTEN:
             outputs = in_weight_outputs(group, x, layer._input_source(x))
-        elif mode == "lent":
+        else:                                     # rows lent to the weights (no autocast: the base weights), or added
             bases = [m.base_layer for m in group]
-            outputs = lent_rows_outputs(x, layer._input_source(x), tuple(is_transposed(b) for b in bases),
-                                        [weight_out_in(b) for b in bases], [b.bias for b in bases],
-                                        [m.indices for m in group], [m.delta for m in group])
-        else:
-            bases = [m.base_layer for m in group]
-            outputs = added_rows_outputs(
-                x, layer._input_source(x), tuple(is_transposed(b) for b in bases),
-                [frozen_weight(b, x, m.keep_cast_weight) for b, m in zip(bases, group)], [b.bias for b in bases],
-                [m.indices for m in group], [m.delta for m in group],
-                fold_scaled=compute_dtype(x, layer.delta.dtype) == x.dtype)   # under autocast x is rebuilt and cast
+            products = (x, layer._input_source(x), tuple(is_transposed(b) for b in bases),
+                        [frozen_weight(b, x, m.keep_cast_weight) for b, m in zip(bases, group)],
+                        [b.bias for b in bases], [m.indices for m in group], [m.delta for m in group])
+            if mode == "lent":
+                outputs = lent_rows_outputs(*products)
+            else:                                 # under autocast x is rebuilt and cast, not folded
+                outputs = added_rows_outputs(*products, fold_scaled=compute_dtype(x, layer.delta.dtype) == x.dtype)
         version = x._version
         self._pending = {id(m): (weakref.ref(x), version, _delta_key(m, mode), out)     # members share its mode
                          for m, out in zip(members, outputs[1:])}

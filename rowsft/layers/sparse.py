@@ -96,7 +96,7 @@ class SparseLinear(nn.Module):
     in_weight = False            # rows trained inside the base weight (`rowsft.layers.in_weight`; row layers only)
     keep_cast_weight = True      # under autocast, keep the base weight's cast across steps (`rowsft.layers.cast_weights`)
     train_in_cast = True         # under autocast, with a kept cast: rows written into it (`rowsft.layers.in_weight`)
-    lend_rows = True             # float32/float64, no autocast: rows lent to the weight per product (`rowsft.layers.lent_rows`)
+    lend_rows = True             # float32/float64, no autocast: rows lent to the weight per product (`lent_rows`)
 
     def __init__(self, base_layer: nn.Module, indices, delta_dtype: torch.dtype | None = None,
                  train_bias: bool = False, name: str | None = None):
@@ -176,11 +176,13 @@ class SparseLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         out = None if self.row_group is None else self.row_group.forward(self, x)     # `rowsft.layers.grouped`
-        if out is None and rows_in_weight.rows_mode(self, x) in rows_in_weight.WRITTEN:   # in the weight or its cast
-            out = rows_in_weight.forward(self, x, self._input_source(x))
-        if out is None:                                                    # rows lent (`rowsft.layers.lent_rows`) or added
-            out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
-                                 self._input_source(x), self.keep_cast_weight, self.lend_rows)
+        if out is None:
+            mode = rows_in_weight.rows_mode(self, x)
+            if mode in rows_in_weight.WRITTEN:                             # rows in the weight or its cast
+                out = rows_in_weight.forward(self, x, self._input_source(x))
+            else:                                      # rows lent (`rowsft.layers.lent_rows`, decided once) or added
+                out = sparse_forward(self.base_layer, self.unit, x, self.update, self.indices, self._kept_columns(),
+                                     self._input_source(x), self.keep_cast_weight, lend=mode == "lent")
         if self.bias_delta is not None:                                    # (n_bias,) into (..., d_out)
             bias = self.bias_delta.to(out.dtype).expand(*out.shape[:-1], -1)
             out = out.index_add_(-1, self.bias_indices, bias)
